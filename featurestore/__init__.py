@@ -1,0 +1,1 @@
+"""featurestore: run a vision teacher once over augmented views and store its outputs."""

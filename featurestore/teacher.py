@@ -1,0 +1,213 @@
+"""The teacher: a SigLIP-family model through transformers (MedSigLIP-448 is a SiglipModel).
+
+`--teacher` is a hub id, a local directory in Hugging Face format, or `random:<arch>` (the same
+architecture with seeded random weights, for demos, tests and throughput benchmarks). Input size,
+mean/std and resize method come from the model's own preprocessor config.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import views
+
+RANDOM_ARCHS = {
+    # vision and text towers share width; sizes follow the published configs
+    "medsiglip-448": dict(width=1152, layers=27, heads=16, mlp=4304, patch=14, image=448,
+                          vocab=32000, text_len=64),
+    "tiny": dict(width=64, layers=2, heads=2, mlp=128, patch=14, image=112, vocab=128, text_len=16),
+}
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "bicubic", 4: "bilinear", 5: "bicubic"}
+
+
+class TeacherError(RuntimeError):
+    """The teacher could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class Preprocess:
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: str                     # bilinear | bicubic | nearest, as the processor config says
+
+
+@dataclass
+class TeacherInfo:
+    id: str
+    revision: str | None
+    weights: str                      # "pretrained" or "random"
+    dtype: str
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    resize: str
+    embed_dim: int
+    num_patches: int
+    has_text: bool
+    extra: dict = field(default_factory=dict)
+
+
+class Teacher:
+    """Runs the vision tower on rendered views; the text tower once for zero-shot prompts."""
+
+    def __init__(self, model, preprocess: Preprocess, info: TeacherInfo, tokenizer, device, dtype):
+        self.model, self.pre, self.info, self.tokenizer = model, preprocess, info, tokenizer
+        self.device, self.dtype = device, dtype
+        self.vision = model.vision_model
+        self._mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor, patch_grid: int = 0):
+        """pixels: float (B, 3, size, size) in [0, 1] -> pooled (B, D), patches (B, g, g, D) or None."""
+        x = ((pixels.to(self.device) - self._mean) / self._std).to(self.dtype)
+        out = self.vision(pixel_values=x)
+        pooled = out.pooler_output.float()                                   # (B, D)
+        patches = None
+        if patch_grid:
+            tokens = out.last_hidden_state.float()                           # (B, T, D)
+            b, t, d = tokens.shape
+            side = math.isqrt(t)
+            grid = tokens.transpose(1, 2).reshape(b, d, side, side)          # (B, D, h, w)
+            patches = F.adaptive_avg_pool2d(grid, patch_grid).permute(0, 2, 3, 1)  # (B, g, g, D)
+        return pooled, patches
+
+    @torch.inference_mode()
+    def text_head(self, prompts: list[str]):
+        """Normalised prompt embeddings (C, D), logit_scale, logit_bias (as SiglipModel uses them)."""
+        if not self.info.has_text:
+            raise TeacherError("this teacher has no text tower; the zero-shot head needs a SiglipModel")
+        max_len = self.model.config.text_config.max_position_embeddings
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len,
+                             return_tensors="pt")
+        text = self.model.text_model(input_ids=tok["input_ids"].to(self.device)).pooler_output.float()
+        text = F.normalize(text, dim=-1)
+        return text, float(self.model.logit_scale.float()), float(self.model.logit_bias.float())
+
+    def render(self, sources, index, params, partner_index=None):
+        """Render views at the teacher's input size with its resize method, on the teacher's device."""
+        return views.render(sources, index, params, self.pre.size, self.pre.resample, partner_index)
+
+
+def zeroshot_logits(pooled: torch.Tensor, text: torch.Tensor, scale: float, bias: float) -> torch.Tensor:
+    """logits = exp(logit_scale) * cos(image, text) + logit_bias  (B, C)."""
+    return F.normalize(pooled.float(), dim=-1) @ text.T * math.exp(scale) + bias
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_teacher(spec: str, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> Teacher:
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if spec.startswith("random:"):
+        model, pre, tokenizer, rev, weights = _random_teacher(spec.split(":", 1)[1])
+    else:
+        model, pre, tokenizer, rev, weights = _pretrained_teacher(spec, revision, dt)
+    model = model.to(dev, dt).eval()
+    vcfg = model.config.vision_config if hasattr(model.config, "vision_config") else model.config
+    has_text = hasattr(model, "text_model")
+    info = TeacherInfo(
+        id=spec, revision=rev, weights=weights, dtype=str(dt).replace("torch.", ""),
+        image_size=pre.size, mean=list(pre.mean), std=list(pre.std), resize=pre.resample,
+        embed_dim=vcfg.hidden_size, num_patches=(vcfg.image_size // vcfg.patch_size) ** 2,
+        has_text=has_text and tokenizer is not None,
+        extra={"layers": vcfg.num_hidden_layers, "patch_size": vcfg.patch_size,
+               "attn_implementation": getattr(model.config, "_attn_implementation", None)})
+    return Teacher(model, pre, info, tokenizer, dev, dt)
+
+
+def _random_teacher(arch: str):
+    from transformers import SiglipConfig, SiglipModel
+
+    if arch not in RANDOM_ARCHS:
+        raise TeacherError(f"unknown random architecture {arch!r}; choose one of {sorted(RANDOM_ARCHS)}")
+    a = RANDOM_ARCHS[arch]
+    tower = dict(hidden_size=a["width"], intermediate_size=a["mlp"], num_hidden_layers=a["layers"],
+                 num_attention_heads=a["heads"])
+    config = SiglipConfig(
+        vision_config=dict(tower, image_size=a["image"], patch_size=a["patch"]),
+        text_config=dict(tower, vocab_size=a["vocab"], max_position_embeddings=a["text_len"],
+                         pad_token_id=0, bos_token_id=2, eos_token_id=2))
+    config._attn_implementation = "sdpa"
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)                  # the same random weights in every process and run
+    model = SiglipModel(config)
+    torch.random.set_rng_state(state)
+    pre = Preprocess(a["image"], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    return model, pre, char_tokenizer(a["vocab"]), None, "random"
+
+
+def char_tokenizer(vocab_size: int):
+    """An offline character-level tokenizer for random teachers (their text weights are random)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)][: vocab_size - 3]
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+
+
+def _pretrained_teacher(spec: str, revision: str | None, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoTokenizer, SiglipImageProcessor, SiglipModel, SiglipVisionModel
+
+    local = Path(spec).is_dir()
+    if not local and (spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).parent.exists()):
+        raise TeacherError(f"teacher directory not found: {spec}")
+    kw = dict(revision=revision, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(spec, **kw)
+    except Exception as e:  # noqa: BLE001 - hub and file errors become one actionable message
+        raise TeacherError(_access_message(spec, e)) from None
+    model_type = getattr(config, "model_type", "")
+    if model_type == "siglip":
+        cls = SiglipModel
+    elif model_type == "siglip_vision_model":
+        cls = SiglipVisionModel
+    else:
+        raise TeacherError(f"{spec} is a {model_type!r} model; kdstore teachers are SigLIP models "
+                           "(SiglipModel or SiglipVisionModel)")
+    model = cls.from_pretrained(spec, dtype=dtype, attn_implementation="sdpa", **kw)
+    try:
+        proc = SiglipImageProcessor.from_pretrained(spec, revision=revision)
+    except Exception as e:  # noqa: BLE001
+        raise TeacherError(f"{spec} has no usable preprocessor_config.json ({e}); it sets the input "
+                           "size, mean/std and resize method") from None
+    size = proc.size.get("height") or proc.size.get("shortest_edge")
+    pre = Preprocess(int(size), tuple(proc.image_mean), tuple(proc.image_std),
+                     _RESAMPLE.get(int(proc.resample), "bicubic"))
+    tokenizer = None
+    if cls is SiglipModel:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec, **kw)
+        except Exception:  # noqa: BLE001 - a model without tokenizer files still gives the probe head
+            tokenizer = None
+    rev = getattr(config, "_commit_hash", None) or revision
+    return model, pre, tokenizer, rev, "pretrained"
+
+
+def _access_message(spec: str, err: Exception) -> str:
+    text = str(err)
+    if any(s in text for s in ("401", "403", "gated", "restricted", "awaiting a review")):
+        return (f"access to {spec} was refused: it is a gated model. Accept its terms on the Hugging Face "
+                f"page of {spec}, then set HF_TOKEN (or run `hf auth login`) and retry. ({text.splitlines()[0]})")
+    return (f"cannot load teacher {spec!r}: not a local directory, and the hub could not provide it "
+            f"({text.splitlines()[0] if text else type(err).__name__}). Offline? Pass a local directory "
+            "saved with save_pretrained, or random:medsiglip-448 / random:tiny for random weights.")

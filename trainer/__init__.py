@@ -1,0 +1,1 @@
+"""trainer: train small students from a feature store, without the teacher."""
