@@ -186,6 +186,8 @@ def teacher_pass(store: Store, teacher, cfg: BuildConfig, rank: Rank, paths: lis
     k, g = store.views_per_image, store.attrs["patch_grid"]
     total_views = sum(np.subtract(*store.chunk_range(c)[::-1]) for c in range(store.num_chunks) if rank.owns(c)) * k
     left_views = sum(np.subtract(*store.chunk_range(c)[::-1]) for c in mine) * k
+    who = f"rank {rank.rank}/{rank.world}: " if rank.world > 1 else ""
+    log(f"{who}teacher pass over {len(mine)} chunk(s), {int(left_views)} views, on {teacher.device}")
     if not mine:
         return
     items = [(i, paths[i], shas[i]) for c in mine for i in range(*store.chunk_range(c))]

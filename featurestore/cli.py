@@ -13,8 +13,9 @@ EPILOG = """examples:
   featurestore build --images data/demo --out stores/demo.zarr --teacher random:tiny --views 4
   featurestore inspect stores/derm.zarr [--json]
   featurestore verify stores/derm.zarr
-multi-process (each rank owns whole shards):
-  accelerate launch --num_processes 2 -m featurestore build ...
+multi-process (each rank owns whole shards; Zarr stores only):
+  accelerate launch --num_processes 2 -m featurestore build ...     # GPU box, one GPU per rank
+  torchrun --nproc_per_node 2 -m featurestore build ...              # same, also on CPU-only machines
 """
 
 

@@ -59,7 +59,7 @@ class Teacher:
     def __init__(self, model, preprocess: Preprocess, info: TeacherInfo, tokenizer, device, dtype):
         self.model, self.pre, self.info, self.tokenizer = model, preprocess, info, tokenizer
         self.device, self.dtype = device, dtype
-        self.vision = model.vision_model
+        self.vision = getattr(model, "vision_model", model)     # SiglipVisionModel is the tower in v5
         self._mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
 
@@ -102,7 +102,9 @@ def zeroshot_logits(pooled: torch.Tensor, text: torch.Tensor, scale: float, bias
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))   # one GPU per rank
+        return torch.device("cpu")
     return torch.device(name)
 
 
@@ -132,8 +134,9 @@ def load_teacher(spec: str, revision: str | None = None, device: str = "auto", d
     return Teacher(model, pre, info, tokenizer, dev, dt)
 
 
-def _random_teacher(arch: str):
-    from transformers import SiglipConfig, SiglipModel
+def random_config(arch: str):
+    """SiglipConfig of a named architecture (random:<arch>)."""
+    from transformers import SiglipConfig
 
     if arch not in RANDOM_ARCHS:
         raise TeacherError(f"unknown random architecture {arch!r}; choose one of {sorted(RANDOM_ARCHS)}")
@@ -145,6 +148,14 @@ def _random_teacher(arch: str):
         text_config=dict(tower, vocab_size=a["vocab"], max_position_embeddings=a["text_len"],
                          pad_token_id=0, bos_token_id=2, eos_token_id=2))
     config._attn_implementation = "sdpa"
+    return config
+
+
+def _random_teacher(arch: str):
+    from transformers import SiglipModel
+
+    config = random_config(arch)
+    a = RANDOM_ARCHS[arch]
     state = torch.random.get_rng_state()
     torch.manual_seed(0)                  # the same random weights in every process and run
     model = SiglipModel(config)

@@ -1,0 +1,81 @@
+"""Shared fixtures: synthetic images on disk, tiny real SigLIP models saved like hub checkpoints."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featurestore import cli
+from featurestore.demo import write_demo_data
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+# small everywhere: 10 classes x 6 images, 3 views, chunks of 8 (a partial last chunk)
+SMALL = ["--teacher", "random:tiny", "--views", "3", "--image-size", "64", "--chunk-size", "8",
+         "--patch-grid", "2", "--workers", "0", "--folds", "2", "--mix-prob", "0.5"]
+
+
+def run_cli(*args: str) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory) -> Path:
+    return write_demo_data(tmp_path_factory.mktemp("demo") / "images", per_class=6, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory, demo_images) -> Path:
+    out = tmp_path_factory.mktemp("stores") / "small.zarr"
+    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL) == 0
+    return out
+
+
+def tiny_siglip_config():
+    from transformers import SiglipConfig
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return SiglipConfig(vision_config=dict(tower, image_size=56, patch_size=14),
+                        text_config=dict(tower, vocab_size=128, max_position_embeddings=16,
+                                         pad_token_id=0, bos_token_id=2, eos_token_id=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory) -> Path:
+    """A real SiglipModel with a tiny config, tokenizer and processor, saved by save_pretrained."""
+    import torch
+    from transformers import SiglipImageProcessor, SiglipModel
+
+    from featurestore.teacher import char_tokenizer
+    out = tmp_path_factory.mktemp("hf") / "tiny-siglip"
+    torch.manual_seed(1)
+    model = SiglipModel(tiny_siglip_config())
+    with torch.no_grad():                   # non-trivial scale and bias, as a trained model has
+        model.logit_scale.fill_(2.3)
+        model.logit_bias.fill_(-1.5)
+    model.save_pretrained(out)
+    char_tokenizer(128).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 56, "width": 56}, resample=3, image_mean=[0.5, 0.5, 0.5],
+                         image_std=[0.5, 0.5, 0.5]).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_dir(tmp_path_factory) -> Path:
+    """A SiglipVisionModel alone (no text tower), as some checkpoints ship."""
+    import torch
+    from transformers import SiglipImageProcessor, SiglipVisionModel
+    out = tmp_path_factory.mktemp("hf") / "tiny-siglip-vision"
+    torch.manual_seed(2)
+    SiglipVisionModel(tiny_siglip_config().vision_config).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 56, "width": 56}).save_pretrained(out)
+    return out

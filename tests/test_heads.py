@@ -1,0 +1,60 @@
+"""Cross-fitted probe: an image is never scored by a probe that saw it."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.preprocessing import StandardScaler
+
+from featurestore.heads import apply_linear, cross_fit_probe, fit_linear, l2_normalize
+from featurestore.store import Store
+
+
+def test_cross_fitting_does_not_leak_on_memorisable_noise():
+    """Random embeddings, random labels: a probe that saw an image memorises it; cross-fitted ones can't."""
+    rng = np.random.default_rng(0)
+    n, k, d, c = 240, 2, 256, 4
+    base = rng.standard_normal((n, 1, d))
+    pooled = (base + 0.1 * rng.standard_normal((n, k, d))).astype(np.float32)     # views of one image agree
+    labels = rng.integers(0, c, n)
+    split = np.where(np.arange(n) < 200, np.arange(n) % 4, -1).astype(np.int8)
+    res = cross_fit_probe(pooled, labels, split, c, c=100.0)
+    train = split >= 0
+    in_sample = apply_linear(pooled[train], res.weight, res.bias)[:, 0].argmax(-1)
+    assert (in_sample == labels[train]).mean() > 0.95                      # the full probe memorised
+    cross = res.logits[train, 0].argmax(-1)
+    assert (cross == labels[train]).mean() < 0.45                           # chance is 0.25
+    assert res.metrics["cv_accuracy"] == (cross == labels[train]).mean()
+
+
+def test_stored_logits_come_from_the_right_fold_probe(small_store):
+    with Store.open(small_store) as s:
+        pooled = s.read("teacher/pooled").astype(np.float32)
+        logits, split, labels = s.read("teacher/logits/probe"), s.read("split"), s.read("labels")
+        h = s.head_arrays("probe")
+        metrics = s.attrs["metrics"]["probe"]
+    for f in range(h["fold_weight"].shape[0]):
+        m = split == f
+        np.testing.assert_allclose(logits[m], apply_linear(pooled[m], h["fold_weight"][f], h["fold_bias"][f]),
+                                   atol=1e-5)
+        # refitting without fold f reproduces the stored probe: fold f was not in its training rows
+        fit = (split >= 0) & (split != f)
+        x = l2_normalize(pooled[fit].reshape(-1, pooled.shape[-1]))
+        w, b = fit_linear(x, np.repeat(labels[fit], pooled.shape[1]), len(h["bias"]), 1.0, 0)
+        np.testing.assert_allclose(w, h["fold_weight"][f], atol=1e-4)
+    held = split < 0
+    np.testing.assert_allclose(logits[held], apply_linear(pooled[held], h["weight"], h["bias"]), atol=1e-5)
+    train = split >= 0
+    assert metrics["cv_macro_f1"] == f1_score(labels[train], logits[train, 0].argmax(-1), average="macro",
+                                              labels=list(range(10)), zero_division=0)
+
+
+def test_fit_linear_matches_sklearn_pipeline():
+    """The folded (W, b) on unscaled rows equals StandardScaler + LogisticRegression's decision function."""
+    rng = np.random.default_rng(1)
+    x = l2_normalize(rng.standard_normal((120, 16)))
+    y = rng.integers(0, 3, 120)
+    w, b = fit_linear(x, y, 3, 1.0, 0)
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=0).fit(scaler.transform(x), y)
+    np.testing.assert_allclose(x @ w.T + b, clf.decision_function(scaler.transform(x)), atol=1e-4)

@@ -1,0 +1,118 @@
+"""The teacher against transformers as the oracle: preprocessing, pooled output, zero-shot logits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SMALL, run_cli
+from featurestore.build import decode_side
+from featurestore import views
+from featurestore.sources import decode
+from featurestore.store import Store
+from featurestore.teacher import TeacherError, _access_message, load_teacher, random_config
+from test_views import smooth_image
+
+
+def _normalise(x, pre):
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("size,hw", [(448, (570, 650)), (224, (300, 200)), (448, (1000, 1000))])
+def test_canonical_view_matches_siglip_image_processor(tmp_path, size, hw):
+    from transformers import SiglipImageProcessor
+    proc = SiglipImageProcessor(size={"height": size, "width": size}, resample=3,
+                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(smooth_image(*hw, seed=5)).save(path, quality=92)
+    oracle = proc(images=Image.open(path), return_tensors="pt")["pixel_values"]          # (1, 3, S, S)
+    rgb = torch.from_numpy(decode(str(path), max_side=2 * size).rgb).permute(2, 0, 1).contiguous()
+    ours = views.render([rgb], torch.tensor([0]), torch.from_numpy(views.canonical_params())[None], size, "bicubic")
+    from featurestore.teacher import Preprocess
+    ours = _normalise(ours, Preprocess(size, (0.5,) * 3, (0.5,) * 3, "bicubic"))
+    diff = (ours - oracle).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())
+
+
+def test_preprocessing_comes_from_the_checkpoint(tiny_siglip_dir):
+    t = load_teacher(str(tiny_siglip_dir), device="cpu")
+    assert (t.pre.size, t.pre.resample, t.pre.mean) == (56, "bicubic", (0.5, 0.5, 0.5))
+    assert t.info.weights == "pretrained" and t.info.has_text and t.info.embed_dim == 32
+
+
+@pytest.fixture(scope="module")
+def hf_store(tmp_path_factory, demo_images, tiny_siglip_dir):
+    out = tmp_path_factory.mktemp("hf_store") / "s.zarr"
+    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL, "--teacher", tiny_siglip_dir,
+                   "--prompt-template", "a photo of {name}") == 0
+    return out
+
+
+def test_zeroshot_logits_equal_siglip_logits_per_image(hf_store, demo_images, tiny_siglip_dir):
+    from transformers import AutoTokenizer, SiglipModel
+    model = SiglipModel.from_pretrained(tiny_siglip_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_siglip_dir)
+    teacher = load_teacher(str(tiny_siglip_dir), device="cpu")
+    with Store.open(hf_store) as s:
+        prompts = s.attrs["prompts"]
+        assert prompts[1] == "a photo of Warts Molluscum and other Viral Infections"
+        ids, n = s.ids()[:6], 6
+        params = torch.from_numpy(s.read("views/params", 0, n)).reshape(n * 3, -1)
+        stored_logits = s.read("teacher/logits/zeroshot", 0, n).reshape(n * 3, -1)
+        stored_pooled = s.read("teacher/pooled", 0, n).reshape(n * 3, -1)
+        chunk_partner = params[:, views.COL["mix_partner"]].long()
+    side = decode_side(teacher.pre.size, 64)                      # as the build decoded them
+    sources = [torch.from_numpy(decode(str(demo_images / i), max_side=side).rgb).permute(2, 0, 1).contiguous()
+               for i in ids]
+    # view 0 of each image: canonical, never mixed
+    index = torch.arange(n) * 3
+    pix = teacher.render(sources, torch.arange(n), params[index], torch.full((n,), -1))
+    pix = _normalise(pix, teacher.pre)
+    text = tok(prompts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=text["input_ids"], pixel_values=pix)
+    np.testing.assert_allclose(stored_logits[index.numpy()], out.logits_per_image.numpy(), atol=2e-4, rtol=1e-4)
+    with torch.no_grad():
+        pooled = model.vision_model(pixel_values=pix).pooler_output.numpy()
+    np.testing.assert_allclose(stored_pooled[index.numpy()], pooled, atol=3e-3)
+    assert (chunk_partner[index] == -1).all()
+
+
+def test_vision_only_checkpoint_gives_probe_head_alone(tmp_path, demo_images, tiny_vision_dir):
+    out = tmp_path / "v.zarr"
+    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL, "--teacher", tiny_vision_dir) == 0
+    with Store.open(out) as s:
+        assert s.heads() == ["probe"] and "teacher/logits/zeroshot" not in s
+        assert s.attrs["teacher"]["has_text"] is False
+
+
+def test_random_medsiglip_448_has_the_published_shape():
+    from transformers import SiglipModel
+    cfg = random_config("medsiglip-448")
+    v, t = cfg.vision_config, cfg.text_config
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.patch_size,
+            v.image_size) == (1152, 27, 16, 4304, 14, 448)
+    assert (v.image_size // v.patch_size) ** 2 == 1024
+    assert (t.hidden_size, t.vocab_size, t.max_position_embeddings) == (1152, 32000, 64)
+    with torch.device("meta"):
+        model = SiglipModel(cfg)
+    vision = sum(p.numel() for p in model.vision_model.parameters())
+    assert 420e6 < vision < 440e6, vision
+
+
+def test_teacher_load_errors_are_clear(tmp_path):
+    with pytest.raises(TeacherError, match="teacher directory not found"):
+        load_teacher(str(tmp_path / "missing-dir"), device="cpu")
+    with pytest.raises(TeacherError, match="unknown random architecture 'huge'"):
+        load_teacher("random:huge", device="cpu")
+    with pytest.raises(TeacherError, match="Offline\\?|could not provide"):
+        load_teacher("google/medsiglip-448", device="cpu")
+    from transformers import BertConfig, BertModel
+    BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                         vocab_size=10)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(TeacherError, match="kdstore teachers are SigLIP models"):
+        load_teacher(str(tmp_path / "bert"), device="cpu")
+    msg = _access_message("google/medsiglip-448", OSError("401 Client Error: gated repo"))
+    assert "HF_TOKEN" in msg and "Accept its terms" in msg

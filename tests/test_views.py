@@ -1,0 +1,151 @@
+"""The view contract: deterministic params, one renderer, resolution-independent boxes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from featurestore import views
+from featurestore.config import ViewPolicy
+from featurestore.sources import squash
+from featurestore.views import COL, MIX_CUTMIX, MIX_MIXUP
+
+
+def policy(**kw):
+    return ViewPolicy(**({"views": 6, "mix_prob": 0.5} | kw))
+
+
+def smooth_image(h, w, seed=0) -> np.ndarray:
+    """A photo-like image: low-frequency colour fields plus a few blobs (no pixel-level noise)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(6, 6, 3)).astype(np.float32)
+    t = torch.from_numpy(small).permute(2, 0, 1)[None]
+    big = F.interpolate(t, size=(h, w), mode="bicubic", align_corners=False)[0].permute(1, 2, 0).numpy()
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0.05, 0.15) * min(h, w)
+        big[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+    return np.clip(big, 0, 255).astype(np.uint8)
+
+
+def test_params_are_a_function_of_seed_image_view():
+    p = policy()
+    a = views.sample_params(p, 0, 20, 8, 20)
+    b = views.sample_params(p, 0, 20, 8, 20)
+    np.testing.assert_array_equal(a, b)
+    # independent of K and of which range a process draws
+    more = views.sample_params(policy(views=9), 8, 16, 8, 20)
+    np.testing.assert_array_equal(more[:, :6], a[8:16])
+    other = views.sample_params(policy(seed=1), 0, 20, 8, 20)
+    assert not np.array_equal(other[:, 1:], a[:, 1:])
+
+
+def test_view_zero_is_canonical_and_others_vary():
+    a = views.sample_params(policy(), 0, 30, 10, 30)
+    np.testing.assert_array_equal(a[:, 0], np.broadcast_to(views.canonical_params(), a[:, 0].shape))
+    rest = a[:, 1:]
+    box = rest[..., :4]
+    assert (box >= 0).all() and (box <= 1).all()
+    area = (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])
+    assert area.min() >= 0.35 - 1e-5 and area.max() <= 1 + 1e-6
+    assert 0.2 < rest[..., COL["hflip"]].mean() < 0.8 and set(np.unique(rest[..., COL["rot90"]])) <= {0, 1, 2, 3}
+    assert np.abs(rest[..., COL["brightness"]] - 1).max() <= 0.2 + 1e-6
+
+
+def test_mix_partners_stay_in_chunk_and_cutmix_lambda_is_exact():
+    n, chunk = 30, 8
+    a = views.sample_params(policy(views=12), 0, n, chunk, n)
+    modes = a[..., COL["mix_mode"]]
+    assert (modes == MIX_MIXUP).any() and (modes == MIX_CUTMIX).any()
+    for i in range(n):
+        c0 = i // chunk * chunk
+        for k in range(12):
+            p = a[i, k]
+            if p[COL["mix_mode"]] == 0:
+                assert p[COL["mix_partner"]] == -1 and p[COL["mix_lambda"]] == 1
+                continue
+            j = p[COL["mix_partner"]]
+            assert j != i and c0 <= j < min(c0 + chunk, n)
+            if p[COL["mix_mode"]] == MIX_CUTMIX:
+                y0, x0, y1, x1 = (p[COL[c]] for c in ("mix_y0", "mix_x0", "mix_y1", "mix_x1"))
+                assert p[COL["mix_lambda"]] == pytest.approx(1 - (y1 - y0) * (x1 - x0), abs=1e-6)
+
+
+def test_canonical_render_is_plain_resize():
+    img = torch.from_numpy(smooth_image(50, 70)).permute(2, 0, 1).contiguous()
+    p = torch.from_numpy(views.canonical_params())[None]
+    out = views.render([img], torch.tensor([0]), p, 32)
+    from torchvision.transforms.v2 import functional as TF
+    ref = TF.resize(img, [32, 32], antialias=True).float() / 255
+    torch.testing.assert_close(out[0], ref)
+
+
+def test_flips_and_rotation_follow_the_contract():
+    img = torch.from_numpy(smooth_image(32, 32)).permute(2, 0, 1).contiguous()
+    base = views.canonical_params()
+    rows = []
+    for hf, vf, rot in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 3)]:
+        p = base.copy()
+        p[[COL["hflip"], COL["vflip"], COL["rot90"]]] = (hf, vf, rot)
+        rows.append(p)
+    out = views.render([img], torch.zeros(4, dtype=torch.long), torch.from_numpy(np.stack(rows)), 32)
+    x = img.float() / 255
+    torch.testing.assert_close(out[0], x.flip(-1))
+    torch.testing.assert_close(out[1], x.flip(-2))
+    torch.testing.assert_close(out[2], torch.rot90(x, 1, dims=(-2, -1)))
+    torch.testing.assert_close(out[3], torch.rot90(x.flip(-1), 3, dims=(-2, -1)))
+
+
+def test_colour_identity_and_direction():
+    x = torch.rand(3, 3, 8, 8)
+    one, zero = torch.ones(3), torch.zeros(3)
+    torch.testing.assert_close(views.adjust_colour(x, one, one, one, zero), x)
+    darker = views.adjust_colour(x, one * 0.5, one, one, zero)
+    torch.testing.assert_close(darker, x * 0.5)
+    gray = views.adjust_colour(x, one, one, zero, zero)
+    assert torch.allclose(gray[:, 0], gray[:, 1], atol=1e-6) and torch.allclose(gray[:, 1], gray[:, 2], atol=1e-6)
+    hued = views.adjust_colour(x * 0.5 + 0.25, one, one, one, torch.full((3,), 0.25))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    torch.testing.assert_close((hued * luma).sum(1), ((x * 0.5 + 0.25) * luma).sum(1), atol=1e-5, rtol=0)
+    assert (hued - (x * 0.5 + 0.25)).abs().max() > 0.01
+
+
+def test_mixup_and_cutmix_render():
+    a = torch.from_numpy(smooth_image(40, 40, 1)).permute(2, 0, 1).contiguous()
+    b = torch.from_numpy(smooth_image(40, 40, 2)).permute(2, 0, 1).contiguous()
+    mix, cut = views.canonical_params(), views.canonical_params()
+    mix[[COL["mix_partner"], COL["mix_lambda"], COL["mix_mode"]]] = (1, 0.3, MIX_MIXUP)
+    cut[[COL["mix_partner"], COL["mix_lambda"], COL["mix_mode"]]] = (1, 0.75, MIX_CUTMIX)
+    cut[[COL["mix_y0"], COL["mix_x0"], COL["mix_y1"], COL["mix_x1"]]] = (0.0, 0.5, 0.5, 1.0)
+    out = views.render([a, b], torch.tensor([0, 0]), torch.from_numpy(np.stack([mix, cut])), 40,
+                       partner_index=torch.tensor([1, 1]))
+    fa, fb = a.float() / 255, b.float() / 255
+    torch.testing.assert_close(out[0], 0.3 * fa + 0.7 * fb)
+    torch.testing.assert_close(out[1][:, :20, 20:], fb[:, :20, 20:])
+    torch.testing.assert_close(out[1][:, 20:, :], fa[:, 20:, :])
+    with pytest.raises(ValueError, match="partner_index"):
+        views.render([a, b], torch.tensor([0]), torch.from_numpy(mix[None]), 40)
+
+
+def test_teacher_and_student_see_the_same_region():
+    """The same params at 448 from the original and at 224 from the stored S x S image agree."""
+    original = smooth_image(560, 650, seed=3)                      # H x W of a typical reference photo
+    partner = smooth_image(480, 720, seed=4)
+    stored = [squash(original, 256), squash(partner, 256)]
+    p = views.sample_params(policy(views=16, mix_prob=0.5), 0, 2, 2, 2)[0]     # 16 views of image 0
+    params = torch.from_numpy(p)
+    idx, partner_idx = torch.zeros(16, dtype=torch.long), torch.ones(16, dtype=torch.long)
+
+    def as_t(x):
+        return torch.from_numpy(x).permute(2, 0, 1).contiguous()
+    teacher = views.render([as_t(original), as_t(partner)], idx, params, 448, "bicubic", partner_idx)
+    student = views.render([as_t(s) for s in stored], idx, params, 224, "bilinear", partner_idx)
+    teacher_at_224 = F.interpolate(teacher, size=224, mode="bilinear", antialias=True, align_corners=False)
+    diff = (teacher_at_224 - student).abs()
+    assert diff.mean() < 0.008, diff.mean()
+    # a wrong region would differ by far more: shifting the box by 10% breaks the agreement
+    shifted = params.clone()
+    shifted[1:, [COL["x0"], COL["x1"]]] = (shifted[1:, [COL["x0"], COL["x1"]]] + 0.1).clamp(max=1)
+    wrong = views.render([as_t(s) for s in stored], idx, shifted, 224, "bilinear", partner_idx)
+    assert (teacher_at_224[1:] - wrong[1:]).abs().mean() > 3 * diff[1:].mean()
