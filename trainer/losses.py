@@ -1,0 +1,110 @@
+"""Distillation losses. Every term is averaged over the samples of the batch (never over numel).
+
+s: student logits (B, C); t: teacher logits (B, C), raw as stored; q: target distribution (B, C).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_cross_entropy(s: torch.Tensor, q: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """CE = -1/B sum_i sum_c q'_ic log softmax(s_i)_c, with q' = (1 - eps) q + eps / C.
+
+    q is one-hot for plain views and the lambda-weighted pair of labels for mixed views.
+    """
+    c = s.shape[-1]
+    q = q * (1 - label_smoothing) + label_smoothing / c
+    return -(q * F.log_softmax(s.float(), dim=-1)).sum(-1).mean()
+
+
+def kd_loss(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network":
+
+    KD = T^2 / B * sum_i KL(softmax(t_i / T) || softmax(s_i / T)).
+    The T^2 keeps gradient magnitudes comparable across temperatures.
+    """
+    log_p_s = F.log_softmax(s.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(t.float() / temperature, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)                    # (B,)
+    return kl.mean() * temperature ** 2
+
+
+def _pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return 1 - F.cosine_similarity(a, b, dim=dim, eps=1e-8)
+
+
+def dist_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, beta: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
+    """Huang et al. 2022, "Knowledge Distillation from A Stronger Teacher" (DIST):
+
+    with p = softmax(./T): inter = 1/B sum_i (1 - pearson(p_s[i, :], p_t[i, :])),
+    intra = 1/C sum_c (1 - pearson(p_s[:, c], p_t[:, c])); DIST = T^2 (beta inter + gamma intra).
+    """
+    p_s = F.softmax(s.float() / temperature, dim=-1)
+    p_t = F.softmax(t.float() / temperature, dim=-1)
+    inter = _pearson_distance(p_s, p_t, dim=1).mean()
+    intra = _pearson_distance(p_s, p_t, dim=0).mean()
+    return temperature ** 2 * (beta * inter + gamma * intra)
+
+
+def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 - cos(a_i, b_i) over the last dim, averaged over every other index (samples, locations)."""
+    return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
+
+
+class PooledProjector(nn.Module):
+    """Student pooled features (B, F) -> teacher pooled width (B, D). Training only; not exported."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.proj(v)
+
+
+class PatchProjector(nn.Module):
+    """Student map (B, F, h, w) -> (B, g, g, d): pooled to the teacher's grid, then 1x1 conv."""
+
+    def __init__(self, in_ch: int, out_dim: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Sequential(nn.Conv2d(in_ch, out_dim, 1), nn.GELU(), nn.Conv2d(out_dim, out_dim, 1))
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(fmap, self.grid)                            # (B, F, g, g)
+        return self.proj(x).permute(0, 2, 3, 1)                               # (B, g, g, d)
+
+
+@dataclass
+class LossWeights:
+    ce: float = 1.0
+    kd: float = 1.0
+    dist: float = 0.0
+    pooled: float = 0.5
+    patches: float = 0.0
+    temperature: float = 2.0
+    label_smoothing: float = 0.1
+
+
+def total_loss(w: LossWeights, logits, targets, teacher_logits, pooled_pred=None, pooled_t=None,
+               patches_pred=None, patches_t=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the enabled terms; returns the total and each term's value for logging."""
+    parts: dict[str, torch.Tensor] = {}
+    if w.ce:
+        parts["ce"] = soft_cross_entropy(logits, targets, w.label_smoothing)
+    if w.kd:
+        parts["kd"] = kd_loss(logits, teacher_logits, w.temperature)
+    if w.dist:
+        parts["dist"] = dist_loss(logits, teacher_logits, w.temperature)
+    if w.pooled:
+        parts["pooled"] = cosine_loss(pooled_pred, pooled_t)
+    if w.patches:
+        parts["patches"] = cosine_loss(patches_pred, patches_t)
+    total = sum(getattr(w, k) * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,142 @@
+"""Student registry: a plain dict from name to constructor, plus any timm model as `timm:<name>`.
+
+Every student is wrapped as `Student`: features(x) -> (B, F, h, w) map, pool -> (B, F), head -> (B, C),
+so the feature losses can reach the pooled vector and the last map. forward(x) returns logits only.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+
+class StudentError(ValueError):
+    """Unknown student, or weights that are not available."""
+
+
+class Student(nn.Module):
+    def __init__(self, features: nn.Module, head: nn.Module, num_features: int, pre_pool: nn.Module | None = None):
+        super().__init__()
+        self.features = features
+        self.pre_pool = pre_pool if pre_pool is not None else nn.Identity()
+        self.head = head
+        self.num_features = num_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)                                  # (B, F, h, w)
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.pre_pool(fmap.mean((2, 3)))                  # (B, F')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.forward_features(x)))   # (B, C)
+
+
+def _shufflenet(name):
+    def make(num_classes: int, weights) -> Student:
+        m = getattr(torchvision.models, name)(weights=weights)
+        feats = nn.Sequential(m.conv1, m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5)
+        return Student(feats, _fresh_linear(m.fc, num_classes), m.fc.in_features)
+    return make
+
+
+def _mobilenet_v3(name):
+    def make(num_classes: int, weights) -> Student:
+        m = getattr(torchvision.models, name)(weights=weights)
+        # classifier: Linear -> Hardswish -> Dropout -> Linear; the pooled feature is its input
+        head = nn.Sequential(*list(m.classifier[:-1]), _fresh_linear(m.classifier[-1], num_classes))
+        return Student(m.features, head, m.classifier[0].in_features)
+    return make
+
+
+def _efficientnet(name):
+    def make(num_classes: int, weights) -> Student:
+        m = getattr(torchvision.models, name)(weights=weights)
+        head = nn.Sequential(m.classifier[0], _fresh_linear(m.classifier[1], num_classes))
+        return Student(m.features, head, m.classifier[1].in_features)
+    return make
+
+
+def _regnet(name):
+    def make(num_classes: int, weights) -> Student:
+        m = getattr(torchvision.models, name)(weights=weights)
+        return Student(nn.Sequential(m.stem, m.trunk_output), _fresh_linear(m.fc, num_classes), m.fc.in_features)
+    return make
+
+
+def _fresh_linear(old: nn.Linear, num_classes: int) -> nn.Linear:
+    return nn.Linear(old.in_features, num_classes)
+
+
+TORCHVISION: dict[str, Callable] = {
+    **{n: _shufflenet(n) for n in ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0")},
+    **{n: _mobilenet_v3(n) for n in ("mobilenet_v3_small", "mobilenet_v3_large")},
+    "efficientnet_b0": _efficientnet("efficientnet_b0"),
+    **{n: _regnet(n) for n in ("regnet_y_400mf", "regnet_y_800mf")},
+}
+
+
+class TimmStudent(nn.Module):
+    """A timm model behind the Student interface (its own pooling and pre-logits layers)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_features = model.num_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)                   # (B, F, h, w)
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(fmap, pre_logits=True)   # (B, F')
+
+    def head(self, v: torch.Tensor) -> torch.Tensor:
+        return self.model.get_classifier()(v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _timm(name: str, num_classes: int, pretrained: bool) -> TimmStudent:
+    import timm
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name}*")[:5]
+        raise StudentError(f"unknown timm model {name!r}" + (f"; similar: {close}" if close else ""))
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except Exception as e:  # noqa: BLE001 - download failures become one clear message
+        raise StudentError(f"timm could not provide pretrained weights for {name} ({str(e).splitlines()[0]}); "
+                           "without network access, drop --pretrained or place the weights in the HF cache") from None
+    return TimmStudent(model)
+
+
+def available() -> list[str]:
+    return sorted(TORCHVISION) + ["timm:<any timm model name>"]
+
+
+def create_student(name: str, num_classes: int, pretrained: bool = False) -> Student | TimmStudent:
+    if name.startswith("timm:"):
+        return _timm(name[5:], num_classes, pretrained)
+    if name not in TORCHVISION:
+        raise StudentError(f"unknown student {name!r}; choose one of {available()}")
+    weights = _local_weights(name) if pretrained else None
+    return TORCHVISION[name](num_classes, weights)
+
+
+def _local_weights(name: str):
+    """torchvision's ImageNet weights if they are already in the torch hub cache; never downloads."""
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+    if not cache.is_file():
+        raise StudentError(f"ImageNet weights for {name} are not available locally (expected {cache}); "
+                           "download them once where there is network access and copy them there, "
+                           "or train without --pretrained")
+    return enum
+
+
+def size_mb(model: nn.Module) -> float:
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
