@@ -17,10 +17,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: env
+	rm -rf $(DEMO)
 	$(PY) -m featurestore demo-data $(DEMO)/images --per-class 40 --seed 0
+	$(PY) -m featurestore demo-data $(DEMO)/val --per-class 10 --seed 1
 	$(PY) -m featurestore build --config configs/demo.yaml --images $(DEMO)/images --out $(DEMO)/store.zarr
 	$(PY) -m featurestore inspect $(DEMO)/store.zarr
 	$(PY) -m featurestore verify $(DEMO)/store.zarr
+	$(PY) -m trainer fit --config configs/students/demo.yaml --store $(DEMO)/store.zarr --out $(DEMO)/run
+	$(PY) -m trainer eval --model $(DEMO)/run/student.pt --images $(DEMO)/val --save $(DEMO)/run/eval.json
+	$(PY) -m trainer export --run $(DEMO)/run --format onnx
+	$(PY) -m trainer report $(DEMO)/run --eval $(DEMO)/run/eval.json
 
 test: env
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -31,9 +31,9 @@ def make_image(class_index: int, rng: np.random.Generator) -> Image.Image:
     draw = ImageDraw.Draw(img)
     shape, warm = SHAPES[class_index % 5], class_index < 5
     tint = np.array([150, 60, 50]) if warm else np.array([90, 70, 120])
-    colour = tuple(int(v) for v in np.clip(tint + rng.normal(0, 28, 3), 0, 255))
+    colour = tuple(int(v) for v in np.clip(tint + rng.normal(0, 22, 3), 0, 255))
     side = min(w, h)
-    r = side * rng.uniform(0.15, 0.35)
+    r = side * rng.uniform(0.2, 0.4)
     cx, cy = w * rng.uniform(0.3, 0.7), h * rng.uniform(0.3, 0.7)
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "disc":
