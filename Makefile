@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdstore-installed
 DEMO := demo-out
 
-.PHONY: env demo test clean
+.PHONY: env demo test bench bench-gpu clean
 
 env: $(STAMP)
 
@@ -30,6 +30,12 @@ demo: env
 
 test: env
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: env
+	$(PY) -m benchmarks.run --profile cpu
+
+bench-gpu: env
+	$(PY) -m benchmarks.run --profile gpu
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -180,7 +181,8 @@ class ChunkWriter:
 
 
 def teacher_pass(store: Store, teacher, cfg: BuildConfig, rank: Rank, paths: list[str], shas: list[str],
-                 text_head) -> None:
+                 text_head) -> int:
+    """Run the teacher over this rank's unfinished chunks; returns the number of views computed."""
     done = store.done()
     mine = [c for c in range(store.num_chunks) if rank.owns(c) and not done[c]]
     k, g = store.views_per_image, store.attrs["patch_grid"]
@@ -189,7 +191,7 @@ def teacher_pass(store: Store, teacher, cfg: BuildConfig, rank: Rank, paths: lis
     who = f"rank {rank.rank}/{rank.world}: " if rank.world > 1 else ""
     log(f"{who}teacher pass over {len(mine)} chunk(s), {int(left_views)} views, on {teacher.device}")
     if not mine:
-        return
+        return 0
     items = [(i, paths[i], shas[i]) for c in mine for i in range(*store.chunk_range(c))]
     data = DecodeSet(items, store.attrs["image_size"], decode_side(teacher.pre.size, store.attrs["image_size"]),
                      cfg.min_side, cfg.max_pixels)
@@ -215,6 +217,7 @@ def teacher_pass(store: Store, teacher, cfg: BuildConfig, rank: Rank, paths: lis
     finally:
         writer.close()
         bar.close()
+    return int(left_views)
 
 
 def _run_chunk(store: Store, teacher, c: int, got, batch: int, g: int, text_head, bar) -> dict[str, np.ndarray]:
@@ -283,8 +286,10 @@ def build_lock(out: str, rank: Rank):
         path.unlink()
 
 
-def build(cfg: BuildConfig, overwrite: bool = False) -> str:
+def build(cfg: BuildConfig, overwrite: bool = False) -> dict:
+    """Build or resume the store at cfg.out; returns phase timings (seconds) and view counts."""
     cfg.validate()
+    clock = {"start": time.perf_counter()}
     rank = Rank.from_env()
     out = cfg.out
     if rank.world > 1 and backend_of(out) == "hdf5":
@@ -295,9 +300,11 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> str:
         store = _open_existing(out, cfg, fingerprint, overwrite and rank.rank == 0)
         if store is not None and store.complete:
             log(f"{out} is already complete; nothing to do")
-            return out
+            return {"views": 0}
         from .teacher import load_teacher
+        t0 = time.perf_counter()
         teacher = load_teacher(cfg.teacher.id, cfg.teacher.revision, cfg.device, cfg.teacher.dtype)
+        clock["load_s"] = time.perf_counter() - t0
         if store is None:
             if rank.rank == 0:
                 store = _create(out, cfg, listing, fingerprint, teacher)
@@ -315,17 +322,25 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> str:
                 store.write_head("zeroshot", {"text_embeds": text.cpu().numpy(),
                                               "logit_scale": np.float32(scale), "logit_bias": np.float32(bias)})
         paths, shas = _paths_and_shas(store, listing)
-        teacher_pass(store, teacher, cfg, rank, paths, shas, text_head)
+        t0 = time.perf_counter()
+        views_run = teacher_pass(store, teacher, cfg, rank, paths, shas, text_head)
+        clock["pass_s"] = time.perf_counter() - t0
         rank.barrier()
         if rank.rank == 0:
             missing = int((~store.done()).sum())
             if missing:
                 raise StoreError(f"{missing} chunk(s) of {out} are not done; run the same command again to resume")
+            t0 = time.perf_counter()
             store.set_attrs({"metrics": fit_heads(store, cfg), "complete": True,
                              "finished": _now()})
-            log(f"done: {out}")
+            clock["heads_s"] = time.perf_counter() - t0
         store.close()
-    return out
+    total = time.perf_counter() - clock.pop("start")
+    stats = {"views": views_run, "total_s": total} | clock
+    if views_run:
+        log(f"done: {out}  teacher pass {views_run} views in {stats['pass_s']:.1f}s "
+            f"({views_run / stats['pass_s']:.2f} views/s), total {total:.1f}s")
+    return stats
 
 
 def _open_existing(out: str, cfg: BuildConfig, fingerprint: str, overwrite: bool) -> Store | None:

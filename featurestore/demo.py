@@ -23,8 +23,8 @@ REFERENCE_CLASSES = [
 SHAPES = ("disc", "ring", "square", "stripes", "speckles")
 
 
-def make_image(class_index: int, rng: np.random.Generator) -> Image.Image:
-    w, h = (int(v) for v in rng.integers(96, 321, size=2))
+def make_image(class_index: int, rng: np.random.Generator, sizes: tuple[int, int] = (96, 320)) -> Image.Image:
+    w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
     skin = np.array([200, 160, 130]) + rng.normal(0, 18, 3)
     base = np.clip(skin + rng.normal(0, 14, (h, w, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(base)
@@ -54,14 +54,15 @@ def make_image(class_index: int, rng: np.random.Generator) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
 
 
-def write_demo_data(out: str | Path, per_class: int = 40, seed: int = 0) -> Path:
+def write_demo_data(out: str | Path, per_class: int = 40, seed: int = 0, sizes: tuple[int, int] = (96, 320)) -> Path:
+    """per_class images of each class, sides drawn from `sizes` (the reference photos are 300..1000)."""
     out = Path(out)
     for c, name in enumerate(REFERENCE_CLASSES):
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         for j in range(per_class):
             rng = np.random.default_rng([seed, c, j])
-            img = make_image(c, rng)
+            img = make_image(c, rng, sizes)
             if j % 3 == 2:
                 img.save(folder / f"img_{j:04d}.png")
             else:

@@ -117,12 +117,12 @@ class Store:
 
     def _create(self, name: str, shape: tuple[int, ...], dtype: str, chunk: int) -> None:
         n_chunk = (min(chunk, shape[0]),) + shape[1:]
+        big = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize > 4096
+        inner = (1,) + shape[1:] if big else n_chunk          # one image per (inner) chunk for big rows
         if self.backend == "hdf5":
             kw = {"compression": self._compression} if self._compression else {}
-            self._root.create_dataset(name, shape=shape, dtype=dtype, chunks=n_chunk, **kw)
+            self._root.create_dataset(name, shape=shape, dtype=dtype, chunks=inner, **kw)
             return
-        big = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize > 4096
-        inner = (1,) + shape[1:] if big else n_chunk          # one image per inner chunk for big rows
         self._root.create_array(name, shape=shape, dtype=dtype, chunks=inner, shards=n_chunk,
                                 compressors=self._compression, fill_value=0)
 

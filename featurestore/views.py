@@ -107,32 +107,56 @@ def render(
     size: int,
     interpolation: str = "bilinear",
     partner_index: torch.Tensor | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Render views as float (V, 3, size, size) in [0, 1].
+    """Render views as float (V, 3, size, size): in [0, 1], or normalised if mean/std are given.
 
     sources: uint8 images (3, H, W) of any sizes, or one (N, 3, H, W) tensor, on the target device.
     index: (V,) which source each view is cut from. params: (V, P).
     partner_index: (V,) source holding each view's mix partner (-1 for none); needed when mixing.
+    Geometry runs per view on uint8 (crop, resize, flips, rot90); colour is one affine map per
+    view, clamped once; normalisation is folded into that map.
     """
     params = params.to(device=index.device, dtype=torch.float32)
     mode = _INTERP[interpolation]
-    crops = [_crop_resize(sources[int(s)], params[v, :4], size, mode) for v, s in enumerate(index.tolist())]
-    x = torch.stack(crops).float().div_(255)                             # (V, 3, size, size)
-    x = torch.where(params[:, COL["hflip"], None, None, None] > 0.5, x.flip(-1), x)
-    x = torch.where(params[:, COL["vflip"], None, None, None] > 0.5, x.flip(-2), x)
-    rot = params[:, COL["rot90"]].round().long()
-    for r in (1, 2, 3):
-        m = rot == r
-        if m.any():
-            x[m] = torch.rot90(x[m], r, dims=(-2, -1))
-    x = adjust_colour(x, params[:, COL["brightness"]], params[:, COL["contrast"]],
-                      params[:, COL["saturation"]], params[:, COL["hue"]])
+    crops = [_geometry(sources[int(s)], params[v], size, mode) for v, s in enumerate(index.tolist())]
+    sums = torch.stack([c.sum(dim=(1, 2), dtype=torch.float64) for c in crops]).float()      # (V, 3)
+    mean_gray = sums @ torch.tensor(_GRAY, device=sums.device) / (255.0 * size * size)     # (V,)
+    m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
+                         params[:, COL["saturation"]], params[:, COL["hue"]])             # (V,3,3), (V,3)
+    m = m / 255.0
+    lo, hi = [0.0] * 3, [1.0] * 3
+    if mean is not None:
+        sd = torch.tensor(std, device=m.device)
+        m, t = m / sd.view(1, 3, 1), (t - torch.tensor(mean, device=m.device)) / sd       # normalise inside
+        lo = [(0.0 - mu) / s for mu, s in zip(mean, std)]
+        hi = [(1.0 - mu) / s for mu, s in zip(mean, std)]
+    out = torch.empty(len(crops), 3, size, size, device=m.device)                        # (V, 3, size, size)
+    for v, crop in enumerate(crops):          # per view, while the crop is in cache: convert, map, clamp
+        o = out[v].view(3, -1)
+        torch.addmm(t[v].unsqueeze(-1), m[v], crop.reshape(3, -1).float(), out=o)
+        for c in range(3):
+            o[c].clamp_(lo[c], hi[c])
     mixed = params[:, COL["mix_mode"]].round().long()
     if (mixed != MIX_NONE).any():
         if partner_index is None:
             raise ValueError("views mix with partners but no partner_index was given")
-        x = _mix(x, sources, partner_index, params, size, mode)
-    return x
+        out = _mix(out, sources, partner_index, params, size, mode, torch.tensor(lo), torch.tensor(hi))
+    return out
+
+
+def _geometry(img: torch.Tensor, p: torch.Tensor, size: int, mode) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size): crop + resize, hflip, vflip, rot90."""
+    x = _crop_resize(img, p[:4], size, mode)
+    hflip, vflip, rot = (int(round(float(v))) for v in p[COL["hflip"]:COL["rot90"] + 1])
+    if hflip:
+        x = x.flip(-1)
+    if vflip:
+        x = x.flip(-2)
+    if rot:
+        x = torch.rot90(x, rot, dims=(-2, -1))
+    return x.contiguous()                     # channels-first in memory, whatever the source layout
 
 
 def _crop_resize(img: torch.Tensor, box: torch.Tensor, size: int, mode) -> torch.Tensor:
@@ -147,43 +171,54 @@ def _crop_resize(img: torch.Tensor, box: torch.Tensor, size: int, mode) -> torch
     return TF.resize(crop, [size, size], interpolation=mode, antialias=True)
 
 
-_GRAY = (0.299, 0.587, 0.114)
+_GRAY = (0.299, 0.587, 0.114)        # sums to 1: gray stays gray under saturation and hue
 # RGB <-> YIQ: hue rotates the (I, Q) chroma plane
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
 
 
+def colour_affine(mean_gray, brightness, contrast, saturation, hue):
+    """Per-view colour jitter as one affine map x -> M x + t on RGB in [0, 1].
+
+    brightness b: x * b; contrast c: blend with the view's mean gray m (after brightness, b * m);
+    saturation s: blend with the pixel's gray; hue h: rotate chroma in YIQ by 2 pi h turns.
+    Saturation and hue keep gray fixed (gray weights sum to 1), so
+    M = c b H S,  t = (1 - c) b m (1, 1, 1).   Shapes: (V,) in, (V, 3, 3) and (V, 3) out.
+    """
+    v, dev = len(brightness), brightness.device
+    w = torch.tensor(_GRAY, device=dev)
+    eye = torch.eye(3, device=dev).expand(v, 3, 3)
+    s = saturation.view(-1, 1, 1)
+    sat = s * eye + (1 - s) * w.view(1, 1, 3).expand(v, 3, 3)                 # each row: s e_i + (1-s) w
+    yiq = _YIQ.to(dev)
+    theta = hue * 2 * math.pi
+    rot = torch.zeros(v, 3, 3, device=dev)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
+    hue_m = torch.linalg.inv(yiq) @ rot @ yiq
+    m = (contrast * brightness).view(-1, 1, 1) * (hue_m @ sat)
+    t = ((1 - contrast) * brightness * mean_gray).view(-1, 1).expand(v, 3)
+    return m, t
+
+
 def adjust_colour(x: torch.Tensor, brightness, contrast, saturation, hue) -> torch.Tensor:
-    """Per-sample colour jitter on float (V, 3, H, W) in [0, 1]; factor 1 / hue 0 is identity."""
-    def col(v):
-        return v.to(x.dtype).view(-1, 1, 1, 1)
-    gray_w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
-    x = (x * col(brightness)).clamp_(0, 1)
-    mean = (x * gray_w).sum(1, keepdim=True).mean((-2, -1), keepdim=True)     # (V, 1, 1, 1)
-    x = ((x - mean) * col(contrast) + mean).clamp_(0, 1)
-    gray = (x * gray_w).sum(1, keepdim=True)                                   # (V, 1, H, W)
-    x = ((x - gray) * col(saturation) + gray).clamp_(0, 1)
-    if bool((hue != 0).any()):
-        yiq_m = _YIQ.to(x)
-        theta = hue.to(x.dtype) * 2 * math.pi
-        cos, sin = theta.cos(), theta.sin()
-        rot = torch.zeros(len(x), 3, 3, dtype=x.dtype, device=x.device)        # (V, 3, 3)
-        rot[:, 0, 0] = 1
-        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-        m = torch.linalg.inv(yiq_m) @ rot @ yiq_m                               # RGB -> RGB
-        x = torch.einsum("vij,vjhw->vihw", m, x).clamp_(0, 1)
-    return x
+    """Colour jitter on float (V, 3, H, W) in [0, 1], clamped once; factor 1 / hue 0 is identity."""
+    mean_gray = torch.einsum("c,vchw->v", x.new_tensor(_GRAY), x) / (x.shape[-1] * x.shape[-2])
+    m, t = colour_affine(mean_gray, brightness.float(), contrast.float(), saturation.float(), hue.float())
+    out = torch.baddbmm(t.unsqueeze(-1), m, x.reshape(len(x), 3, -1)).view_as(x)
+    return out.clamp_(0, 1)
 
 
-def _mix(x, sources, partner_index, params, size, mode):
+def _mix(x, sources, partner_index, params, size, mode, lo, hi):
+    """Mix each mixed view with its partner's canonical view, in the same value space as x."""
+    scale, shift = (hi - lo).to(x).view(3, 1, 1), lo.to(x).view(3, 1, 1)     # [0, 1] -> x's space
     partners = {}
     for s in partner_index[partner_index >= 0].unique().tolist():
         full = torch.tensor([0.0, 0.0, 1.0, 1.0])
-        partners[s] = _crop_resize(sources[int(s)], full, size, mode).float().div_(255)
-    out = x.clone()
+        partners[s] = _crop_resize(sources[int(s)], full, size, mode).float().div_(255) * scale + shift
+    out = x                                   # in place: view v reads only itself and its partner
     for v in torch.nonzero(params[:, COL["mix_mode"]].round() != MIX_NONE).flatten().tolist():
         p = partners[int(partner_index[v])]
-        mode_v = int(round(float(params[v, COL["mix_mode"]])))
-        if mode_v == MIX_MIXUP:
+        if int(round(float(params[v, COL["mix_mode"]]))) == MIX_MIXUP:
             lam = float(params[v, COL["mix_lambda"]])
             out[v] = lam * x[v] + (1 - lam) * p
         else:

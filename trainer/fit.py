@@ -21,7 +21,7 @@ from tqdm import tqdm
 from featurestore.config import ConfigError, to_dict
 from trainer import metrics as metrics_mod
 from trainer.config import FitConfig
-from trainer.loader import Loader, StoreData
+from trainer.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, StoreData
 from trainer.losses import PatchProjector, PooledProjector, total_loss
 from trainer.students import create_student, size_mb
 
@@ -210,8 +210,7 @@ def finish(cfg: FitConfig, data: StoreData, out: Path, val_loader: Loader | None
     student.load_state_dict(best["student"])
     student.eval()
     sidecar = {"classes": data.classes, "input_size": [3, cfg.image_size, cfg.image_size],
-               "mean": list(val_loader.mean.flatten().tolist() if val_loader else _imagenet()[0]),
-               "std": list(val_loader.std.flatten().tolist() if val_loader else _imagenet()[1]),
+               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                "student": cfg.student, "store": str(cfg.store), "teacher": data.store.attrs["teacher"]["id"],
                "teacher_weights": data.store.attrs["teacher"]["weights"], "epoch": best["epoch"] + 1}
     path = export.export_torchscript(student, out / "student.pt", sidecar, cfg.max_mb)
@@ -232,11 +231,6 @@ def finish(cfg: FitConfig, data: StoreData, out: Path, val_loader: Loader | None
         plots.per_class_f1(m, out / "per_class_f1.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"exported {path} ({summary['size_mb']:.2f} MB); run summary in {out / 'summary.json'}", file=sys.stderr)
-
-
-def _imagenet():
-    from trainer.loader import IMAGENET_MEAN, IMAGENET_STD
-    return IMAGENET_MEAN, IMAGENET_STD
 
 
 @torch.no_grad()

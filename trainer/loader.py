@@ -9,9 +9,9 @@ streamed in a seeded order through a shuffle buffer of whole chunks (mix partner
 from __future__ import annotations
 
 import functools
-import queue
-import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,12 +75,12 @@ class Loader:
 
     def __init__(self, data: StoreData, indices: np.ndarray, batch_size: int, size: int, seed: int,
                  device: torch.device, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 buffer_chunks: int = 8, rank: int = 0, world: int = 1, prefetch: int = 2):
+                 buffer_chunks: int = 8, rank: int = 0, world: int = 1, prefetch: int = 2, threads: int = 2):
         self.data, self.indices, self.batch_size, self.size = data, np.asarray(indices), batch_size, size
         self.seed, self.device, self.train = seed, device, train
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.mean_std = (tuple(mean), tuple(std))
         self.buffer_chunks, self.rank, self.world, self.prefetch = buffer_chunks, rank, world, prefetch
+        self.threads = threads
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -114,35 +114,25 @@ class Loader:
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Batches rendered on a background thread, `prefetch` ahead of the training step."""
-        plan = self.plan(epoch)
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def work():
+        """Batches rendered by `threads` threads, up to `prefetch` ahead, yielded in plan order."""
+        plan = iter(self.plan(epoch))
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="render") as pool:
+            def submit():
+                item = next(plan, None)
+                if item is not None:
+                    idx, vw = item
+                    pending.append(pool.submit(self.make_batch, idx[self.rank::self.world], vw[self.rank::self.world]))
             try:
-                for idx, vw in plan:
-                    if stop.is_set():
-                        return
-                    q.put(self.make_batch(idx[self.rank::self.world], vw[self.rank::self.world]))
-                q.put(None)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                q.put(e)
-
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while t.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(0.01)
+                for _ in range(self.threads + self.prefetch):
+                    submit()
+                while pending:
+                    batch = pending.popleft().result()
+                    submit()
+                    yield batch
+            finally:
+                for f in pending:
+                    f.cancel()
 
     def make_batch(self, idx: np.ndarray, vw: np.ndarray) -> Batch:
         d = self.data
@@ -154,8 +144,8 @@ class Loader:
         sources = torch.from_numpy(imgs).to(self.device).permute(0, 3, 1, 2)       # (U, 3, S, S)
         src_index = torch.tensor([slot[int(i)] for i in idx])
         partner_index = torch.tensor([slot[int(p)] if p >= 0 else -1 for p in partner])
-        x = views.render(sources, src_index, torch.from_numpy(params), self.size, "bilinear", partner_index)
-        x = (x - self.mean) / self.std
+        x = views.render(sources, src_index, torch.from_numpy(params), self.size, "bilinear", partner_index,
+                         self.mean_std[0], self.mean_std[1])                          # (B, 3, R, R) normalised
         labels = torch.from_numpy(d.labels[idx])
         c = len(d.classes)
         lam = torch.from_numpy(params[:, views.COL["mix_lambda"]]).float()

@@ -1,0 +1,78 @@
+"""Benchmark plumbing: the machine's name, median-of-repeats timing, results files."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} + {torch.get_num_threads()} CPU threads"
+    cpu = platform.processor() or "cpu"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    import os
+    return f"{cpu}, {os.cpu_count()} cores, no GPU"
+
+
+def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> dict:
+    """Run fn warmup + repeats times; seconds of each timed repeat and their median."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(runs), "runs_s": runs}
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Dense matrix-multiply rate measured on this device now (the arithmetic bound's denominator)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def run():
+        for _ in range(repeats):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    t = timed(run, repeats=3)["median_s"]
+    return 2 * n ** 3 * repeats / t / 1e12
+
+
+def copy_gbps(mb: int = 256) -> float:
+    """Memory copy rate (bytes copied per second), the loader's bandwidth bound."""
+    src = np.ones(mb * 1024 * 1024, dtype=np.uint8)
+    dst = np.empty_like(src)
+    t = timed(lambda: np.copyto(dst, src), repeats=5)["median_s"]
+    return src.nbytes / t / 1e9
+
+
+def write_results(name: str, payload: dict, table: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", payload["machine"].lower()).strip("-")[:60]
+    stem = RESULTS / f"{name}-{slug}-{datetime.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    stem.with_suffix(".md").write_text(table + "\n")
+    return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,58 @@
+"""Run the benchmarks: `python -m benchmarks.run --profile cpu|gpu [--only teacher,loader,...]`.
+
+Every figure is printed beside its baseline measured in the same run, with the machine's name,
+and written to benchmarks/results/ as JSON and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+import torch
+
+from benchmarks import bench_loader, bench_storage, bench_teacher, bench_training
+from benchmarks.common import machine, md_table, write_results
+
+PROFILES = {
+    # a few minutes on a 2-core CPU: the teacher is the full MedSigLIP-448 architecture, so few views
+    "cpu": {"teacher_arch": "medsiglip-448", "teacher_images": 4, "teacher_views": 2, "teacher_batch": 8,
+            "plain_views": 2, "plain_batch": 4, "workers": 2, "loader_per_class": 20, "loader_epochs": 2,
+            "student": "shufflenet_v2_x1_0", "train_batch": 8, "train_steps": 12, "online_steps": 1,
+            "storage_images": 128, "storage_reads": 3},
+    # full size, for a lent GPU (H100/H200)
+    "gpu": {"teacher_arch": "medsiglip-448", "teacher_images": 200, "teacher_views": 16, "teacher_batch": 128,
+            "plain_views": 4, "plain_batch": 32, "workers": 12, "loader_per_class": 100, "loader_epochs": 3,
+            "student": "shufflenet_v2_x1_0", "train_batch": 128, "train_steps": 30, "online_steps": 5,
+            "storage_images": 512, "storage_reads": 5},
+}
+BENCHES = {"teacher": bench_teacher, "loader": bench_loader, "training": bench_training, "storage": bench_storage}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="problem sizes (cpu: a few minutes here)")
+    p.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
+    args = p.parse_args(argv)
+    if args.profile == "gpu" and not torch.cuda.is_available():
+        print("the gpu profile needs a CUDA device; use --profile cpu here", file=sys.stderr)
+        return 2
+    profile = PROFILES[args.profile]
+    results, rows = {}, []
+    for name in args.only.split(","):
+        print(f"== {name}", file=sys.stderr, flush=True)
+        results[name] = BENCHES[name].run(profile)
+        rows += BENCHES[name].rows(results[name])
+    payload = {"machine": machine(), "date": datetime.date.today().isoformat(), "profile": args.profile,
+               "settings": profile, "torch": torch.__version__, "results": results}
+    table = (f"# kdstore benchmarks: {payload['machine']}, {payload['date']}, profile {args.profile}\n\n"
+             + md_table(["what", "figure", "against the baseline in this run"], rows))
+    json_path, md_path = write_results(f"bench-{args.profile}", payload, table)
+    print(table)
+    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
