@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.common import matmul_tflops
@@ -57,12 +56,10 @@ def plain_loop(paths: list[Path], views: int, batch: int, arch: str, device: tor
                     outputs.append(model(pixel_values=pix).pooler_output.cpu().numpy())
         if device.type == "cuda":
             torch.cuda.synchronize()
-    one_pass_small = paths[:batch]
     model(pixel_values=torch.zeros(1, 3, size, size, device=device))     # warm-up
     t0 = time.perf_counter()
     one_pass()
     seconds = time.perf_counter() - t0
-    del one_pass_small
     return {"views": views * len(paths), "seconds": seconds, "views_per_s": views * len(paths) / seconds}
 
 
@@ -71,7 +68,7 @@ def run(profile: dict) -> dict:
     device = resolve_device("auto")
     with tempfile.TemporaryDirectory() as tmp:
         images = write_demo_data(Path(tmp) / "images", per_class=max(1, n_images // 10), seed=0, sizes=(450, 1000))
-        paths = sorted(p for p in images.rglob("*") if p.is_file())[:n_images]
+        paths = sorted(p for p in images.rglob("*") if p.is_file())[:profile["plain_images"]]
         cfg = BuildConfig(images=str(images), out=str(Path(tmp) / "s.zarr"), workers=profile["workers"],
                           teacher=TeacherConfig(id=f"random:{arch}", batch_size=profile["teacher_batch"]),
                           views=ViewPolicy(views=views, mix_prob=0.2), store=StoreLayout(image_size=256, chunk_size=16,

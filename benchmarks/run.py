@@ -16,13 +16,13 @@ from benchmarks.common import machine, md_table, write_results
 
 PROFILES = {
     # a few minutes on a 2-core CPU: the teacher is the full MedSigLIP-448 architecture, so few views
-    "cpu": {"teacher_arch": "medsiglip-448", "teacher_images": 4, "teacher_views": 2, "teacher_batch": 8,
-            "plain_views": 2, "plain_batch": 4, "workers": 2, "loader_per_class": 20, "loader_epochs": 2,
+    "cpu": {"teacher_arch": "medsiglip-448", "teacher_images": 10, "teacher_views": 2, "teacher_batch": 8,
+            "plain_images": 4, "plain_views": 2, "plain_batch": 4, "workers": 2, "loader_per_class": 20, "loader_epochs": 2,
             "student": "shufflenet_v2_x1_0", "train_batch": 8, "train_steps": 12, "online_steps": 1,
             "storage_images": 128, "storage_reads": 3},
     # full size, for a lent GPU (H100/H200)
     "gpu": {"teacher_arch": "medsiglip-448", "teacher_images": 200, "teacher_views": 16, "teacher_batch": 128,
-            "plain_views": 4, "plain_batch": 32, "workers": 12, "loader_per_class": 100, "loader_epochs": 3,
+            "plain_images": 64, "plain_views": 4, "plain_batch": 32, "workers": 12, "loader_per_class": 100, "loader_epochs": 3,
             "student": "shufflenet_v2_x1_0", "train_batch": 128, "train_steps": 30, "online_steps": 5,
             "storage_images": 512, "storage_reads": 5},
 }

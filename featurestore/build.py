@@ -112,11 +112,15 @@ def assign(labels: np.ndarray, folds: int, val_fraction: float, seed: int) -> tu
     """Stratified split (fold 0..F-1, -1 held out) per scanned image, and a seeded store order."""
     rng = np.random.default_rng([seed, 1])
     split = np.empty(len(labels), dtype=np.int8)
+    offset = 0                            # round-robin continues across classes: folds stay balanced
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         n_val = int(round(val_fraction * len(idx))) if len(idx) > folds else 0
         split[idx[:n_val]] = -1
-        split[idx[n_val:]] = np.arange(len(idx) - n_val) % folds
+        split[idx[n_val:]] = (offset + np.arange(len(idx) - n_val)) % folds
+        offset += len(idx) - n_val
+    if (split >= 0).sum() < folds:
+        raise DatasetError(f"{int((split >= 0).sum())} training images are too few for {folds}-fold cross-fitting")
     order = np.random.default_rng([seed, 2]).permutation(len(labels))
     return split, order
 

@@ -32,13 +32,17 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 def fit_linear(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Fit on normalised rows x (n, D); returns (W (C, D), b (C,)) acting on unscaled x."""
+    w = np.full((num_classes, x.shape[1]), 0.0, dtype=np.float64)
+    b = np.full(num_classes, -30.0, dtype=np.float64)         # classes absent from training: never chosen
+    present = np.unique(y)
+    if len(present) == 1:                                     # one class seen: a constant probe
+        b[present] = 0.0
+        return w.astype(np.float32), b.astype(np.float32)
     scaler = StandardScaler().fit(x)
     clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
     clf.fit(scaler.transform(x), y)
     coef = clf.coef_ if len(clf.classes_) > 2 else np.vstack([-clf.coef_, clf.coef_]) / 2
     icpt = clf.intercept_ if len(clf.classes_) > 2 else np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2
-    w = np.full((num_classes, x.shape[1]), 0.0, dtype=np.float64)
-    b = np.full(num_classes, -30.0, dtype=np.float64)         # classes absent from training: never chosen
     w[clf.classes_] = coef / scaler.scale_
     b[clf.classes_] = icpt - (coef / scaler.scale_) @ scaler.mean_
     return w.astype(np.float32), b.astype(np.float32)

@@ -58,3 +58,16 @@ def test_fit_linear_matches_sklearn_pipeline():
     scaler = StandardScaler().fit(x)
     clf = LogisticRegression(C=1.0, max_iter=2000, random_state=0).fit(scaler.transform(x), y)
     np.testing.assert_allclose(x @ w.T + b, clf.decision_function(scaler.transform(x)), atol=1e-4)
+
+
+def test_tiny_dataset_one_image_per_class():
+    """Folds stay balanced across classes, and probes that saw few classes still score everything."""
+    from featurestore.build import assign
+    labels = np.arange(10)
+    split, _ = assign(labels, folds=5, val_fraction=0.1, seed=0)
+    assert (split >= 0).all() and np.bincount(split, minlength=5).tolist() == [2] * 5
+    pooled = np.random.default_rng(0).standard_normal((10, 2, 16)).astype(np.float32)
+    res = cross_fit_probe(pooled, labels, split, 10)
+    assert np.isfinite(res.logits).all() and res.metrics["folds"] == 5
+    one_class = cross_fit_probe(pooled[:4], np.zeros(4, int), np.array([0, 1, 0, 1], np.int8), 3)
+    assert (one_class.logits.argmax(-1) == 0).all()
