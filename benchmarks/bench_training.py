@@ -14,7 +14,7 @@ from featurestore.build import build
 from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
 from featurestore.teacher import load_teacher, resolve_device
-from trainer.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, StoreData
+from trainer.loader import Loader, StoreData
 from trainer.losses import LossWeights, total_loss
 from trainer.students import create_student
 

@@ -160,3 +160,11 @@ def test_manifest_source(tmp_path, demo_images):
 
 def test_env_is_clean():
     assert "HF_HUB_OFFLINE" in os.environ
+
+
+def test_hdf5_and_zarr_builds_hold_the_same_arrays(tmp_path, demo_images, small_store):
+    out = tmp_path / "s.h5"
+    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL) == 0
+    assert_same_store(small_store, out)
+    with Store.open(out) as s:
+        assert s.backend == "hdf5" and s.ids()[0].endswith((".jpg", ".png"))

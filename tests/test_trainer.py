@@ -110,7 +110,7 @@ def test_streaming_mode_gives_the_same_samples(learn_store):
 
 
 def test_resume_equals_uninterrupted(tmp_path, learn_store):
-    args = ["--store", learn_store, *FAST, "--epochs", "4", "--ema", "0.9"]
+    args = ["--store", learn_store, *FAST, "--epochs", "4", "--ema", "0.9", "--w-dist", "0.5", "--channels-last"]
     ref = tmp_path / "ref"
     assert run_trainer("fit", "--out", ref, *args) == 0
     out = tmp_path / "killed"
@@ -134,6 +134,7 @@ def test_resume_equals_uninterrupted(tmp_path, learn_store):
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
     for key in a["ema"]:
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=0, atol=0, msg=key)
+    assert "train_dist" in a["history"][0]
 
     def strip(h):
         return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "samples_per_s")} for r in h]
@@ -214,13 +215,16 @@ def test_eval_matches_sklearn_on_the_grader_pipeline(trained_run, tmp_path):
     assert len(got["per_class"]) == 10 and np.array(got["confusion"]).sum() == 30
 
 
-def test_bad_inputs_fail_clearly(tmp_path, learn_store, trained_run, capsys):
+def test_bad_inputs_fail_clearly(tmp_path, learn_store, trained_run, capsys, monkeypatch):
     assert run_trainer("fit", "--store", tmp_path / "missing.zarr", "--out", tmp_path / "r1", *FAST) == 2
     assert "store not found" in capsys.readouterr().err
     assert run_trainer("fit", "--store", learn_store, "--out", tmp_path / "r2", *FAST, "--student", "resnet9000") == 2
     assert "unknown student 'resnet9000'" in capsys.readouterr().err
     assert run_trainer("fit", "--store", learn_store, "--out", tmp_path / "r2b", *FAST, "--student", "timm:nonet") == 2
     assert "unknown timm model 'nonet'" in capsys.readouterr().err
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    assert run_trainer("fit", "--store", learn_store, "--out", tmp_path / "r2c", *FAST, "--pretrained") == 2
+    assert "ImageNet weights for shufflenet_v2_x0_5 are not available locally" in capsys.readouterr().err
     import shutil
     old = tmp_path / "old.zarr"
     shutil.copytree(learn_store, old)

@@ -25,7 +25,6 @@ from trainer.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, StoreData
 from trainer.losses import PatchProjector, PooledProjector, total_loss
 from trainer.students import create_student, size_mb
 
-TIMING_KEYS = ("epoch_seconds", "samples_per_s")
 
 
 class DistillModel(nn.Module):
