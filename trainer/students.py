@@ -1,6 +1,6 @@
 """Student registry: a plain dict from name to constructor, plus any timm model as `timm:<name>`.
 
-Every student is wrapped as `Student`: features(x) -> (B, F, h, w) map, pool -> (B, F), head -> (B, C),
+Every student is wrapped as `Student`: forward_features(x) -> (B, F, h, w) map, pool -> (B, F'), head -> (B, C),
 so the feature losses can reach the pooled vector and the last map. forward(x) returns logits only.
 """
 from __future__ import annotations
@@ -18,18 +18,16 @@ class StudentError(ValueError):
 
 
 class Student(nn.Module):
-    def __init__(self, features: nn.Module, head: nn.Module, num_features: int, pre_pool: nn.Module | None = None):
+    def __init__(self, features: nn.Module, head: nn.Module):
         super().__init__()
         self.features = features
-        self.pre_pool = pre_pool if pre_pool is not None else nn.Identity()
         self.head = head
-        self.num_features = num_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)                                  # (B, F, h, w)
 
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
-        return self.pre_pool(fmap.mean((2, 3)))                  # (B, F')
+        return fmap.mean((2, 3))                                 # (B, F)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.forward_features(x)))   # (B, C)
@@ -39,7 +37,7 @@ def _shufflenet(name):
     def make(num_classes: int, weights) -> Student:
         m = getattr(torchvision.models, name)(weights=weights)
         feats = nn.Sequential(m.conv1, m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5)
-        return Student(feats, _fresh_linear(m.fc, num_classes), m.fc.in_features)
+        return Student(feats, _fresh_linear(m.fc, num_classes))
     return make
 
 
@@ -48,7 +46,7 @@ def _mobilenet_v3(name):
         m = getattr(torchvision.models, name)(weights=weights)
         # classifier: Linear -> Hardswish -> Dropout -> Linear; the pooled feature is its input
         head = nn.Sequential(*list(m.classifier[:-1]), _fresh_linear(m.classifier[-1], num_classes))
-        return Student(m.features, head, m.classifier[0].in_features)
+        return Student(m.features, head)
     return make
 
 
@@ -56,14 +54,14 @@ def _efficientnet(name):
     def make(num_classes: int, weights) -> Student:
         m = getattr(torchvision.models, name)(weights=weights)
         head = nn.Sequential(m.classifier[0], _fresh_linear(m.classifier[1], num_classes))
-        return Student(m.features, head, m.classifier[1].in_features)
+        return Student(m.features, head)
     return make
 
 
 def _regnet(name):
     def make(num_classes: int, weights) -> Student:
         m = getattr(torchvision.models, name)(weights=weights)
-        return Student(nn.Sequential(m.stem, m.trunk_output), _fresh_linear(m.fc, num_classes), m.fc.in_features)
+        return Student(nn.Sequential(m.stem, m.trunk_output), _fresh_linear(m.fc, num_classes))
     return make
 
 
@@ -85,7 +83,6 @@ class TimmStudent(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.num_features = model.num_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)                   # (B, F, h, w)
