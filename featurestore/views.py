@@ -117,9 +117,11 @@ def render(
     Geometry runs per view on uint8 (crop, resize, flips, rot90); colour is one affine map per
     view, clamped once; normalisation is folded into that map.
     """
-    params = params.to(device=index.device, dtype=torch.float32)
+    device = sources.device if isinstance(sources, torch.Tensor) else sources[0].device
+    host = params.detach().to("cpu", torch.float32)           # control flow reads params on the host
+    params = params.to(device=device, dtype=torch.float32)     # colour maths runs where the pixels are
     mode = _INTERP[interpolation]
-    crops = [_geometry(sources[int(s)], params[v], size, mode) for v, s in enumerate(index.tolist())]
+    crops = [_geometry(sources[int(s)], host[v], size, mode) for v, s in enumerate(index.tolist())]
     sums = torch.stack([c.sum(dim=(1, 2), dtype=torch.float64) for c in crops]).float()      # (V, 3)
     mean_gray = sums @ torch.tensor(_GRAY, device=sums.device) / (255.0 * size * size)     # (V,)
     m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
@@ -131,17 +133,29 @@ def render(
         m, t = m / sd.view(1, 3, 1), (t - torch.tensor(mean, device=m.device)) / sd       # normalise inside
         lo = [(0.0 - mu) / s for mu, s in zip(mean, std)]
         hi = [(1.0 - mu) / s for mu, s in zip(mean, std)]
-    out = torch.empty(len(crops), 3, size, size, device=m.device)                        # (V, 3, size, size)
-    for v, crop in enumerate(crops):          # per view, while the crop is in cache: convert, map, clamp
-        o = out[v].view(3, -1)
-        torch.addmm(t[v].unsqueeze(-1), m[v], crop.reshape(3, -1).float(), out=o)
-        for c in range(3):
-            o[c].clamp_(lo[c], hi[c])
-    mixed = params[:, COL["mix_mode"]].round().long()
-    if (mixed != MIX_NONE).any():
+    out = _apply_colour(crops, m, t, lo, hi, per_view=device.type == "cpu")              # (V, 3, size, size)
+    if (host[:, COL["mix_mode"]].round() != MIX_NONE).any():
         if partner_index is None:
             raise ValueError("views mix with partners but no partner_index was given")
-        out = _mix(out, sources, partner_index, params, size, mode, torch.tensor(lo), torch.tensor(hi))
+        out = _mix(out, sources, partner_index.cpu(), host, size, mode, torch.tensor(lo), torch.tensor(hi))
+    return out
+
+
+def _apply_colour(crops: list[torch.Tensor], m: torch.Tensor, t: torch.Tensor, lo: list[float], hi: list[float],
+                  per_view: bool) -> torch.Tensor:
+    """clamp(m @ crop + t) for each uint8 crop (3, R, R). Per view on a CPU (the crop stays in
+    cache); as one batched kernel on a GPU (few large launches beat many small ones)."""
+    v, r = len(crops), crops[0].shape[-1]
+    if not per_view:
+        x = torch.stack(crops).float().view(v, 3, -1)
+        out = torch.baddbmm(t.unsqueeze(-1), m, x).view(v, 3, r, r)
+        return torch.clamp(out, out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1))
+    out = torch.empty(v, 3, r, r, device=m.device)
+    for i, crop in enumerate(crops):
+        o = out[i].view(3, -1)
+        torch.addmm(t[i].unsqueeze(-1), m[i], crop.reshape(3, -1).float(), out=o)
+        for c in range(3):
+            o[c].clamp_(lo[c], hi[c])
     return out
 
 

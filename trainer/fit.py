@@ -122,7 +122,8 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
     ema = None
     if cfg.optim.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model.student, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema), use_buffers=True)
+        ema = AveragedModel(model.student, device=accelerator.device, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema),
+                            use_buffers=True)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     train_model = torch.compile(model) if cfg.compile else model
 
