@@ -140,8 +140,10 @@ class Loader:
         partner = params[:, views.COL["mix_partner"]].astype(np.int64)
         needed = np.unique(np.concatenate([idx, partner[partner >= 0]]))
         slot = {int(i): j for j, i in enumerate(needed)}
-        imgs = self._images(needed)                                                 # (U, S, S, 3)
-        sources = torch.from_numpy(imgs).to(self.device).permute(0, 3, 1, 2)       # (U, 3, S, S)
+        if d.in_memory and self.device.type == "cpu":                               # zero-copy views
+            sources = [torch.from_numpy(d.images[i]).permute(2, 0, 1) for i in needed]   # U x (3, S, S)
+        else:
+            sources = torch.from_numpy(self._images(needed)).to(self.device).permute(0, 3, 1, 2)  # (U, 3, S, S)
         src_index = torch.tensor([slot[int(i)] for i in idx])
         partner_index = torch.tensor([slot[int(p)] if p >= 0 else -1 for p in partner])
         x = views.render(sources, src_index, torch.from_numpy(params), self.size, "bilinear", partner_index,
