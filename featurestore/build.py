@@ -35,6 +35,7 @@ from .schema import FORMAT_VERSION, StoreError
 from .sources import BadImage, DatasetError, Listing, Source, class_display_name, decode, discover, \
     file_fingerprint, squash
 from .store import Store, backend_of
+from .teacher import zeroshot_logits
 
 
 @dataclass
@@ -190,10 +191,13 @@ def teacher_pass(store: Store, teacher, cfg: BuildConfig, rank: Rank, paths: lis
     done = store.done()
     mine = [c for c in range(store.num_chunks) if rank.owns(c) and not done[c]]
     k, g = store.views_per_image, store.attrs["patch_grid"]
-    total_views = sum(np.subtract(*store.chunk_range(c)[::-1]) for c in range(store.num_chunks) if rank.owns(c)) * k
-    left_views = sum(np.subtract(*store.chunk_range(c)[::-1]) for c in mine) * k
+
+    def views_in(chunks) -> int:
+        return k * sum(b - a for a, b in map(store.chunk_range, chunks))
+    total_views = views_in(c for c in range(store.num_chunks) if rank.owns(c))
+    left_views = views_in(mine)
     who = f"rank {rank.rank}/{rank.world}: " if rank.world > 1 else ""
-    log(f"{who}teacher pass over {len(mine)} chunk(s), {int(left_views)} views, on {teacher.device}")
+    log(f"{who}teacher pass over {len(mine)} chunk(s), {left_views} views, on {teacher.device}")
     if not mine:
         return 0
     items = [(i, paths[i], shas[i]) for c in mine for i in range(*store.chunk_range(c))]
@@ -201,7 +205,7 @@ def teacher_pass(store: Store, teacher, cfg: BuildConfig, rank: Rank, paths: lis
                      cfg.min_side, cfg.max_pixels)
     loader = DataLoader(data, batch_size=None, num_workers=cfg.workers, prefetch_factor=8 if cfg.workers else None)
     batch = cfg.teacher.batch_size or (64 if teacher.device.type == "cuda" else 16)
-    bar = tqdm(total=int(total_views), initial=int(total_views - left_views), unit="view", desc=f"teacher r{rank.rank}",
+    bar = tqdm(total=total_views, initial=total_views - left_views, unit="view", desc=f"teacher r{rank.rank}",
                position=rank.rank, disable=None, file=sys.stderr, smoothing=0.1)
     writer = ChunkWriter(store)
     pending = iter(mine)
@@ -209,7 +213,7 @@ def teacher_pass(store: Store, teacher, cfg: BuildConfig, rank: Rank, paths: lis
     a, b = store.chunk_range(c)
     got: list = []
     try:
-        for i, orig, small in loader:
+        for _, orig, small in loader:
             got.append((orig, small))
             if len(got) < b - a:
                 continue
@@ -221,7 +225,7 @@ def teacher_pass(store: Store, teacher, cfg: BuildConfig, rank: Rank, paths: lis
     finally:
         writer.close()
         bar.close()
-    return int(left_views)
+    return left_views
 
 
 def _run_chunk(store: Store, teacher, c: int, got, batch: int, g: int, text_head, bar) -> dict[str, np.ndarray]:
@@ -232,23 +236,23 @@ def _run_chunk(store: Store, teacher, c: int, got, batch: int, g: int, text_head
     index = torch.arange(n).repeat_interleave(k)                                          # (n*K,)
     partner = params[:, views.COL["mix_partner"]].long()
     partner = torch.where(partner >= 0, partner - a, partner)
-    pooled, patches = [], []
+    pooled, patches, zeroshot = [], [], []
     for s in range(0, n * k, batch):
         sl = slice(s, min(s + batch, n * k))
         pix = teacher.render(sources, index[sl], params[sl], partner[sl])
-        p, q = teacher.encode(pix, g)
-        pooled.append(p)
+        p, q = teacher.encode(pix, g)                                      # (B, D), (B, g, g, D) float32
+        if text_head is not None:
+            zeroshot.append(zeroshot_logits(p, *text_head).cpu())          # (B, C) from float pooled
+        pooled.append(p.to(torch.float16).cpu())                           # stored dtype, cast on device
         if q is not None:
-            patches.append(q)
+            patches.append(q.to(torch.float16).cpu())
         bar.update(sl.stop - sl.start)
-    pooled_t = torch.cat(pooled)                                                          # (n*K, D)
     out = {"images": np.stack([s.numpy() for _, s in got]),
-           "teacher/pooled": pooled_t.reshape(n, k, -1).cpu().numpy().astype(np.float16)}
+           "teacher/pooled": torch.cat(pooled).reshape(n, k, -1).numpy()}
     if g:
-        out["teacher/patches"] = torch.cat(patches).reshape(n, k, g, g, -1).cpu().numpy().astype(np.float16)
+        out["teacher/patches"] = torch.cat(patches).reshape(n, k, g, g, -1).numpy()
     if text_head is not None:
-        from .teacher import zeroshot_logits
-        out["teacher/logits/zeroshot"] = zeroshot_logits(pooled_t, *text_head).reshape(n, k, -1).cpu().numpy()
+        out["teacher/logits/zeroshot"] = torch.cat(zeroshot).reshape(n, k, -1).numpy()
     return out
 
 

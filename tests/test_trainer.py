@@ -245,3 +245,11 @@ def test_bad_inputs_fail_clearly(tmp_path, learn_store, trained_run, capsys, mon
     assert "classes of student.pt and of" in capsys.readouterr().err
     assert run_trainer("fit", "--store", learn_store, "--out", trained_run, *FAST) == 2
     assert "is not empty; pass --resume" in capsys.readouterr().err
+
+
+def test_trainer_never_imports_transformers():
+    code = ("import sys, trainer.cli, trainer.fit, trainer.loader, trainer.evaluate, trainer.export, trainer.export_run; "
+            "bad = [m for m in ('transformers', 'featurestore.teacher', 'featurestore.build') if m in sys.modules]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
