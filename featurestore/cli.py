@@ -5,7 +5,17 @@ import argparse
 import json
 import sys
 
-from .config import BuildConfig, ConfigError, from_dict, load_yaml, merge
+from .config import BuildConfig, ConfigError, document_defaults, from_dict, load_yaml, merge, overrides
+
+FLAGS = {  # flag dest -> build config key
+    "images": "images", "manifest": "manifest", "classes_file": "classes_file", "out": "out",
+    "on_bad_image": "on_bad_image", "workers": "workers", "device": "device",
+    "teacher": "teacher.id", "revision": "teacher.revision", "dtype": "teacher.dtype",
+    "batch_size": "teacher.batch_size", "prompt_template": "teacher.prompt_template", "zeroshot": "teacher.zeroshot",
+    "views": "views.views", "view_seed": "views.seed", "mix_prob": "views.mix_prob",
+    "patch_grid": "store.patch_grid", "image_size": "store.image_size", "chunk_size": "store.chunk_size",
+    "compression": "store.compression", "folds": "probe.folds", "val_fraction": "probe.val_fraction",
+}
 
 EPILOG = """examples:
   featurestore demo-data data/demo
@@ -25,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="build (or resume) a store", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b = sub.add_parser("build", help="build (or resume) a store", description="Build a store, or resume an "
+                       "interrupted build with the same command. Flags override --config; defaults shown are the "
+                       "built-in ones.")
     b.add_argument("--config", help="YAML build config; flags below override it")
     b.add_argument("--images", help="ImageFolder root (one subfolder per class), or the root for manifest paths")
     b.add_argument("--manifest", help="CSV with columns path,label instead of an ImageFolder")
@@ -47,11 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--folds", type=int, help="cross-fitting folds of the linear probe")
     b.add_argument("--val-fraction", type=float, help="fraction of each class held out for validation")
     b.add_argument("--prompt-template", help="zero-shot prompt with {name} for the class name")
-    b.add_argument("--no-zeroshot", action="store_true", help="skip the text tower even if the model has one")
+    b.add_argument("--no-zeroshot", dest="zeroshot", action="store_false", default=None,
+                   help="skip the text tower even if the model has one")
     b.add_argument("--on-bad-image", choices=["skip", "fail"], help="skip bad files (listed in the report) or stop")
     b.add_argument("--workers", type=int, help="decoding processes")
     b.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     b.add_argument("--overwrite", action="store_true", help="delete an existing store at --out and start again")
+    document_defaults(b, FLAGS, BuildConfig())
 
     i = sub.add_parser("inspect", help="what is in a store, how big, how good the teacher is")
     i.add_argument("store")
@@ -69,30 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace) -> BuildConfig:
     base = load_yaml(args.config) if args.config else {}
-    flags = {
-        "images": args.images, "manifest": args.manifest, "classes_file": args.classes_file, "out": args.out,
-        "on_bad_image": args.on_bad_image, "workers": args.workers, "device": args.device,
-        "teacher": {"id": args.teacher, "revision": args.revision, "dtype": args.dtype,
-                    "batch_size": args.batch_size, "prompt_template": args.prompt_template,
-                    "zeroshot": False if args.no_zeroshot else None},
-        "views": {"views": args.views, "seed": args.view_seed, "mix_prob": args.mix_prob},
-        "store": {"patch_grid": args.patch_grid, "image_size": args.image_size, "chunk_size": args.chunk_size,
-                  "compression": args.compression},
-        "probe": {"folds": args.folds, "val_fraction": args.val_fraction},
-    }
-    return from_dict(BuildConfig, merge(base, _drop_none(flags)))
-
-
-def _drop_none(d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            v = _drop_none(v)
-            if v:
-                out[k] = v
-        elif v is not None:
-            out[k] = v
-    return out
+    return from_dict(BuildConfig, merge(base, overrides(args, FLAGS)))
 
 
 def main(argv: list[str] | None = None) -> int:

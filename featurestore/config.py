@@ -205,3 +205,34 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def overrides(args: Any, table: dict[str, str]) -> dict[str, Any]:
+    """Nested overrides from parsed flags: table maps a flag's dest to a dotted config key."""
+    out: dict[str, Any] = {}
+    for dest, key in table.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def document_defaults(parser: Any, table: dict[str, str], defaults: Any) -> None:
+    """Append each flag's real default (from the config dataclass) to its --help text."""
+    for action in parser._actions:
+        key = table.get(action.dest)
+        if key is None:
+            continue
+        value = defaults
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        action.help = f"{action.help or ''} (default: {value})".strip()

@@ -142,6 +142,12 @@ def test_cli_help_explains_flags():
     assert r.returncode == 0
     for flag in ("--teacher", "--views", "--patch-grid", "--on-bad-image", "--classes", "--overwrite"):
         assert flag in r.stdout
+    text = " ".join(r.stdout.split())
+    assert "(view 0 is the whole image) (default: 8)" in text and "(default: google/medsiglip-448)" in text
+    assert "(default: None)" not in text
+    r = run_module("trainer", "fit", "--help")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "(default: shufflenet_v2_x1_0)" in text and "(default: 30)" in text
 
 
 def test_missing_store_is_a_clear_error(tmp_path, capsys):

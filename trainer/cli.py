@@ -6,7 +6,18 @@ import json
 import sys
 from pathlib import Path
 
-from featurestore.config import ConfigError, from_dict, load_yaml, merge
+from featurestore.config import ConfigError, document_defaults, from_dict, load_yaml, merge, overrides
+
+FLAGS = {  # flag dest -> run config key
+    "store": "store", "out": "out", "student": "student", "pretrained": "pretrained", "image_size": "image_size",
+    "head": "head", "seed": "seed", "mixed_precision": "mixed_precision", "cpu": "cpu",
+    "channels_last": "channels_last", "compile": "compile", "train_on_all": "train_on_all", "max_mb": "max_mb",
+    "ram_budget_gb": "ram_budget_gb", "onnx": "onnx",
+    "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
+    "warmup_epochs": "optim.warmup_epochs", "ema": "optim.ema",
+    "w_ce": "loss.ce", "w_kd": "loss.kd", "w_dist": "loss.dist", "w_pooled": "loss.pooled", "w_patches": "loss.patches",
+    "temperature": "loss.temperature", "label_smoothing": "loss.label_smoothing",
+}
 
 EPILOG = """examples:
   trainer fit --store stores/derm.zarr --out runs/shufflenet --student shufflenet_v2_x1_0 --epochs 30
@@ -23,18 +34,20 @@ def _parser() -> argparse.ArgumentParser:
                                 "(no teacher at training time), evaluate them as the grader does, export them.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fit", help="train a student from a store", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f = sub.add_parser("fit", help="train a student from a store", description="Train a student from a store "
+                       "(or --resume a run). Flags override --config; defaults shown are the built-in ones.")
     f.add_argument("--config", help="YAML run config (configs/students/*.yaml); flags override it")
     f.add_argument("--store", help="featurestore store (.zarr or .h5)")
     f.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, student.pt, plots)")
-    f.add_argument("--student", help="student name (see below)")
+    from trainer.students import available
+    f.add_argument("--student", help="one of " + ", ".join(available()))
     f.add_argument("--pretrained", action="store_true", default=None, help="start from ImageNet weights found locally")
     f.add_argument("--image-size", type=int, help="training resolution (the grader uses 224)")
     f.add_argument("--head", choices=["probe", "zeroshot"], help="teacher head whose logits KD follows")
-    f.add_argument("--epochs", type=int)
-    f.add_argument("--batch-size", type=int)
+    f.add_argument("--epochs", type=int, help="passes over the training images (one stored view each)")
+    f.add_argument("--batch-size", type=int, help="samples per step (per process)")
     f.add_argument("--lr", type=float, help="peak AdamW learning rate")
-    f.add_argument("--weight-decay", type=float)
+    f.add_argument("--weight-decay", type=float, help="AdamW weight decay (not on biases and norms)")
     f.add_argument("--warmup-epochs", type=float, help="linear warm-up length, then cosine decay")
     f.add_argument("--ema", type=float, help="EMA decay per step (0: off); the EMA weights are exported")
     f.add_argument("--temperature", type=float, help="KD/DIST temperature T")
@@ -43,11 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--w-dist", type=float, help="weight of the DIST loss")
     f.add_argument("--w-pooled", type=float, help="weight of the pooled-embedding cosine loss")
     f.add_argument("--w-patches", type=float, help="weight of the patch-grid cosine loss")
-    f.add_argument("--label-smoothing", type=float)
-    f.add_argument("--seed", type=int)
+    f.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy term")
+    f.add_argument("--seed", type=int, help="seed of the student's weights and of the data order")
     f.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast dtype (GPU)")
     f.add_argument("--cpu", action="store_true", default=None, help="train on the CPU even if a GPU is present")
-    f.add_argument("--channels-last", action="store_true", default=None)
+    f.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     f.add_argument("--compile", action="store_true", default=None, help="torch.compile the training model")
     f.add_argument("--train-on-all", action="store_true", default=None,
                    help="train on held-out images too (final model; no validation)")
@@ -55,22 +68,24 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--ram-budget-gb", type=float, help="keep stored images in RAM up to this size, else stream")
     f.add_argument("--onnx", action="store_true", default=None, help="also export student.onnx")
     f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    from trainer.config import FitConfig
+    document_defaults(f, FLAGS, FitConfig())
 
     e = sub.add_parser("eval", help="score a TorchScript model on an image folder exactly as the grader does")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="TorchScript .pt file (its sidecar .json is used if present)")
     e.add_argument("--images", required=True, help="ImageFolder root")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--save", help="also write the JSON report to this file")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
+    e.add_argument("--workers", type=int, default=2, help="decoding processes (default: 2)")
 
     x = sub.add_parser("export", help="export a run's best student again (TorchScript or ONNX)")
-    x.add_argument("--run", required=True)
-    x.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
-    x.add_argument("--max-mb", type=float, default=25.0)
+    x.add_argument("--run", required=True, help="a finished run directory")
+    x.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="(default: torchscript)")
+    x.add_argument("--max-mb", type=float, default=25.0, help="refuse a student.pt over this size (default: 25)")
 
     r = sub.add_parser("report", help="print a run's summary table")
-    r.add_argument("run")
+    r.add_argument("run", help="a finished run directory")
     r.add_argument("--eval", help="JSON written by `trainer eval --save`")
     return p
 
@@ -78,19 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 def fit_config(args: argparse.Namespace):
     from trainer.config import FitConfig
     base = load_yaml(args.config) if args.config else {}
-    flags = {
-        "store": args.store, "out": args.out, "student": args.student, "pretrained": args.pretrained,
-        "image_size": args.image_size, "head": args.head, "seed": args.seed, "mixed_precision": args.mixed_precision,
-        "cpu": args.cpu, "channels_last": args.channels_last, "compile": args.compile,
-        "train_on_all": args.train_on_all, "max_mb": args.max_mb, "ram_budget_gb": args.ram_budget_gb,
-        "onnx": args.onnx,
-        "optim": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                  "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "ema": args.ema},
-        "loss": {"ce": args.w_ce, "kd": args.w_kd, "dist": args.w_dist, "pooled": args.w_pooled,
-                 "patches": args.w_patches, "temperature": args.temperature, "label_smoothing": args.label_smoothing},
-    }
-    from featurestore.cli import _drop_none
-    return from_dict(FitConfig, merge(base, _drop_none(flags)))
+    return from_dict(FitConfig, merge(base, overrides(args, FLAGS)))
 
 
 def main(argv: list[str] | None = None) -> int:
