@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .config import BuildConfig, ConfigError, document_defaults, from_dict, load_yaml, merge, overrides
+from .config import BuildConfig, ConfigError, document_defaults, load_config
 
 FLAGS = {  # flag dest -> build config key
     "images": "images", "manifest": "manifest", "classes_file": "classes_file", "out": "out",
@@ -82,8 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> BuildConfig:
-    base = load_yaml(args.config) if args.config else {}
-    return from_dict(BuildConfig, merge(base, overrides(args, FLAGS)))
+    return load_config(BuildConfig, args.config, args, FLAGS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -236,3 +236,9 @@ def document_defaults(parser: Any, table: dict[str, str], defaults: Any) -> None
         if isinstance(value, tuple):
             value = list(value)
         action.help = f"{action.help or ''} (default: {value})".strip()
+
+
+def load_config(cls: type, config_path: str | None, args: Any, table: dict[str, str]) -> Any:
+    """YAML (if given), then the flags in `table` on top, into dataclass `cls` (unknown keys are errors)."""
+    base = load_yaml(config_path) if config_path else {}
+    return from_dict(cls, merge(base, overrides(args, table)))

@@ -110,7 +110,8 @@ def verify(store: Store) -> list[str]:
     folds = store.attrs["identity"]["probe"]["folds"]
     if split.min() < -1 or split.max() >= folds:
         problems.append(f"split values outside -1..{folds - 1}")
-    if len(store.ids()) != n or len(set(store.ids())) != n:
+    ids = store.ids()
+    if len(ids) != n or len(set(ids)) != n:
         problems.append("ids are missing or repeated")
     canon = views.canonical_params()
     float_fields = [f.name for f in store.fields() if f.dtype.startswith("float")]

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from featurestore.config import ConfigError, document_defaults, from_dict, load_yaml, merge, overrides
+from featurestore.config import ConfigError, document_defaults, load_config
 
 FLAGS = {  # flag dest -> run config key
     "store": "store", "out": "out", "student": "student", "pretrained": "pretrained", "image_size": "image_size",
@@ -92,8 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def fit_config(args: argparse.Namespace):
     from trainer.config import FitConfig
-    base = load_yaml(args.config) if args.config else {}
-    return from_dict(FitConfig, merge(base, overrides(args, FLAGS)))
+    return load_config(FitConfig, args.config, args, FLAGS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,6 +174,7 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
         elapsed = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]} | {f"train_{k}": v / seen for k, v in sums.items()}
         eval_student = ema.module if ema is not None else accelerator.unwrap_model(model).student
+        m = None
         if len(val_idx):
             m = evaluate_loader(eval_student, val_loader, data.classes)
             row |= {"val_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"]}
@@ -184,7 +185,7 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
         if accelerator.is_main_process:
             if is_best:
                 best = score if len(val_idx) else best
-                _save_atomic({"student": _cpu_state(eval_student), "epoch": epoch, "metrics": row},
+                _save_atomic({"student": _cpu_state(eval_student), "epoch": epoch, "metrics": row, "val": m},
                              out / "checkpoints" / "best.pt")
             _save_atomic({"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
@@ -197,11 +198,11 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
         _log(accelerator, msg + f"  {row['samples_per_s']:.0f} samples/s  {elapsed:.1f}s")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish(cfg, data, out, val_loader if len(val_idx) else None)
+        finish(cfg, data, out)
     return out
 
 
-def finish(cfg: FitConfig, data: StoreData, out: Path, val_loader: Loader | None) -> None:
+def finish(cfg: FitConfig, data: StoreData, out: Path) -> None:
     """Export the best student, write the summary and the pictures."""
     from trainer import export, plots
 
@@ -224,8 +225,8 @@ def finish(cfg: FitConfig, data: StoreData, out: Path, val_loader: Loader | None
                "seconds_per_epoch": float(np.median([h["epoch_seconds"] for h in history])),
                "samples_per_s": float(np.median([h["samples_per_s"] for h in history]))}
     plots.training_curves(history, out / "curves.png")
-    if val_loader is not None:
-        m = evaluate_loader(student, val_loader, data.classes)
+    m = best["val"]                       # validation of exactly these weights, from the epoch loop
+    if m is not None:
         summary |= {"val_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"]}
         plots.confusion(m, out / "confusion.png")
         plots.per_class_f1(m, out / "per_class_f1.png")
