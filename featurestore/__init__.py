@@ -1,1 +1,7 @@
-"""featurestore: run a vision teacher once over augmented views and store its outputs."""
+"""featurestore: run a vision teacher once over augmented views and store its outputs.
+
+Python API (same names and defaults as the CLI): build, plan, slim, inspect, verify, demo_data.
+"""
+from .api import build, demo_data, inspect, plan, slim, verify
+
+__all__ = ["build", "plan", "slim", "inspect", "verify", "demo_data"]

@@ -10,8 +10,10 @@ from typing import Any
 
 import yaml
 
+from .errors import KdstoreError
 
-class ConfigError(ValueError):
+
+class ConfigError(KdstoreError, ValueError):
     """A configuration file or flag is invalid; the message names the key and the problem."""
 
 
@@ -59,9 +61,12 @@ class ViewPolicy:
 class TeacherConfig:
     id: str = "google/medsiglip-448"            # hub id, local directory, or random:<arch>
     revision: str | None = None
-    dtype: str = "auto"                         # auto: bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"                         # auto: bfloat16 on GPUs with native support, float16 on
+                                                # older GPUs (compute capability < 8.0), float32 on CPU
     batch_size: int = 0                         # views per forward; 0: 64 on GPU, 16 on CPU
-    prompt_template: str = "{name}"             # zero-shot prompt; {name} is the class name
+    prompt_template: str = "{name}"             # zero-shot prompt of classes without prompts below;
+                                                # {name} is the class name without numbers and counts
+    prompts: dict[str, list[str]] = field(default_factory=dict)   # class -> prompts, embeddings averaged
     zeroshot: bool = True                       # use the text tower when the model has one
 
     def validate(self) -> None:
@@ -71,6 +76,9 @@ class TeacherConfig:
             raise ConfigError(f"teacher.batch_size must be >= 0, got {self.batch_size}")
         if "{name}" not in self.prompt_template:
             raise ConfigError(f"teacher.prompt_template must contain {{name}}, got {self.prompt_template!r}")
+        for name, texts in self.prompts.items():
+            if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise ConfigError(f"teacher.prompts[{name!r}] must be a non-empty list of prompts")
 
 
 @dataclass
@@ -79,6 +87,8 @@ class StoreLayout:
     chunk_size: int = 64                        # images per chunk (and per Zarr shard)
     compression: str = "default"                # zarr: none|zstd|blosc, hdf5: none|gzip|lzf
     patch_grid: int = 0                         # g: patch tokens pooled to g x g; 0 stores none
+    patch_dim: int = 0                          # d: patch tokens reduced to d dims by PCA; 0 keeps D
+    pca_images: int = 128                       # images whose patch tokens fit the PCA basis
 
     def validate(self) -> None:
         if self.image_size < 8:
@@ -89,6 +99,10 @@ class StoreLayout:
             raise ConfigError(f"store.compression unknown: {self.compression!r}")
         if self.patch_grid < 0:
             raise ConfigError(f"store.patch_grid must be >= 0, got {self.patch_grid}")
+        if self.patch_dim < 0 or (self.patch_dim and not self.patch_grid):
+            raise ConfigError(f"store.patch_dim needs a patch grid and must be >= 0, got {self.patch_dim}")
+        if self.pca_images < 1:
+            raise ConfigError(f"store.pca_images must be >= 1, got {self.pca_images}")
 
 
 @dataclass
@@ -96,7 +110,8 @@ class ProbeConfig:
     folds: int = 5                              # cross-fitting folds over the training images
     val_fraction: float = 0.1                   # held out per class, split = -1
     c: float = 1.0                              # inverse L2 strength of the logistic regression
-    max_rows: int = 200_000                     # embeddings used to fit (views 0.. per image)
+    max_rows: int = 50_000                      # embeddings used to fit (views 0.. per image); bounds
+                                                # the heads phase's memory: max_rows x D x 4 bytes
     seed: int = 0                               # split and store order
 
     def validate(self) -> None:
@@ -111,7 +126,8 @@ class ProbeConfig:
 @dataclass
 class BuildConfig:
     images: str | None = None                   # ImageFolder root (or root for manifest paths)
-    manifest: str | None = None                 # CSV with columns path,label
+    manifest: str | None = None                 # CSV with columns path,label (empty label: unlabelled)
+    unlabeled: str | None = None                # any tree of images without labels (teacher terms only)
     classes_file: str | None = None             # one class name per line, in index order
     out: str | None = None
     views: ViewPolicy = field(default_factory=ViewPolicy)
@@ -139,7 +155,7 @@ class BuildConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that decide the store's content; a resumed build must match them."""
         d = to_dict(self)
-        for key in ("out", "workers", "device", "images", "manifest"):
+        for key in ("out", "workers", "device", "images", "manifest", "unlabeled"):
             d.pop(key)
         d["teacher"].pop("batch_size")
         return d
@@ -173,6 +189,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value or {}, where + ".")
     origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {str(k): [v] if isinstance(v, str) else list(v or []) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise ConfigError(f"{where} must be a list of {len(typing.get_args(hint))} numbers, got {value!r}")
@@ -194,6 +214,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+def config_diff(old, new, prefix=""):
+    """'key: stored X, now Y' for every setting that differs, nested keys dotted."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: stored {a!r}, now {b!r}")
+    return out
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -231,11 +263,21 @@ def document_defaults(parser: Any, table: dict[str, str], defaults: Any) -> None
         value = defaults
         for part in key.split("."):
             value = getattr(value, part)
-        if value is None:
-            continue
+        if value is None or action.nargs == 0 or isinstance(value, (bool, dict)):
+            continue                      # switches and files say in their own help what the default does
         if isinstance(value, tuple):
             value = list(value)
         action.help = f"{action.help or ''} (default: {value})".strip()
+
+
+def load_prompts(path: str | Path) -> dict[str, list[str]]:
+    """A YAML file mapping class name -> prompt or list of prompts."""
+    data = load_yaml(path)
+    out = _coerce(dict[str, list[str]], data, f"{path}")
+    for name, texts in out.items():
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ConfigError(f"{path}: class {name!r} needs a non-empty list of prompts")
+    return out
 
 
 def load_config(cls: type, config_path: str | None, args: Any, table: dict[str, str]) -> Any:

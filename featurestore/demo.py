@@ -54,17 +54,23 @@ def make_image(class_index: int, rng: np.random.Generator, sizes: tuple[int, int
     return img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
 
 
-def write_demo_data(out: str | Path, per_class: int = 40, seed: int = 0, sizes: tuple[int, int] = (96, 320)) -> Path:
-    """per_class images of each class, sides drawn from `sizes` (the reference photos are 300..1000)."""
+def write_demo_data(out: str | Path, per_class: int = 40, seed: int = 0, sizes: tuple[int, int] = (96, 320),
+                    flat: bool = False) -> Path:
+    """per_class images of each class, sides drawn from `sizes` (the reference photos are 300..1000).
+
+    flat: all images in one folder under shuffled names, as unlabelled images arrive.
+    """
     out = Path(out)
+    names = np.random.default_rng([seed, 99]).permutation(10 * per_class)
     for c, name in enumerate(REFERENCE_CLASSES):
-        folder = out / name
+        folder = out if flat else out / name
         folder.mkdir(parents=True, exist_ok=True)
         for j in range(per_class):
             rng = np.random.default_rng([seed, c, j])
             img = make_image(c, rng, sizes)
+            stem = f"img_{names[c * per_class + j]:05d}" if flat else f"img_{j:04d}"
             if j % 3 == 2:
-                img.save(folder / f"img_{j:04d}.png")
+                img.save(folder / f"{stem}.png")
             else:
-                img.save(folder / f"img_{j:04d}.jpg", quality=90)
+                img.save(folder / f"{stem}.jpg", quality=90)
     return out

@@ -2,8 +2,9 @@
 
 probe: multinomial logistic regression on L2-normalised pooled embeddings, cross-fitted. Images of
 fold f are scored by the probe fitted on the other folds, so training-set logits are as honest as
-held-out ones; held-out images (split -1) are scored by the probe fitted on all folds. Each probe
-is stored as (W, b) acting on the L2-normalised embedding: logits = W @ normalize(e) + b.
+held-out ones; held-out and unlabelled images (split < 0) are scored by the probe fitted on all
+folds. Only labelled training images ever reach a fit. Each probe is stored as (W, b) acting on the
+L2-normalised embedding: logits = W @ normalize(e) + b.
 """
 from __future__ import annotations
 
@@ -16,12 +17,29 @@ from sklearn.preprocessing import StandardScaler
 
 
 @dataclass
+class Probes:
+    fold_weight: np.ndarray     # (F, C, D): the probe that scores fold f
+    fold_bias: np.ndarray       # (F, C)
+    weight: np.ndarray          # (C, D): probe on all training folds, scores split < 0
+    bias: np.ndarray            # (C,)
+
+    def score(self, pooled: np.ndarray, split: np.ndarray) -> np.ndarray:
+        """pooled (n, K, D) raw, split (n,) -> logits (n, K, C) from each image's own probe."""
+        out = np.empty(pooled.shape[:2] + (self.weight.shape[0],), np.float32)
+        for f in np.unique(split):
+            m = split == f
+            w, b = (self.fold_weight[f], self.fold_bias[f]) if f >= 0 else (self.weight, self.bias)
+            out[m] = apply_linear(pooled[m], w, b)
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"weight": self.weight, "bias": self.bias, "fold_weight": self.fold_weight, "fold_bias": self.fold_bias}
+
+
+@dataclass
 class ProbeResult:
     logits: np.ndarray          # (N, K, C) float32, cross-fitted
-    fold_weight: np.ndarray     # (F, C, D): probe that scores fold f
-    fold_bias: np.ndarray       # (F, C)
-    weight: np.ndarray          # (C, D): probe on all training folds, scores held-out images
-    bias: np.ndarray            # (C,)
+    probes: Probes
     metrics: dict
 
 
@@ -53,38 +71,46 @@ def apply_linear(emb: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (l2_normalize(emb) @ w.T + b).astype(np.float32)
 
 
-def _rows(pooled: np.ndarray, labels: np.ndarray, idx: np.ndarray, max_rows: int):
-    """Training rows: views 0..m-1 of each image in idx, m chosen to stay under max_rows."""
-    k = pooled.shape[1]
-    m = max(1, min(k, max_rows // max(len(idx), 1)))
-    x = l2_normalize(pooled[idx, :m].reshape(-1, pooled.shape[-1]))
-    y = np.repeat(labels[idx], m)
-    return x, y
+def views_per_row(num_train: int, k: int, max_rows: int) -> int:
+    """m: views 0..m-1 of each training image are fitting rows, so that rows <= max_rows."""
+    return max(1, min(k, max_rows // max(num_train, 1)))
+
+
+def fit_probes(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, folds: list[int], num_classes: int,
+               c: float = 1.0, seed: int = 0) -> Probes:
+    """x (rows, D) normalised fitting rows of labelled training images, y (rows,), row_fold (rows,)."""
+    d = x.shape[1]
+    fold_w = np.zeros((max(folds, default=-1) + 1, num_classes, d), dtype=np.float32)
+    fold_b = np.zeros((len(fold_w), num_classes), dtype=np.float32)
+    for f in folds:
+        keep = row_fold != f
+        fold_w[f], fold_b[f] = fit_linear(x[keep], y[keep], num_classes, c, seed)
+    w, b = fit_linear(x, y, num_classes, c, seed)
+    return Probes(fold_w, fold_b, w, b)
+
+
+def probe_metrics(labels: np.ndarray, split: np.ndarray, view0_logits: np.ndarray, num_classes: int,
+                  c: float, folds: int) -> dict:
+    """Cross-validated (training folds) and held-out metrics on the canonical view; unlabelled excluded."""
+    metrics = {"c": c, "folds": folds}
+    train, held = split >= 0, (split == -1) & (labels >= 0)
+    pred = view0_logits.argmax(-1)
+    metrics |= _metrics("cv", labels[train], pred[train], num_classes)
+    if held.any():
+        metrics |= _metrics("val", labels[held], pred[held], num_classes)
+    return metrics
 
 
 def cross_fit_probe(pooled: np.ndarray, labels: np.ndarray, split: np.ndarray, num_classes: int,
                     c: float = 1.0, max_rows: int = 200_000, seed: int = 0) -> ProbeResult:
-    """pooled (N, K, D) float; labels (N,); split (N,) fold 0..F-1 or -1 for held-out."""
+    """In memory: pooled (N, K, D); labels (N,); split (N,) fold 0..F-1, or < 0 (never fitted on)."""
     folds = sorted(int(f) for f in np.unique(split) if f >= 0)
-    n, k, d = pooled.shape
-    logits = np.zeros((n, k, num_classes), dtype=np.float32)
-    fold_w = np.zeros((len(folds), num_classes, d), dtype=np.float32)
-    fold_b = np.zeros((len(folds), num_classes), dtype=np.float32)
     train = np.flatnonzero(split >= 0)
-    for f in folds:
-        fit_idx = np.flatnonzero((split >= 0) & (split != f))
-        w, b = fit_linear(*_rows(pooled, labels, fit_idx, max_rows), num_classes, c, seed)
-        fold_w[f], fold_b[f] = w, b
-        scored = np.flatnonzero(split == f)
-        logits[scored] = apply_linear(pooled[scored], w, b)
-    w, b = fit_linear(*_rows(pooled, labels, train, max_rows), num_classes, c, seed)
-    held = np.flatnonzero(split < 0)
-    logits[held] = apply_linear(pooled[held], w, b)
-    metrics = {"c": c, "folds": len(folds)}
-    metrics |= _metrics("cv", labels[train], logits[train, 0].argmax(-1), num_classes)
-    if len(held):
-        metrics |= _metrics("val", labels[held], logits[held, 0].argmax(-1), num_classes)
-    return ProbeResult(logits, fold_w, fold_b, w, b, metrics)
+    m = views_per_row(len(train), pooled.shape[1], max_rows)
+    x = l2_normalize(pooled[train, :m].reshape(-1, pooled.shape[-1]))
+    probes = fit_probes(x, np.repeat(labels[train], m), np.repeat(split[train], m), folds, num_classes, c, seed)
+    logits = probes.score(pooled, split)
+    return ProbeResult(logits, probes, probe_metrics(labels, split, logits[:, 0], num_classes, c, len(folds)))
 
 
 def _metrics(prefix: str, y: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
@@ -93,6 +119,7 @@ def _metrics(prefix: str, y: np.ndarray, pred: np.ndarray, num_classes: int) -> 
             f"{prefix}_accuracy": float(accuracy_score(y, pred))}
 
 
-def zeroshot_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    """Zero-shot head quality on the canonical view of every image."""
-    return _metrics("zeroshot", labels, logits[:, 0].argmax(-1), num_classes)
+def zeroshot_metrics(view0_logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Zero-shot head quality on the canonical view of every labelled image."""
+    m = labels >= 0
+    return _metrics("zeroshot", labels[m], view0_logits[m].argmax(-1), num_classes)

@@ -1,12 +1,11 @@
-"""`inspect` (what is in a store, how big, how good the teacher is) and `verify` (is it whole)."""
+"""`inspect`: what is in a store, how big, how good the teacher is."""
 from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
-
-from . import views
 from .store import Store
+
+SHOW_SKIPPED = 20
 
 
 def summarize(store: Store) -> dict:
@@ -19,7 +18,7 @@ def summarize(store: Store) -> dict:
         stored = store.stored_bytes(f.name)
         total += stored
         per_view_bytes += stored if f.per_view else 0
-        field_rows.append({"name": f.name, "shape": list(arr.shape), "dtype": str(arr.dtype),
+        field_rows.append({"name": f.name, "shape": list(arr.shape), "dtype": f.dtype,
                            "stored_bytes": stored, "bytes_per_view": stored / max(n * k, 1)})
     skipped = a["report"]["skipped"]
     reasons = Counter(_reason_kind(s["reason"]) for s in skipped)
@@ -31,18 +30,20 @@ def summarize(store: Store) -> dict:
         "num_images": n, "views_per_image": k, "image_size": a["image_size"], "chunk_size": a["chunk_size"],
         "classes": store.classes,
         "class_counts": [{"index": i, "name": c, "train": int(((labels == i) & (split >= 0)).sum()),
-                          "heldout": int(((labels == i) & (split < 0)).sum())} for i, c in enumerate(store.classes)],
+                          "heldout": int(((labels == i) & (split == -1)).sum())} for i, c in enumerate(store.classes)],
+        "unlabeled": int((labels < 0).sum()),
         "teacher": {"id": a["teacher"]["id"], "weights": a["teacher"]["weights"],
                     "revision": a["teacher"]["revision"], "dtype": a["teacher"]["dtype"],
                     "image_size": a["teacher"]["image_size"], "embed_dim": a["embed_dim"]},
-        "heads": store.heads(), "patch_grid": a["patch_grid"],
+        "heads": store.heads(), "patch_grid": a["patch_grid"], "patch_dim": a.get("patch_dim"),
+        "patch_variance_kept": a.get("patch_variance_kept"), "dropped": a.get("dropped", []),
         "fields": field_rows,
         "bytes_per_view": per_view_bytes / max(n * k, 1),
         "bytes_per_view_with_images": total / max(n * k, 1),
         "total_bytes": total,
         "files_found": a["report"]["files_found"],
         "skipped": {"count": len(skipped), "reasons": dict(reasons), "files": skipped},
-        "converted": a["report"]["converted"],
+        "converted": a["report"]["converted"], "notes": a["report"].get("notes", []),
         "probe": metrics.get("probe", {}),
         "zeroshot": metrics.get("zeroshot", {}),
         "view_policy": a["view_policy"], "created": a["created"], "git_sha": a["git_sha"],
@@ -70,11 +71,27 @@ def format_summary(s: dict) -> str:
     ]
     if s["skipped"]["count"]:
         lines.append("skipped    " + ", ".join(f"{r}: {c}" for r, c in sorted(s["skipped"]["reasons"].items())))
+        files = s["skipped"]["files"]
+        lines += [f"           {f['id']}: {f['reason']}" for f in files[:SHOW_SKIPPED]]
+        if len(files) > SHOW_SKIPPED:
+            lines.append(f"           ... and {len(files) - SHOW_SKIPPED} more (inspect --json lists them all)")
     if s["converted"]:
         lines.append("converted  " + ", ".join(f"{r}: {c}" for r, c in sorted(s["converted"].items())))
+    for note in s["notes"][:SHOW_SKIPPED]:
+        lines.append(f"note       {note['id']}: {note['note']}")
     lines.append("classes    index  train  held-out  name")
     for row in s["class_counts"]:
         lines.append(f"           {row['index']:>5}  {row['train']:>5}  {row['heldout']:>8}  {row['name']}")
+    if s["unlabeled"]:
+        lines.append(f"           {s['unlabeled']} unlabelled images (teacher terms only)")
+    if s["patch_grid"]:
+        line = f"patches    {s['patch_grid']}x{s['patch_grid']} grid, {s['patch_dim']} dims"
+        if s["patch_variance_kept"] is not None and s["patch_dim"] != s["teacher"]["embed_dim"]:
+            line += (f" (PCA of {s['teacher']['embed_dim']}; the basis keeps {100 * s['patch_variance_kept']:.1f}% "
+                     "of the patch-token variance)")
+        lines.append(line)
+    if s["dropped"]:
+        lines.append("slim       dropped " + ", ".join(s["dropped"]))
     lines.append("fields     name                         shape                      dtype     MB      B/view")
     for f in s["fields"]:
         lines.append(f"           {f['name']:<28} {str(tuple(f['shape'])):<26} {f['dtype']:<8} "
@@ -92,49 +109,3 @@ def format_summary(s: dict) -> str:
     if z:
         lines.append(f"zero-shot  macro-F1 {z['zeroshot_macro_f1']:.3f}, accuracy {z['zeroshot_accuracy']:.3f}")
     return "\n".join(lines)
-
-
-def verify(store: Store) -> list[str]:
-    """Every problem found, as sentences; an empty list means the store is whole."""
-    problems = []
-    done = store.done()
-    if not done.all():
-        problems.append(f"{int((~done).sum())} of {len(done)} chunks are not done: "
-                        f"{np.flatnonzero(~done)[:10].tolist()}")
-    if not store.complete:
-        problems.append("the heads were not fitted (build did not finish)")
-    c, n = len(store.classes), store.num_images
-    labels, split = store.read("labels"), store.read("split")
-    if labels.min() < 0 or labels.max() >= c:
-        problems.append(f"labels outside 0..{c - 1}")
-    folds = store.attrs["identity"]["probe"]["folds"]
-    if split.min() < -1 or split.max() >= folds:
-        problems.append(f"split values outside -1..{folds - 1}")
-    ids = store.ids()
-    if len(ids) != n or len(set(ids)) != n:
-        problems.append("ids are missing or repeated")
-    canon = views.canonical_params()
-    float_fields = [f.name for f in store.fields() if f.dtype.startswith("float")]
-    for chunk in range(store.num_chunks):
-        if not done[chunk]:
-            continue
-        a, b = store.chunk_range(chunk)
-        for name in float_fields:
-            if name == "teacher/logits/probe" and not store.complete:
-                continue
-            x = store.read(name, a, b)
-            if not np.isfinite(x).all():
-                problems.append(f"{name}: non-finite values in images {a}..{b - 1}")
-        params = store.read("views/params", a, b)
-        if not np.allclose(params[:, 0], canon):
-            problems.append(f"views/params: view 0 is not canonical in images {a}..{b - 1}")
-        box = params[..., :4]
-        if (box < 0).any() or (box > 1).any() or (box[..., 2] <= box[..., 0]).any() or (box[..., 3] <= box[..., 1]).any():
-            problems.append(f"views/params: invalid crop boxes in images {a}..{b - 1}")
-        partner = params[..., views.COL["mix_partner"]]
-        if ((partner >= 0) & ((partner < a) | (partner >= b))).any():
-            problems.append(f"views/params: mix partners outside their chunk in images {a}..{b - 1}")
-        pooled = store.read("teacher/pooled", a, b)
-        if (np.abs(pooled).sum(-1) == 0).any():
-            problems.append(f"teacher/pooled: all-zero embeddings (never written) in images {a}..{b - 1}")
-    return problems

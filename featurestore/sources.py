@@ -1,4 +1,5 @@
-"""Image sources: an ImageFolder tree or a CSV manifest, the class order, and safe decoding.
+"""Image sources: an ImageFolder tree or a CSV manifest (plus unlabelled images), the class order,
+and safe decoding.
 
 Decoding turns every readable file into an RGB uint8 array the same way (EXIF orientation
 applied, CMYK/palette/16-bit/alpha converted, alpha composited on white as transformers does)
@@ -16,12 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import KdstoreError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+UNLABELED_PREFIX = "unlabeled:"     # ids of unlabelled images: this prefix + path relative to their root
+EXTREME_ASPECT = 4.0                # longer / shorter side above this is noted in the build report
 
 
-class DatasetError(ValueError):
+class DatasetError(KdstoreError, ValueError):
     """A dataset-level problem found before any teacher work."""
 
 
@@ -37,7 +43,7 @@ class BadImage(Exception):
 class Source:
     path: str       # absolute path
     rel: str        # path relative to the image root, stored as the image id
-    label: int
+    label: int      # class index, or -1 for an unlabelled image
 
 
 @dataclass
@@ -60,14 +66,45 @@ def read_classes_file(path: str | Path) -> list[str]:
     return names
 
 
-def discover(images: str | None, manifest: str | None = None, classes_file: str | None = None) -> Listing:
-    """List the labelled images; the class order is sorted() of the names unless a file sets it."""
+def discover(images: str | None, manifest: str | None = None, classes_file: str | None = None,
+             unlabeled: str | None = None) -> Listing:
+    """List the images; the class order is sorted() of the names unless a file sets it.
+
+    `unlabeled` is any tree of images without classes; they come after the labelled ones with label -1.
+    """
     explicit = read_classes_file(classes_file) if classes_file else None
     if manifest:
-        return _from_manifest(Path(manifest), Path(images) if images else None, explicit)
-    if images is None:
+        listing = _from_manifest(Path(manifest), Path(images) if images else None, explicit)
+    elif images is None:
         raise DatasetError("no image source given")
-    return _from_folder(Path(images), explicit)
+    else:
+        listing = _from_folder(Path(images), explicit)
+    if unlabeled:
+        extra, ignored = _unlabeled_tree(Path(unlabeled))
+        listing.sources.extend(extra)
+        listing.ignored.extend(ignored)
+    return listing
+
+
+def _image_files(root: Path, rel_to: Path, prefix: str = "") -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """(path, id) of every image file below root, and (id, reason) of the other files."""
+    found, ignored = [], []
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        rel = prefix + p.relative_to(rel_to).as_posix()
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            ignored.append((rel, f"not an image file extension ({p.suffix or 'none'})"))
+        else:
+            found.append((p, rel))
+    return found, ignored
+
+
+def _unlabeled_tree(root: Path) -> tuple[list[Source], list[tuple[str, str]]]:
+    if not root.is_dir():
+        raise DatasetError(f"unlabelled image folder not found: {root}")
+    found, ignored = _image_files(root, root, UNLABELED_PREFIX)
+    if not found:
+        raise DatasetError(f"{root} holds no image files (--unlabeled takes any tree of images)")
+    return [Source(str(p.resolve()), rel, -1) for p, rel in found], ignored
 
 
 def _from_folder(root: Path, explicit: list[str] | None) -> Listing:
@@ -86,16 +123,10 @@ def _from_folder(root: Path, explicit: list[str] | None) -> Listing:
         classes = explicit
     sources, ignored = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file())
-        found = 0
-        for p in files:
-            rel = p.relative_to(root).as_posix()
-            if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
-                ignored.append((rel, f"not an image file extension ({p.suffix or 'none'})"))
-                continue
-            sources.append(Source(str(p.resolve()), rel, label))
-            found += 1
-        if found == 0:
+        found, skipped = _image_files(root / name, root)
+        ignored += skipped
+        sources += [Source(str(p.resolve()), rel, label) for p, rel in found]
+        if not found:
             raise DatasetError(f"class folder {root / name} holds no image files")
     return Listing(classes, sources, ignored)
 
@@ -111,11 +142,17 @@ def _from_manifest(path: Path, root: Path | None, explicit: list[str] | None) ->
         rows = [(line, r["path"], r["label"]) for line, r in enumerate(reader, start=2)]
     if not rows:
         raise DatasetError(f"{path}: no rows")
-    names = sorted({label for _, _, label in rows})
+    names = sorted({label for _, _, label in rows if label.strip()})
     classes = explicit if explicit is not None else names
+    if not classes:
+        raise DatasetError(f"{path}: no row has a label; at least one labelled image per class is needed")
     index = {n: i for i, n in enumerate(classes)}
     sources = []
     for line, rel, label in rows:
+        if not label.strip():                      # an empty label: an unlabelled image
+            p = Path(rel) if Path(rel).is_absolute() else base / rel
+            sources.append(Source(str(p.resolve()), UNLABELED_PREFIX + rel, -1))
+            continue
         if label not in index:
             raise DatasetError(f"{path}:{line}: unknown label {label!r} (classes: {classes})")
         p = Path(rel) if Path(rel).is_absolute() else base / rel
@@ -127,8 +164,14 @@ def _from_manifest(path: Path, root: Path | None, explicit: list[str] | None) ->
 
 
 def class_display_name(folder: str) -> str:
-    """'4. Basal Cell Carcinoma (BCC)' -> 'Basal Cell Carcinoma (BCC)' for zero-shot prompts."""
-    return re.sub(r"^\s*\d+\s*[.)_-]\s*", "", folder).strip() or folder
+    """The class as a person would name it in a prompt: leading numbers and trailing image counts go.
+
+    '4. Basal Cell Carcinoma (BCC)' -> 'Basal Cell Carcinoma (BCC)', '1. Eczema 1677' -> 'Eczema',
+    '5. Melanocytic Nevi (NV) - 7970' -> 'Melanocytic Nevi (NV)', '2. Melanoma 15.75k' -> 'Melanoma'.
+    """
+    name = re.sub(r"^\s*\d+\s*[.)_-]\s*", "", folder)
+    name = re.sub(r"\s*(?:[-_:]\s*)?\d+(?:[.,]\d+)?\s*[kKmM]?\s*$", "", name)
+    return name.strip(" -_") or folder.strip()
 
 
 @dataclass
@@ -178,6 +221,8 @@ def decode(path: str, min_side: int = 8, max_pixels: int = 200_000_000, max_side
     img = _to_rgb(img, notes)
     if min(img.size) < min_side:
         raise BadImage(f"too small ({img.size[0]}x{img.size[1]}, minimum side {min_side})")
+    if max(img.size) > EXTREME_ASPECT * min(img.size):
+        notes.append(f"extreme aspect {img.size[0]}x{img.size[1]} squashed to a square")
     if max_side and max(img.size) > max_side:
         scale = max_side / max(img.size)
         img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))),
@@ -231,3 +276,28 @@ def file_fingerprint(sources: list[Source]) -> str:
             size = -1
         h.update(f"{s.rel}\t{s.label}\t{size}\n".encode())
     return h.hexdigest()
+
+
+class DecodeSet:
+    """Decodes store images [i] from their files: the original (for the teacher) and S x S.
+
+    A file that became unreadable or changed since the scan gives (i, None, None, reason): the
+    reason travels to the main process as a value, where it becomes one DatasetError.
+    """
+
+    def __init__(self, items: list[tuple[int, str, str]], size: int, max_side: int, min_side: int, max_pixels: int):
+        self.items, self.size, self.max_side = items, size, max_side
+        self.min_side, self.max_pixels = min_side, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j):
+        i, path, sha = self.items[j]
+        try:
+            d = decode(path, self.min_side, self.max_pixels, self.max_side)
+        except BadImage as e:
+            return i, None, None, f"{path} became unreadable during the build: {e.reason}"
+        if d.sha256 != sha:
+            return i, None, None, f"{path} changed since the build started (sha256 differs); rebuild the store"
+        return i, torch.from_numpy(d.rgb).permute(2, 0, 1).contiguous(), torch.from_numpy(squash(d.rgb, self.size)), ""

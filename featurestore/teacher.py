@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import views
+from . import devices, views
+from .errors import KdstoreError
 
 RANDOM_ARCHS = {
     # vision and text towers share width; sizes follow the published configs
@@ -25,7 +26,7 @@ RANDOM_ARCHS = {
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "bicubic", 4: "bilinear", 5: "bicubic"}
 
 
-class TeacherError(RuntimeError):
+class TeacherError(KdstoreError, RuntimeError):
     """The teacher could not be loaded; the message says why and what to do."""
 
 
@@ -76,19 +77,30 @@ class Teacher:
             side = math.isqrt(t)
             grid = tokens.transpose(1, 2).reshape(b, d, side, side)          # (B, D, h, w)
             patches = F.adaptive_avg_pool2d(grid, patch_grid).permute(0, 2, 3, 1)  # (B, g, g, D)
+        if self.dtype == torch.float16 and not (torch.isfinite(pooled).all() and
+                                                (patches is None or torch.isfinite(patches).all())):
+            raise TeacherError(f"the teacher's outputs overflow float16 on {self.device}; this model needs "
+                               "--dtype float32 (or bfloat16 on a GPU that supports it)")
         return pooled, patches
 
     @torch.inference_mode()
-    def text_head(self, prompts: list[str]):
-        """Normalised prompt embeddings (C, D), logit_scale, logit_bias (as SiglipModel uses them)."""
+    def text_head(self, prompts: list[list[str]]):
+        """Class embeddings (C, D), logit_scale, logit_bias, as SiglipModel uses them.
+
+        Each class's prompts are embedded and L2-normalised, averaged, and normalised again, so
+        logits = exp(logit_scale) * cos(image, class) + logit_bias; one prompt gives SiglipModel's own.
+        """
         if not self.info.has_text:
             raise TeacherError("this teacher has no text tower; the zero-shot head needs a SiglipModel")
         max_len = self.model.config.text_config.max_position_embeddings
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len,
-                             return_tensors="pt")
+        flat = [p for group in prompts for p in group]
+        tok = self.tokenizer(flat, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
         text = self.model.text_model(input_ids=tok["input_ids"].to(self.device)).pooler_output.float()
-        text = F.normalize(text, dim=-1)
-        return text, float(self.model.logit_scale.float()), float(self.model.logit_bias.float())
+        text = F.normalize(text, dim=-1)                                     # (sum of prompts, D)
+        owner = torch.tensor([c for c, group in enumerate(prompts) for _ in group], device=text.device)
+        classes = torch.zeros(len(prompts), text.shape[-1], device=text.device).index_add_(0, owner, text)
+        return (F.normalize(classes, dim=-1), float(self.model.logit_scale.float()),
+                float(self.model.logit_bias.float()))
 
     def render(self, sources, index, params, partner_index=None):
         """Render views at the teacher's input size with its resize method, on the teacher's device."""
@@ -100,23 +112,9 @@ def zeroshot_logits(pooled: torch.Tensor, text: torch.Tensor, scale: float, bias
     return F.normalize(pooled.float(), dim=-1) @ text.T * math.exp(scale) + bias
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))   # one GPU per rank
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def load_teacher(spec: str, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> Teacher:
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dev = devices.pick_device(device)
+    dt = devices.teacher_dtype(dtype, devices.caps_of(dev))
     if spec.startswith("random:"):
         model, pre, tokenizer, rev, weights = _random_teacher(spec.split(":", 1)[1])
     else:
@@ -132,6 +130,40 @@ def load_teacher(spec: str, revision: str | None = None, device: str = "auto", d
         extra={"layers": vcfg.num_hidden_layers, "patch_size": vcfg.patch_size,
                "attn_implementation": getattr(model.config, "_attn_implementation", None)})
     return Teacher(model, pre, info, tokenizer, dev, dt)
+
+
+def vision_config(spec: str, revision: str | None = None):
+    """The vision tower's config of a teacher spec, without loading weights (config.json only)."""
+    if spec.startswith("random:"):
+        return random_config(spec.split(":", 1)[1]).vision_config
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(spec, revision=revision)
+    except Exception as e:  # noqa: BLE001 - hub and file errors become one actionable message
+        raise TeacherError(_access_message(spec, e)) from None
+    return getattr(config, "vision_config", config)
+
+
+def flops_per_view(vcfg) -> float:
+    """FLOPs of one view through the vision tower, counted by torch's FlopCounterMode on the meta device,
+    with attention written out as matrix products (eager), so that every product is counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import SiglipVisionModel
+    vcfg = eager(vcfg)
+    with torch.device("meta"):
+        model = SiglipVisionModel(vcfg)
+    size = vcfg.image_size
+    with FlopCounterMode(display=False) as counter:
+        model(pixel_values=torch.zeros(1, 3, size, size, device="meta"))
+    return float(counter.get_total_flops())
+
+
+def eager(config):
+    """A copy of a config whose attention is written out as matrix products."""
+    import copy
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"
+    return config
 
 
 def random_config(arch: str):

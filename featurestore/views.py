@@ -6,7 +6,9 @@ crop + resize (antialiased) -> hflip -> vflip -> rot90 -> colour -> mix. The cro
 normalised [0, 1] coordinates, so the teacher rendering at 448 px from the original file and the
 student rendering at 224 px from the stored S x S image see the same region.
 
-Mixing partners are images of the same chunk, so whoever holds a chunk can render all its views.
+Mixing partners are images of the same store chunk and the same group (labelled training,
+held-out, unlabelled), so whoever holds a chunk can render all its views, a held-out image never
+leaks into a training view, and a mixed labelled view always has two labels.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
+from .devices import caps_of
 
 PARAM_NAMES = (
     "y0", "x0", "y1", "x1",                 # crop box, normalised
@@ -38,8 +42,8 @@ def canonical_params() -> np.ndarray:
     return p
 
 
-def sample_view(policy, i: int, k: int, chunk: tuple[int, int]) -> np.ndarray:
-    """Params (P,) of view k of image i; `chunk` = (start, stop) of the chunk holding image i."""
+def sample_view(policy, i: int, k: int, partners: np.ndarray) -> np.ndarray:
+    """Params (P,) of view k of image i; `partners` are the images it may mix with (sorted, not i)."""
     p = canonical_params()
     if k == 0:
         return p
@@ -52,10 +56,8 @@ def sample_view(policy, i: int, k: int, chunk: tuple[int, int]) -> np.ndarray:
         s = getattr(policy, name)
         p[COL[name]] = rng.uniform(1 - s, 1 + s)
     p[COL["hue"]] = rng.uniform(-policy.hue, policy.hue)
-    start, stop = chunk
-    if stop - start > 1 and rng.random() < policy.mix_prob:
-        j = start + int(rng.integers(0, stop - start - 1))
-        p[COL["mix_partner"]] = j + (j >= i)            # any other image of the chunk
+    if len(partners) and rng.random() < policy.mix_prob:
+        p[COL["mix_partner"]] = partners[int(rng.integers(0, len(partners)))]
         lam = float(rng.beta(policy.mixup_alpha, policy.mixup_alpha))
         if rng.random() < policy.cutmix_share:
             y0, y1, x0, x1 = _cut_box(rng.random(), rng.random(), lam)
@@ -68,14 +70,16 @@ def sample_view(policy, i: int, k: int, chunk: tuple[int, int]) -> np.ndarray:
     return p
 
 
-def sample_params(policy, start: int, stop: int, chunk_size: int, num_images: int) -> np.ndarray:
-    """Params (stop-start, K, P) for images [start, stop) of a store of num_images."""
+def sample_params(policy, start: int, stop: int, groups: np.ndarray) -> np.ndarray:
+    """Params (stop-start, K, P) for the images [start, stop) of one store chunk.
+
+    groups (stop-start,): each image's group; partners are the other images of its group here.
+    """
     out = np.empty((stop - start, policy.views, len(PARAM_NAMES)), dtype=np.float32)
-    for i in range(start, stop):
-        c0 = (i // chunk_size) * chunk_size
-        bounds = (c0, min(c0 + chunk_size, num_images))
+    for j in range(stop - start):
+        partners = start + np.flatnonzero((groups == groups[j]) & (np.arange(len(groups)) != j))
         for k in range(policy.views):
-            out[i - start, k] = sample_view(policy, i, k, bounds)
+            out[j, k] = sample_view(policy, start + j, k, partners)
     return out
 
 
@@ -108,6 +112,7 @@ def render(
     partner_index: torch.Tensor | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    batched: bool | None = None,
 ) -> torch.Tensor:
     """Render views as float (V, 3, size, size): in [0, 1], or normalised if mean/std are given.
 
@@ -115,7 +120,8 @@ def render(
     index: (V,) which source each view is cut from. params: (V, P).
     partner_index: (V,) source holding each view's mix partner (-1 for none); needed when mixing.
     Geometry runs per view on uint8 (crop, resize, flips, rot90); colour is one affine map per
-    view, clamped once; normalisation is folded into that map.
+    view, clamped once; normalisation is folded into that map. batched: the colour map as one
+    batched kernel (default on GPUs) rather than per view (default on CPUs); both give the same result.
     """
     device = sources.device if isinstance(sources, torch.Tensor) else sources[0].device
     host = params.detach().to("cpu", torch.float32)           # control flow reads params on the host
@@ -133,7 +139,9 @@ def render(
         m, t = m / sd.view(1, 3, 1), (t - torch.tensor(mean, device=m.device)) / sd       # normalise inside
         lo = [(0.0 - mu) / s for mu, s in zip(mean, std)]
         hi = [(1.0 - mu) / s for mu, s in zip(mean, std)]
-    out = _apply_colour(crops, m, t, lo, hi, per_view=device.type == "cpu")              # (V, 3, size, size)
+    if batched is None:
+        batched = caps_of(device).batched_kernels
+    out = _apply_colour(crops, m, t, lo, hi, per_view=not batched)                        # (V, 3, size, size)
     if (host[:, COL["mix_mode"]].round() != MIX_NONE).any():
         if partner_index is None:
             raise ValueError("views mix with partners but no partner_index was given")
@@ -151,11 +159,11 @@ def _apply_colour(crops: list[torch.Tensor], m: torch.Tensor, t: torch.Tensor, l
         out = torch.baddbmm(t.unsqueeze(-1), m, x).view(v, 3, r, r)
         return torch.clamp(out, out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1))
     out = torch.empty(v, 3, r, r, device=m.device)
+    lo_t, hi_t = torch.tensor(lo).view(3, 1), torch.tensor(hi).view(3, 1)
     for i, crop in enumerate(crops):
         o = out[i].view(3, -1)
         torch.addmm(t[i].unsqueeze(-1), m[i], crop.reshape(3, -1).float(), out=o)
-        for c in range(3):
-            o[c].clamp_(lo[c], hi[c])
+        torch.clamp(o, lo_t, hi_t, out=o)                                        # one pass over the view
     return out
 
 

@@ -1,0 +1,94 @@
+"""`featurestore demo-teacher`: a small SigLIP vision tower that knows the demo classes.
+
+Trained on the CPU within a time budget on a synthetic corpus drawn from the demo generator with its
+own seed (disjoint from `demo-data`'s images), with the store's own view augmentation, as a
+classifier whose linear head is then dropped: what remains is a SiglipVisionModel whose pooled
+embedding separates the classes, saved with save_pretrained plus a preprocessor config, exactly as a
+hub checkpoint is laid out, so `featurestore build --teacher <dir>` loads it like any other.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import views
+from .config import ViewPolicy
+from .demo import REFERENCE_CLASSES, make_image
+
+SIZE, PATCH = 64, 8                   # 8 x 8 patch tokens
+TOWER = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+
+
+def _corpus_part(args) -> np.ndarray:
+    seed, start, stop = args
+    out = np.empty((stop - start, 2 * SIZE, 2 * SIZE, 3), np.uint8)
+    for j, i in enumerate(range(start, stop)):
+        rng = np.random.default_rng([seed, i])
+        img = make_image(i % len(REFERENCE_CLASSES), rng)
+        out[j] = np.asarray(img.resize((2 * SIZE, 2 * SIZE)))          # squashed, as a store holds images
+    return out
+
+
+def corpus(n: int, seed: int, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """n synthetic demo images (balanced classes) at 2x the teacher's input side, and their labels."""
+    parts = [(seed, a, min(a + 250, n)) for a in range(0, n, 250)]
+    with ProcessPoolExecutor(workers) as ex:
+        images = np.concatenate(list(ex.map(_corpus_part, parts)))
+    return images, np.arange(n) % len(REFERENCE_CLASSES)
+
+
+def train_demo_teacher(out: str | Path, images: int = 3000, seconds: float = 100.0, seed: int = 1000) -> str:
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    x, y = corpus(images, seed)
+    xv, yv = corpus(500, seed + 1)
+    config = SiglipVisionConfig(**TOWER, image_size=SIZE, patch_size=PATCH)
+    model = SiglipVisionModel(config)
+    head = torch.nn.Linear(config.hidden_size, len(REFERENCE_CLASSES))
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
+    policy = ViewPolicy(views=2, seed=seed, mix_prob=0.0)
+    sources = torch.from_numpy(x).permute(0, 3, 1, 2)                              # (n, 3, 2S, 2S) uint8
+    budget = seconds - (time.perf_counter() - t_start) - 5
+    step, batch, t0 = 0, 64, time.perf_counter()
+    bar = tqdm(desc="training the demo teacher", unit="step", disable=None, file=sys.stderr)
+    model.train()
+    while time.perf_counter() - t0 < budget:
+        idx = torch.from_numpy(np.random.default_rng([seed, step]).integers(0, len(x), batch))
+        p = torch.from_numpy(np.stack([views.sample_view(policy, int(i), 1 + step % 1000, np.zeros(0)) for i in idx]))
+        pix = views.render(sources, idx, p, SIZE, "bicubic", None, (0.5,) * 3, (0.5,) * 3)
+        lr = 2e-3 * min(1.0, (step + 1) / 50) * max(0.05, 1 - (time.perf_counter() - t0) / budget)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = F.cross_entropy(head(model(pixel_values=pix).pooler_output), torch.from_numpy(y[idx.numpy()]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.close()
+    model.eval()
+    with torch.no_grad():
+        canon = torch.from_numpy(views.canonical_params())[None].expand(len(xv), -1)
+        pix = views.render(torch.from_numpy(xv).permute(0, 3, 1, 2), torch.arange(len(xv)), canon, SIZE, "bicubic",
+                           None, (0.5,) * 3, (0.5,) * 3)
+        acc = float((head(model(pixel_values=pix).pooler_output).argmax(-1).numpy() == yv).mean())
+    out = Path(out)
+    model.save_pretrained(out)
+    SiglipImageProcessor(size={"height": SIZE, "width": SIZE}, resample=3, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3).save_pretrained(out)
+    (out / "demo_teacher.json").write_text(json.dumps({"steps": step, "images": images, "seed": seed,
+                                                       "fresh_accuracy": acc, "seconds": time.perf_counter() - t_start}))
+    return (f"saved the demo teacher to {out}: {step} steps in {time.perf_counter() - t_start:.0f}s, accuracy of its "
+            f"training head on 500 fresh images {acc:.3f}")

@@ -1,0 +1,55 @@
+"""Every expected failure of every command ends in one line on stderr and a non-zero exit.
+
+Project errors derive from KdstoreError and carry their own sentence; operating-system errors are
+put in words (disk full, permission denied, file missing); anything else is reported as an internal
+error. `--debug` (or KDSTORE_DEBUG=1) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+
+
+class KdstoreError(Exception):
+    """An expected failure; str(error) is the whole message for the user."""
+
+
+def debug_wanted(flag: bool = False) -> bool:
+    return flag or os.environ.get("KDSTORE_DEBUG", "") not in ("", "0")
+
+
+def os_error_words(e: OSError) -> str:
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device{where}; free space and run the same command to resume"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied:{where or ' ' + str(e)}"
+    if e.errno == errno.ENOENT:
+        return f"no such file or directory:{where or ' ' + str(e)}"
+    if e.errno == errno.EROFS:
+        return f"read-only file system:{where}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def run_command(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
+    """Run one command; failures become one line on stderr (exit 2 expected, 1 internal, 130 interrupted)."""
+    if debug_wanted(debug):
+        return fn()
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; finished work is kept, run the same command to continue", file=sys.stderr)
+        return 130
+    except KdstoreError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{prog}: error: {os_error_words(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug still ends in one line; --debug shows where
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"{prog}: internal error: {type(e).__name__}: {first} (run with --debug or KDSTORE_DEBUG=1 "
+              "for the traceback)", file=sys.stderr)
+        return 1

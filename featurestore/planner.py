@@ -1,0 +1,179 @@
+"""`featurestore plan`: what a build will cost, before any GPU time is paid.
+
+- Views: images found (labelled and unlabelled) x K.
+- Bytes: a sample of the images goes through the real pipeline (the teacher, the stored dtypes, the
+  codec and checksums) into a temporary store of the same layout; bytes per image and per view are
+  measured per array there and scaled to N and K, plus the store's fixed metadata.
+- Time: FLOPs per view counted by torch's FlopCounterMode on the meta device, over the dense
+  tensor-core peak of common GPUs at an assumed utilisation; and this machine, measured on the sample.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import views
+from .config import BuildConfig, to_dict
+from .pca import Moments, fit_basis
+from .schema import FORMAT_VERSION, fields
+from .sources import BadImage, decode, discover, squash
+from .store import Store, backend_of
+from .teacher import flops_per_view, vision_config, zeroshot_logits
+
+# dense tensor-core peak (TFLOP/s) in the dtype `--dtype auto` picks on each card
+GPUS = {"T4": (65.0, "float16"), "V100": (125.0, "float16"), "L4": (121.0, "bfloat16"),
+        "A100": (312.0, "bfloat16"), "H100 SXM": (989.0, "bfloat16")}
+UTILISATION = 0.4                     # assumed share of the peak a ViT forward pass reaches
+
+
+def plan(cfg: BuildConfig, sample_images: int = 8) -> dict:
+    if cfg.images is None and cfg.manifest is None:
+        from .config import ConfigError
+        raise ConfigError("give --images (an ImageFolder root) or --manifest (a CSV of path,label)")
+    listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled)
+    n, k = len(listing.sources), cfg.views.views
+    unlabeled = sum(1 for s in listing.sources if s.label < 0)
+    vcfg = vision_config(cfg.teacher.id, cfg.teacher.revision)
+    flops = flops_per_view(vcfg)
+    out = {"num_images": n, "labelled": n - unlabeled, "unlabeled": unlabeled, "views_per_image": k, "views": n * k,
+           "teacher": cfg.teacher.id, "teacher_image_size": vcfg.image_size, "embed_dim": vcfg.hidden_size,
+           "flops_per_view": flops, "backend": backend_of(cfg.out or "plan.zarr"),
+           "gpu_estimates": {name: {"peak_tflops": peak, "dtype": dtype,
+                                    "seconds": n * k * flops / (peak * 1e12 * UTILISATION)}
+                             for name, (peak, dtype) in GPUS.items()},
+           "utilisation_assumed": UTILISATION}
+    if sample_images > 0:
+        out |= _measure(cfg, listing, min(sample_images, n), n, k)
+    return out
+
+
+def _measure(cfg: BuildConfig, listing, m: int, n: int, k: int) -> dict:
+    """Run the teacher over 2 views of m sample images; write a store of the real layout and K (the
+    teacher outputs of those views fill the other view slots: each view is its own stored chunk, so
+    its bytes do not depend on its neighbours) and measure the stored bytes of each array."""
+    from .teacher import load_teacher
+    teacher = load_teacher(cfg.teacher.id, cfg.teacher.revision, cfg.device, cfg.teacher.dtype)
+    pick = np.sort(np.random.default_rng([cfg.views.seed, 7]).choice(len(listing.sources), m, replace=False))
+    s, side = cfg.store.image_size, 2 * max(teacher.pre.size, cfg.store.image_size)
+    decoded = []
+    for j in pick:
+        try:
+            decoded.append(decode(listing.sources[j].path, cfg.min_side, cfg.max_pixels, side).rgb)
+        except BadImage:
+            continue
+    m, kv = len(decoded), min(k, 2)
+    partners = [np.array([j for j in range(m) if j != i]) for i in range(m)]
+    params = np.stack([[views.sample_view(cfg.views, i, v, partners[i]) for v in range(k)] for i in range(m)])
+    ran = params[:, [0] + list(range(1, k))[:kv - 1]]                                       # (m, kv, P)
+    ran[..., views.COL["mix_mode"]] = views.MIX_NONE                                        # no partners here
+    sources = [torch.from_numpy(x).permute(2, 0, 1).contiguous().to(teacher.device) for x in decoded]
+    flat = torch.from_numpy(np.ascontiguousarray(ran).reshape(m * kv, -1))
+    index = torch.arange(m).repeat_interleave(kv)
+    g = cfg.store.patch_grid
+    teacher.encode(teacher.render(sources, index[:1], flat[:1]), g)                     # warm-up
+    t0 = time.perf_counter()
+    pooled, patches = teacher.encode(teacher.render(sources, index, flat), g)         # (m*kv, D), (m*kv, g, g, D)
+    seconds = time.perf_counter() - t0
+    heads = ["probe"] + (["zeroshot"] if teacher.info.has_text and cfg.teacher.zeroshot else [])
+    fill = np.arange(k) % kv                                                                # view slot -> view run
+
+    def per_view(x: torch.Tensor) -> np.ndarray:
+        return x.cpu().numpy().reshape((m, kv) + tuple(x.shape[1:]))[:, fill]
+    arrays = {"images": np.stack([squash(x, s) for x in decoded]), "views/params": params,
+              "teacher/pooled": per_view(pooled.to(torch.float16))}
+    c = len(listing.classes)
+    probe_w = torch.randn(c, pooled.shape[-1], generator=torch.Generator().manual_seed(0), device="cpu")
+    arrays["teacher/logits/probe"] = per_view(torch.nn.functional.normalize(pooled.cpu(), dim=-1) @ probe_w.T * 8)
+    if "zeroshot" in heads:
+        text = torch.nn.functional.normalize(torch.randn(c, pooled.shape[-1]), dim=-1).to(pooled.device)
+        arrays["teacher/logits/zeroshot"] = per_view(zeroshot_logits(pooled, text, 2.3, -10.0))
+    dim = cfg.store.patch_dim or pooled.shape[-1]
+    if g:
+        if cfg.store.patch_dim:
+            moments = Moments(pooled.shape[-1])
+            moments.add(patches)
+            patches = fit_basis(moments, min(dim, moments.n - 1)).project(patches)
+            patches = torch.nn.functional.pad(patches, (0, dim - patches.shape[-1]))
+        arrays["teacher/patches"] = per_view(patches.to(torch.float16))
+    attrs = {"format_version": FORMAT_VERSION, "classes": listing.classes, "num_images": m, "views_per_image": k,
+             "image_size": s, "chunk_size": min(m, cfg.store.chunk_size), "embed_dim": pooled.shape[-1], "patch_grid": g, "patch_dim": dim,
+             "heads": heads, "param_names": list(views.PARAM_NAMES), "teacher": to_dict(teacher.info),
+             "config": to_dict(cfg), "id_bytes": max(len(x.rel.encode()) for x in listing.sources)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ("sample.h5" if backend_of(cfg.out or "") == "hdf5" else "sample.zarr")
+        store = Store.create(path, attrs, cfg.store.compression)
+        for f in fields(attrs):
+            if f.name in arrays:
+                store.write(f.name, 0, arrays[f.name])
+        store.write("ids", 0, np.array([listing.sources[j].rel for j in pick[:m]], dtype=object))
+        rng = np.random.default_rng(0)                             # what real labels, folds and digests look like
+        store.write("labels", 0, rng.integers(0, c, m).astype(np.int16))
+        store.write("split", 0, rng.integers(-1, cfg.probe.folds, m).astype(np.int8))
+        store.write("sha256", 0, rng.integers(0, 256, (m, 32)).astype(np.uint8))
+        store.mark_done(0)
+        store.flush()
+        store.close()
+        stored = {f.name: _payload_bytes(path, f.name) for f in fields(attrs)}
+        disk = _disk_bytes(path)
+    per_view = {name: b / (m * k) for name, b in stored.items() if name in arrays and name != "images"}
+    per_image = {name: b / m for name, b in stored.items() if name not in per_view}
+    field_bytes = {name: b * n * k for name, b in per_view.items()} | {name: b * n for name, b in per_image.items()}
+    overhead = max(disk - sum(stored.values()), 0)
+    return {"sample_images": m, "sample_views": m * kv, "bytes_per_view": sum(per_view.values()),
+            "bytes_per_view_with_images": sum(per_view.values()) + per_image.get("images", 0) / k,
+            "fields": field_bytes, "store_bytes": sum(field_bytes.values()) + overhead,
+            "this_machine": {"device": str(teacher.device), "dtype": teacher.info.dtype,
+                             "views_per_s": m * kv / seconds, "seconds": n * k * seconds / (m * kv)}}
+
+
+def _payload_bytes(path: Path, name: str) -> int:
+    """Bytes of an array's chunks alone (its metadata document is counted once, with the store's)."""
+    if path.is_file():
+        import h5py
+        with h5py.File(path, "r") as f:
+            return int(f[name].id.get_storage_size())
+    return sum(p.stat().st_size for p in (path / name).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def _disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _size(b: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"plan      {p['num_images']:,} images ({p['labelled']:,} labelled, {p['unlabeled']:,} unlabelled) x "
+             f"{p['views_per_image']} views = {p['views']:,} views",
+             f"teacher   {p['teacher']}: {p['flops_per_view'] / 1e12:.3f} TFLOP per view (counted on the meta "
+             f"device), {p['teacher_image_size']} px input, D = {p['embed_dim']}"]
+    if "fields" in p:
+        lines.append(f"store     ({p['backend']}; measured on {p['sample_views']} views of {p['sample_images']} "
+                     "sample images through the real codec and checksums)")
+        for name, b in p["fields"].items():
+            lines.append(f"          {name:<28} {_size(b):>10}")
+        lines += [f"          {'whole store':<28} {_size(p['store_bytes']):>10}",
+                  f"per view  {_size(p['bytes_per_view'])} of teacher outputs and params, "
+                  f"{_size(p['bytes_per_view_with_images'])} with the images"]
+    lines.append(f"teacher pass, estimated as FLOPs / ({100 * p['utilisation_assumed']:.0f}% of each card's dense peak):")
+    for name, e in p["gpu_estimates"].items():
+        lines.append(f"          {name:<10} {e['peak_tflops']:>6.0f} TFLOP/s {e['dtype']:<9} {_duration(e['seconds']):>10}")
+    if "this_machine" in p:
+        t = p["this_machine"]
+        lines.append(f"          this machine ({t['device']}, {t['dtype']}): {t['views_per_s']:.2f} views/s measured "
+                     f"-> {_duration(t['seconds'])}")
+    return "\n".join(lines)

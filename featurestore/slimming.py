@@ -1,0 +1,56 @@
+"""`featurestore slim SRC DST --fields ...`: a copy of a store holding only the arrays named.
+
+Labels, split, ids, sha256, the progress marks and the small arrays (heads, patch basis) always come
+along; the dropped arrays are listed in the copy's `dropped` attribute, so the trainer reads it as it
+reads a full store and says clearly when a loss needs what was dropped. The copy goes chunk by chunk
+through checked reads (damage in SRC stops the copy) and is verified at the end.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import ConfigError
+from .schema import StoreError, fields
+from .store import Store, backend_of, is_local
+
+ALWAYS = ("labels", "split", "ids", "sha256")
+
+
+def slim(src: str, dst: str, keep: list[str]) -> str:
+    from .integrity import verify
+    keep = [k.strip() for k in keep if k.strip()]
+    if is_local(dst) and Path(dst).exists():
+        raise ConfigError(f"{dst} exists; slim writes a new store")
+    with Store.open(src) as s:
+        if not s.complete:
+            raise StoreError(f"{src} is not complete; finish its build before slimming it")
+        names = [f.name for f in s.fields()]
+        unknown = sorted(set(keep) - set(names))
+        if unknown:
+            raise ConfigError(f"{src} has no arrays {unknown}; its arrays are {', '.join(names)}")
+        dropped = [name for name in names if name not in keep and name not in ALWAYS]
+        attrs = dict(s.attrs) | {"dropped": sorted(set(s.attrs.get("dropped", [])) | set(dropped)), "slimmed_from": src}
+        compression = s.attrs.get("config", {}).get("store", {}).get("compression", "default")
+        if backend_of(dst) != s.backend:
+            compression = "default"
+        d = Store.create(dst, attrs | {"format_version": None}, compression)
+        try:
+            for f in fields(attrs):
+                for c in range(s.num_chunks):
+                    a, b = s.chunk_range(c)
+                    d.write(f.name, a, s.read(f.name, a, b))
+            d.reset_done(s.done())
+            for key in s.small_keys():
+                d.write_small(key, s.small(key))
+            d.set_attrs({"format_version": attrs["format_version"]})
+            d.flush()
+            before = sum(s.stored_bytes(f.name) for f in s.fields())
+            after = sum(d.stored_bytes(f.name) for f in d.fields())
+        finally:
+            d.close()
+    with Store.open(dst) as d:
+        problems = verify(d)
+    if problems:
+        raise StoreError(f"{dst} did not verify: {problems[0].line()} ({len(problems)} problem(s))")
+    return (f"wrote {dst}: kept {', '.join(f.name for f in fields(attrs))}; dropped {', '.join(dropped) or 'nothing'}; "
+            f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB; verified")
