@@ -36,14 +36,16 @@ class FitConfig:
     seed: int = 0
     loss: LossWeights = field(default_factory=LossWeights)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    mixed_precision: str = "no"         # no | bf16 | fp16
+    unlabeled: bool = True              # unlabelled store images train the teacher terms (when any is on)
+    device: str = "auto"                # auto: cuda, then mps, then cpu
+    mixed_precision: str = "auto"       # auto (bf16 where native, fp16 on older GPUs and mps, none on CPU) | no | bf16 | fp16
     cpu: bool = False                   # train on the CPU even when a GPU is present
     channels_last: bool = False
     compile: bool = False
     train_on_all: bool = False          # also train on the held-out images (final model, no validation)
     max_mb: float = 25.0
-    ram_budget_gb: float = 8.0          # keep stored images in RAM below this size, else stream chunks
-    buffer_chunks: int = 8              # shuffle buffer (whole chunks) when streaming
+    ram_budget_gb: float = 2.0          # read everything a run needs into RAM below this size, else stream
+    buffer_chunks: int = 8              # shuffle window (whole chunks) of the epoch plan
     onnx: bool = False                  # also export ONNX at the end
 
     def validate(self) -> None:
@@ -51,18 +53,22 @@ class FitConfig:
             raise ConfigError("give --store (a featurestore store) and --out (the run directory)")
         if self.head not in ("probe", "zeroshot"):
             raise ConfigError(f"head must be probe|zeroshot, got {self.head!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"mixed_precision must be no|bf16|fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision must be auto|no|bf16|fp16, got {self.mixed_precision!r}")
+        if self.buffer_chunks < 1:
+            raise ConfigError(f"buffer_chunks must be >= 1, got {self.buffer_chunks}")
         if self.image_size < 32:
             raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
         if self.loss.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0")
+        if self.loss.kd_gate not in ("none", "correct"):
+            raise ConfigError(f"loss.kd_gate must be none|correct, got {self.loss.kd_gate!r}")
         self.optim.validate()
 
     def identity(self) -> dict:
         """Settings a resumed run must share with the interrupted one."""
         from featurestore.config import to_dict
         d = to_dict(self)
-        for key in ("out", "cpu", "ram_budget_gb", "onnx", "max_mb"):
+        for key in ("out", "cpu", "device", "ram_budget_gb", "onnx", "max_mb"):
             d.pop(key)
         return d

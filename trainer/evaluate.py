@@ -1,7 +1,9 @@
 """`trainer eval`: score a TorchScript file on an image folder exactly as the grader does.
 
 Grader preprocessing: PIL open -> RGB, Resize((224, 224)) (squash, no crop), ToTensor(),
-Normalize(ImageNet mean, std); class indices follow sorted() of the folder names.
+Normalize(ImageNet mean, std); class indices follow sorted() of the folder names. Files PIL cannot
+read are skipped and listed in the report (`on_bad_image="skip"`), or stop the evaluation naming
+the file (`"fail"`).
 """
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import datasets, transforms
 
+from featurestore.errors import KdstoreError
 from trainer.loader import IMAGENET_MEAN, IMAGENET_STD
 from trainer.metrics import classification
 
 
-class EvalError(ValueError):
+class EvalError(KdstoreError, ValueError):
     """The model or folder cannot be evaluated; the message says why."""
 
 
@@ -25,12 +29,47 @@ def grader_transform(size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
+class GraderFolder(torch.utils.data.Dataset):
+    """ImageFolder's files and classes with the grader's transform; an unreadable file gives its reason."""
+
+    def __init__(self, root: Path, transform):
+        self.folder = datasets.ImageFolder(str(root), transform=transform, loader=_no_load)
+        self.root, self.transform = root, transform
+
+    @property
+    def classes(self) -> list[str]:
+        return self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, i):
+        path, label = self.folder.samples[i]
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f).convert("RGB")          # what torchvision's pil_loader does
+            return self.transform(img), label, ""
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return torch.zeros(0), label, f"{Path(path).relative_to(self.root).as_posix()}: {str(e) or type(e).__name__}"
+
+
+def _no_load(path: str):
+    return path
+
+
+def _collate(items):
+    good = [(x, y) for x, y, why in items if not why]
+    xs = torch.stack([x for x, _ in good]) if good else torch.zeros(0)
+    return xs, torch.tensor([y for _, y in good], dtype=torch.long), [why for _, _, why in items if why]
+
+
 def load_sidecar(model_path: Path) -> dict | None:
     side = model_path.with_suffix(".json")
     return json.loads(side.read_text()) if side.is_file() else None
 
 
-def evaluate(model_path: str | Path, images: str | Path, batch_size: int = 64, workers: int = 2) -> dict:
+def evaluate(model_path: str | Path, images: str | Path, batch_size: int = 64, workers: int = 2,
+             on_bad_image: str = "skip") -> dict:
     model_path, images = Path(model_path), Path(images)
     if not model_path.is_file():
         raise EvalError(f"model not found: {model_path}")
@@ -42,9 +81,9 @@ def evaluate(model_path: str | Path, images: str | Path, batch_size: int = 64, w
     except Exception as e:  # noqa: BLE001
         raise EvalError(f"{model_path} is not a TorchScript file torch.jit.load can read ({e})") from None
     try:
-        data = datasets.ImageFolder(str(images), transform=grader_transform())
+        data = GraderFolder(images, grader_transform())
     except (FileNotFoundError, RuntimeError) as e:
-        raise EvalError(f"{images}: {e}") from None
+        raise EvalError(f"{images}: {' '.join(str(e).split())}") from None
     sidecar = load_sidecar(model_path)
     if sidecar is not None and sidecar["classes"] != data.classes:
         missing = sorted(set(sidecar["classes"]) - set(data.classes))
@@ -52,13 +91,22 @@ def evaluate(model_path: str | Path, images: str | Path, batch_size: int = 64, w
         raise EvalError(f"the classes of {model_path.name} and of {images} disagree: model has no {extra}, "
                         f"folder has no {missing}" if (missing or extra) else
                         f"the class order of {model_path.name} differs from sorted() of the folders in {images}")
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
-    preds, labels = [], []
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    preds, labels, skipped = [], [], []
     with torch.no_grad():
-        for x, y in loader:
+        for x, y, bad in loader:
+            if bad and on_bad_image == "fail":
+                raise EvalError(f"cannot read {images / bad[0].split(': ', 1)[0]}: {bad[0].split(': ', 1)[1]} "
+                                "(--on-bad-image skip evaluates the other files and lists this one)")
+            skipped += bad
+            if not len(y):
+                continue
             out = model(x)
             if out.shape[-1] != len(data.classes):
                 raise EvalError(f"{model_path.name} outputs {out.shape[-1]} classes, {images} has {len(data.classes)}")
             preds.append(out.argmax(-1).numpy())
             labels.append(y.numpy())
-    return classification(np.concatenate(labels), np.concatenate(preds), data.classes)
+    if not labels:
+        raise EvalError(f"no readable image in {images} ({len(skipped)} skipped)")
+    m = classification(np.concatenate(labels), np.concatenate(preds), data.classes)
+    return m | {"skipped": [{"file": s.split(": ", 1)[0], "reason": s.split(": ", 1)[1]} for s in skipped]}

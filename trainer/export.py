@@ -10,14 +10,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from featurestore.errors import KdstoreError
 
-class ExportError(RuntimeError):
+
+class ExportError(KdstoreError, RuntimeError):
     """The export failed a check (size budget, numerical agreement)."""
 
 
 def export_torchscript(student: nn.Module, path: Path, sidecar: dict, max_mb: float = 25.0) -> Path:
     """Script (or trace, where scripting fails) the student; refuse files over max_mb (10^6 bytes)."""
     student = student.eval().cpu().float()
+    bad = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ExportError(f"the student has non-finite weights ({', '.join(bad[:3])}); nothing exported")
     size = sidecar["input_size"][-1]
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)

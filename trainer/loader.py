@@ -1,15 +1,19 @@
 """Streams a store into training batches, replaying the exact views the teacher scored.
 
-Each epoch picks one stored view k per image and renders it from the stored S x S image with the
-shared renderer, at the student's resolution, on the training device; the batch carries that view's
-teacher outputs. Order and view choice are a pure function of (seed, epoch), so a resumed run sees
-the same batches as an uninterrupted one. Images stay in RAM when they fit; otherwise chunks are
-streamed in a seeded order through a shuffle buffer of whole chunks (mix partners share a chunk).
+The epoch plan is a pure function of (seed, epoch): the store chunks come in a seeded order, each
+chunk uses one stored view index k (drawn from (seed, epoch, chunk)), and samples are shuffled
+within windows of `buffer_chunks` whole chunks. An epoch therefore reads every chunk's images once
+and exactly 1/K of every per-view array (logits, pooled, patches). Chunks are read ahead on
+background threads and released when their last batch is rendered, so memory is bounded by the
+window, whatever N, K, g and D are; only labels, splits and view params stay in RAM. When
+everything a run needs fits `ram_budget_gb`, it is read once into RAM instead: the same plan, the
+same batches. Each view is rendered from the stored S x S image with the shared renderer, at the
+student's resolution, on the training device. With several processes each rank owns whole chunks.
 """
 from __future__ import annotations
 
-import functools
-from collections import deque
+import threading
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from featurestore import views
+from featurestore.devices import Caps, caps_of
 from featurestore.schema import StoreError
 from featurestore.store import Store
 
@@ -29,148 +34,325 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class Batch:
     pixels: torch.Tensor              # (B, 3, R, R) float, normalised
-    labels: torch.Tensor              # (B,) int64, the image's own label
-    targets: torch.Tensor             # (B, C) float: label distribution after mixing
+    labels: torch.Tensor              # (B,) int64, the image's own label, -1 if it has none
+    targets: torch.Tensor             # (B, C) float: label distribution after mixing (zeros if unlabelled)
     logits: torch.Tensor | None       # (B, C) teacher logits of the rendered view
     pooled: torch.Tensor | None       # (B, D)
-    patches: torch.Tensor | None      # (B, g, g, D)
+    patches: torch.Tensor | None      # (B, g, g, d)
     index: torch.Tensor               # (B,) store image index
     view: torch.Tensor                # (B,) store view index
 
+    @property
+    def labelled(self) -> torch.Tensor:
+        return self.labels >= 0
+
+
+class NonFiniteError(StoreError):
+    """A teacher target read from the store is NaN or infinite; the message names the store images."""
+
+
+@dataclass
+class Chunk:
+    images: np.ndarray                # (n, S, S, 3) uint8
+    targets: dict[str, np.ndarray]    # per-view array -> (n, ...) of this chunk's view
+
 
 class StoreData:
-    """The arrays of a store a run needs, in RAM (`images` may stay on disk and stream)."""
+    """What a run reads from a store: labels, splits and view params in RAM; images and the teacher
+    targets of one view per chunk on demand (or all in RAM when they fit `ram_budget_gb`)."""
 
     def __init__(self, path: str, head: str | None, need_pooled: bool, need_patches: bool,
-                 ram_budget_gb: float = 8.0):
-        self.store = Store.open(path)
-        s = self.store
+                 ram_budget_gb: float = 2.0):
+        self.store = s = Store.open(path)
         if not s.complete:
-            raise StoreError(f"{path} is not complete ({int(s.done().sum())}/{s.num_chunks} chunks); "
-                             "finish it with the same `featurestore build` command first")
+            raise StoreError(f"{path} is not complete ({int(s.done().sum())}/{s.num_chunks} chunks done, or its "
+                             "heads not fitted); finish it with the same `featurestore build` command first")
         if head is not None and head not in s.heads():
             raise StoreError(f"{path} has no {head!r} head; it has {s.heads()}")
-        if need_patches and not s.attrs["patch_grid"]:
+        present = {f.name for f in s.fields()}
+        for name in ("images", "views/params"):
+            if name not in present:
+                raise StoreError(f"{path} holds no {name} (slimmed away); the trainer renders every view from "
+                                 "images and view params: slim again keeping them")
+        if need_patches and "teacher/patches" not in present:
             raise StoreError(f"{path} stores no patch grid; rebuild with --patch-grid or set the patch loss weight to 0")
-        self.classes, self.n, self.k = s.classes, s.num_images, s.views_per_image
+        if need_pooled and "teacher/pooled" not in present:
+            raise StoreError(f"{path} holds no teacher/pooled (slimmed away); set the pooled loss weight to 0")
+        s.ids(), s.read("sha256"), s.done()                       # the small arrays are read whole: damage stops here
+        for key in s.small_keys():
+            s.small(key)
+        self.classes, self.n, self.k, self.chunk_size = s.classes, s.num_images, s.views_per_image, s.chunk_size
+        self.num_chunks = s.num_chunks
         self.labels = s.read("labels").astype(np.int64)
         self.split = s.read("split")
-        self.params = s.read("views/params")                                        # (N, K, P)
-        self.logits = s.read(f"teacher/logits/{head}") if head else None            # (N, K, C)
-        self.pooled = s.read("teacher/pooled") if need_pooled else None             # (N, K, D) fp16
-        self.patches = s.read("teacher/patches") if need_patches else None          # (N, K, g, g, D)
-        image_bytes = int(np.prod(s["images"].shape))
-        self.in_memory = image_bytes <= ram_budget_gb * 1e9
-        self.images = s.read("images") if self.in_memory else None                  # (N, S, S, 3) uint8
-        self.chunk_size = s.chunk_size
-        self.chunk_images = functools.lru_cache(maxsize=32)(self._read_chunk)
+        self.params = s.read("views/params")                                        # (N, K, P) float32
+        self.names = {key: name for key, name in (("logits", f"teacher/logits/{head}" if head else None),
+                                                   ("pooled", "teacher/pooled" if need_pooled else None),
+                                                   ("patches", "teacher/patches" if need_patches else None)) if name}
+        self.shapes = {key: s[name].shape[2:] for key, name in self.names.items()}
+        self.in_memory = self.bytes_needed() <= ram_budget_gb * 1e9
+        self.ram: dict[str, np.ndarray] | None = None
+        if self.in_memory:
+            self.ram = {"images": s.read("images")}
+            for name in self.names.values():
+                self.ram[name] = s.read(name)
+                _check_finite(s, name, self.ram[name], 0)
 
-    def _read_chunk(self, c: int) -> np.ndarray:
-        """Images of chunk c (chunk_size, S, S, 3), read whole from disk."""
-        return self.store.read("images", *self.store.chunk_range(c))
+    def bytes_needed(self) -> int:
+        """Raw bytes of everything a run reads: images and every view of each needed target."""
+        total = self.store["images"].nbytes
+        return int(total + sum(self.store[name].nbytes for name in self.names.values()))
+
+    def chunk(self, c: int, k: int) -> Chunk:
+        """Images of store chunk c and the targets of its view k: one contiguous read per array."""
+        a, b = self.store.chunk_range(c)
+        if self.ram is not None:
+            return Chunk(self.ram["images"][a:b], {n: self.ram[n][a:b, k] for n in self.names.values()})
+        targets = {}
+        for name in self.names.values():
+            targets[name] = self.store.read_view(name, c, k)
+            _check_finite(self.store, name, targets[name], a, k)
+        return Chunk(self.store.read("images", a, b), targets)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Images of selected (sorted) indices, reading only what holds them: (B, S, S, 3)."""
+        return self.ram["images"][idx] if self.ram is not None else self.store.read_rows("images", idx)
+
+
+def _check_finite(store: Store, name: str, x: np.ndarray, start: int, view: int | None = None) -> None:
+    """Teacher targets must be finite: a bad row stops the run naming the store images."""
+    bad = ~np.isfinite(x).reshape(len(x), -1).all(1)                         # per image
+    if bad.any():
+        where = (start + np.flatnonzero(bad))[:8].tolist()
+        raise NonFiniteError(f"{store.path}: {name} holds non-finite values for store images {where}"
+                         + (f" (view {view})" if view is not None else "") +
+                         f"; run `featurestore verify --fix {store.path}` and the build command again")
+
+
+@dataclass
+class EpochPlan:
+    batches: list[tuple[np.ndarray, np.ndarray]]     # (image indices, view indices) per batch
+    chunk_view: np.ndarray                           # (num_chunks,) the view index each chunk uses
+
+    def chunks_of(self, b: int, chunk_size: int) -> np.ndarray:
+        return np.unique(self.batches[b][0] // chunk_size)
 
 
 class Loader:
-    """Batches of rendered views for one epoch; `rank`/`world` give each process its share."""
+    """Batches of rendered views for one epoch; `rank`/`world` give each process whole chunks."""
 
     def __init__(self, data: StoreData, indices: np.ndarray, batch_size: int, size: int, seed: int,
                  device: torch.device, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 buffer_chunks: int = 8, rank: int = 0, world: int = 1, prefetch: int = 2, threads: int = 2):
-        self.data, self.indices, self.batch_size, self.size = data, np.asarray(indices), batch_size, size
+                 buffer_chunks: int = 8, rank: int = 0, world: int = 1, prefetch: int = 2, threads: int = 2,
+                 readers: int = 2, caps: Caps | None = None):
+        self.data, self.indices, self.batch_size, self.size = data, np.sort(np.asarray(indices)), batch_size, size
         self.seed, self.device, self.train = seed, device, train
         self.mean_std = (tuple(mean), tuple(std))
-        self.buffer_chunks, self.rank, self.world, self.prefetch = buffer_chunks, rank, world, prefetch
-        self.threads = threads
+        self.buffer_chunks, self.rank, self.world, self.prefetch = max(1, buffer_chunks), rank, world, prefetch
+        self.threads, self.readers = threads, readers
+        self.caps = caps or caps_of(device)          # per-view loops on CPUs, batched kernels on GPUs
 
     def __len__(self) -> int:
-        n = len(self.indices)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
-
-    def plan(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """[(image indices, view indices)] per batch: a pure function of (seed, epoch)."""
-        idx = self.indices
         if not self.train:
-            return [(idx[s:s + self.batch_size], np.zeros(len(idx[s:s + self.batch_size]), np.int64))
-                    for s in range(0, len(idx), self.batch_size)]
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.data.in_memory:
-            order = rng.permutation(idx)
-        else:
-            order = self._buffered_order(rng)
-        chosen = np.random.default_rng([self.seed, epoch, 1]).integers(0, self.data.k, size=self.data.n)
-        full = len(order) // self.batch_size * self.batch_size                 # drop the ragged tail
-        return [(order[s:s + self.batch_size], chosen[order[s:s + self.batch_size]])
-                for s in range(0, full, self.batch_size)]
+            return -(-len(self.indices) // self.batch_size)
+        return self._steps()
 
-    def _buffered_order(self, rng: np.random.Generator) -> np.ndarray:
-        """Chunks in a seeded order, shuffled within windows of `buffer_chunks` whole chunks."""
-        cs, wanted = self.data.chunk_size, np.zeros(self.data.n, bool)
+    # ---- the plan ------------------------------------------------------------------------
+    def _wanted(self) -> np.ndarray:
+        wanted = np.zeros(self.data.n, bool)
         wanted[self.indices] = True
-        chunks = rng.permutation(-(-self.data.n // cs))
-        out = []
-        for w in range(0, len(chunks), self.buffer_chunks):
-            members = np.concatenate([np.arange(c * cs, min((c + 1) * cs, self.data.n)) for c in chunks[w:w + self.buffer_chunks]])
-            out.append(rng.permutation(members[wanted[members]]))
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
+        return wanted
 
+    def _steps(self) -> int:
+        """Steps per epoch, the same every epoch and on every rank: the full batches of the fewest
+        samples any rank can be dealt (its num_chunks // world smallest chunks)."""
+        per_chunk = np.sort(np.bincount(self.indices // self.data.chunk_size, minlength=self.data.num_chunks))
+        return int(per_chunk[:self.data.num_chunks // self.world].sum()) // self.batch_size
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """A pure function of (seed, epoch)."""
+        cs = self.data.chunk_size
+        if not self.train:
+            idx = self.indices
+            return EpochPlan([(idx[s:s + self.batch_size], np.zeros(len(idx[s:s + self.batch_size]), np.int64))
+                              for s in range(0, len(idx), self.batch_size)], np.zeros(self.data.num_chunks, np.int64))
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.data.num_chunks)
+        chunk_view = np.random.default_rng([self.seed, epoch, 1]).integers(0, self.data.k, self.data.num_chunks)
+        mine, wanted = order[self.rank::self.world], self._wanted()
+        shuffle = np.random.default_rng([self.seed, epoch, 2, self.rank])
+        samples = []
+        for w in range(0, len(mine), self.buffer_chunks):
+            members = np.concatenate([np.arange(c * cs, min((c + 1) * cs, self.data.n))
+                                      for c in mine[w:w + self.buffer_chunks]])
+            samples.append(shuffle.permutation(members[wanted[members]]))
+        samples = np.concatenate(samples) if samples else np.zeros(0, np.int64)
+        batches = [samples[s * self.batch_size:(s + 1) * self.batch_size] for s in range(self._steps())]
+        return EpochPlan([(b, chunk_view[b // cs]) for b in batches], chunk_view)
+
+    # ---- the epoch -----------------------------------------------------------------------
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Batches rendered by `threads` threads, up to `prefetch` ahead, yielded in plan order."""
-        plan = iter(self.plan(epoch))
-        pending: deque[Future] = deque()
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="render") as pool:
-            def submit():
-                item = next(plan, None)
-                if item is not None:
-                    idx, vw = item
-                    pending.append(pool.submit(self.make_batch, idx[self.rank::self.world], vw[self.rank::self.world]))
-            try:
-                for _ in range(self.threads + self.prefetch):
-                    submit()
-                while pending:
-                    batch = pending.popleft().result()
-                    submit()
-                    yield batch
-            finally:
-                for f in pending:
-                    f.cancel()
+        """Batches in plan order: rendered by `threads` background threads up to `prefetch` ahead,
+        or in the calling thread when threads is 0 (a CPU that trains uses every core already)."""
+        plan = self.plan(epoch)
+        if not self.train:
+            yield from self._eval_batches(plan)
+            return
+        chunks = _ChunkStream(self.data, plan, self.buffer_chunks, self.readers)
+        try:
+            if self.threads == 0:
+                for b in range(len(plan.batches)):
+                    yield self._render_batch(plan, b, chunks)
+                return
+            todo = iter(range(len(plan.batches)))
+            pending: deque[Future] = deque()
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="render") as pool:
+                def submit():
+                    b = next(todo, None)
+                    if b is not None:
+                        pending.append(pool.submit(self._render_batch, plan, b, chunks))
+                try:
+                    for _ in range(self.threads + self.prefetch):
+                        submit()
+                    while pending:
+                        batch = pending.popleft().result()
+                        submit()
+                        yield batch
+                finally:
+                    for f in pending:
+                        f.cancel()
+        finally:
+            chunks.close()
 
-    def make_batch(self, idx: np.ndarray, vw: np.ndarray) -> Batch:
-        d = self.data
+    def _render_batch(self, plan: EpochPlan, b: int, chunks: _ChunkStream) -> Batch:
+        idx, vw = plan.batches[b]
+        cs = self.data.chunk_size
+        held = {int(c): chunks.get(int(c)) for c in np.unique(idx // cs)}
+        try:
+            return self.make_batch(idx, vw, held)
+        finally:
+            for c in held:
+                chunks.release(c)
+
+    def make_batch(self, idx: np.ndarray, vw: np.ndarray, held: dict[int, Chunk]) -> Batch:
+        """Render store images idx at views vw from the chunks that hold them (partners included)."""
+        d, cs = self.data, self.data.chunk_size
         params = d.params[idx, vw]                                                  # (B, P)
         partner = params[:, views.COL["mix_partner"]].astype(np.int64)
         needed = np.unique(np.concatenate([idx, partner[partner >= 0]]))
         slot = {int(i): j for j, i in enumerate(needed)}
-        if d.in_memory and self.device.type == "cpu":                               # zero-copy views
-            sources = [torch.from_numpy(d.images[i]).permute(2, 0, 1) for i in needed]   # U x (3, S, S)
-        else:
-            sources = torch.from_numpy(self._images(needed)).to(self.device).permute(0, 3, 1, 2)  # (U, 3, S, S)
-        src_index = torch.tensor([slot[int(i)] for i in idx])
-        partner_index = torch.tensor([slot[int(p)] if p >= 0 else -1 for p in partner])
-        x = views.render(sources, src_index, torch.from_numpy(params), self.size, "bilinear", partner_index,
-                         self.mean_std[0], self.mean_std[1])                          # (B, 3, R, R) normalised
+        images = [held[int(i) // cs].images[int(i) % cs] for i in needed]           # U x (S, S, 3)
+        if self.caps.batched_kernels:                                               # one transfer to the device
+            sources = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)   # (U, 3, S, S)
+        else:                                                                       # zero-copy views
+            sources = [torch.from_numpy(im).permute(2, 0, 1) for im in images]
+        x = views.render(sources, torch.tensor([slot[int(i)] for i in idx]), torch.from_numpy(params), self.size,
+                         "bilinear", torch.tensor([slot[int(p)] if p >= 0 else -1 for p in partner]),
+                         self.mean_std[0], self.mean_std[1], self.caps.batched_kernels)  # (B, 3, R, R) normalised
         labels = torch.from_numpy(d.labels[idx])
-        c = len(d.classes)
-        lam = torch.from_numpy(params[:, views.COL["mix_lambda"]]).float()
-        targets = F.one_hot(labels, c).float() * lam[:, None]
-        mixed = partner >= 0
-        if mixed.any():
-            other = torch.from_numpy(d.labels[partner[mixed]])
-            targets[torch.from_numpy(mixed)] += F.one_hot(other, c).float() * (1 - lam[torch.from_numpy(mixed), None])
+        targets = _mixed_targets(labels, d.labels, partner, params[:, views.COL["mix_lambda"]], len(d.classes))
 
-        def gather(arr):
-            return None if arr is None else torch.from_numpy(np.asarray(arr[idx, vw], dtype=np.float32)).to(self.device)
-        return Batch(x.contiguous(), labels.to(self.device), targets.to(self.device), gather(d.logits),
-                     gather(d.pooled), gather(d.patches), torch.from_numpy(idx), torch.from_numpy(vw))
+        def gather(key):
+            name = d.names.get(key)
+            if name is None:
+                return None
+            rows = np.stack([held[int(i) // cs].targets[name][int(i) % cs] for i in idx])
+            return torch.from_numpy(rows.astype(np.float32)).to(self.device)
+        return Batch(x.contiguous(), labels.to(self.device), targets.to(self.device), gather("logits"),
+                     gather("pooled"), gather("patches"), torch.from_numpy(idx), torch.from_numpy(vw))
 
-    def _images(self, needed: np.ndarray) -> np.ndarray:
-        d = self.data
-        if d.in_memory:
-            return d.images[needed]
-        # sorted indices -> contiguous reads of whole chunk ranges
-        out = np.empty((len(needed),) + d.store["images"].shape[1:], np.uint8)
-        cs = d.chunk_size
-        for c in np.unique(needed // cs):
-            sel = np.flatnonzero(needed // cs == c)
-            block = d.chunk_images(int(c))
-            out[sel] = block[needed[sel] - c * cs]
-        return out
+    def _eval_batches(self, plan: EpochPlan) -> Iterator[Batch]:
+        """Canonical views of the selected images (validation): reads only their images."""
+        with ThreadPoolExecutor(1, thread_name_prefix="read") as pool:
+            reads = deque(pool.submit(self.data.rows, idx) for idx, _ in plan.batches[:2])
+            for b, (idx, vw) in enumerate(plan.batches):
+                images = reads.popleft().result()
+                if b + 2 < len(plan.batches):
+                    reads.append(pool.submit(self.data.rows, plan.batches[b + 2][0]))
+                sources = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2)
+                x = views.render(sources, torch.arange(len(idx)), torch.from_numpy(self.data.params[idx, vw]), self.size,
+                                 "bilinear", None, self.mean_std[0], self.mean_std[1])
+                labels = torch.from_numpy(self.data.labels[idx])
+                yield Batch(x.contiguous(), labels.to(self.device), F.one_hot(labels.clamp(min=0), len(self.data.classes))
+                            .float().to(self.device), None, None, None, torch.from_numpy(idx), torch.from_numpy(vw))
+
+
+def _mixed_targets(labels: torch.Tensor, all_labels: np.ndarray, partner: np.ndarray, lam: np.ndarray,
+                   c: int) -> torch.Tensor:
+    """(B, C) label distribution of each view: lambda on its own label, 1 - lambda on the partner's;
+    rows of unlabelled images are zero (they carry no label, mixed or not)."""
+    lam = torch.from_numpy(lam).float()
+    targets = F.one_hot(labels.clamp(min=0), c).float() * lam[:, None]
+    mixed = torch.from_numpy(partner >= 0)
+    if mixed.any():
+        other = torch.from_numpy(all_labels[partner[partner >= 0]])
+        targets[mixed] += F.one_hot(other.clamp(min=0), c).float() * (1 - lam[mixed, None])
+    targets[labels < 0] = 0
+    return targets
+
+
+class _ChunkStream:
+    """Reads the chunks an epoch needs, in first-use order, on background threads; holds at most
+    the chunks live at any point of the plan (a window, or two where a batch straddles windows)."""
+
+    def __init__(self, data: StoreData, plan: EpochPlan, buffer_chunks: int, readers: int):
+        order, uses, first, last = [], Counter(), {}, {}
+        for b in range(len(plan.batches)):
+            for c in plan.chunks_of(b, data.chunk_size).tolist():
+                if c not in uses:
+                    order.append(c)
+                    first[c] = b
+                uses[c] += 1
+                last[c] = b
+        live = np.zeros(len(plan.batches) + 1, np.int64)   # chunks first used at or before b, last at or after
+        for c in order:
+            live[first[c]] += 1
+            live[last[c] + 1] -= 1
+        self.limit = int(max(2 * buffer_chunks, np.cumsum(live).max(initial=0)))
+        self.data, self.plan, self.uses = data, plan, uses
+        self.loaded: dict[int, Chunk] = {}
+        self.ready = {c: threading.Event() for c in order}
+        self.room = threading.Semaphore(self.limit)
+        self.lock, self.error, self.stopped = threading.Lock(), None, False
+        self.todo = iter(order)
+        self.pool = ThreadPoolExecutor(max(1, readers), thread_name_prefix="chunk-reader")
+        for _ in range(max(1, readers)):
+            self.pool.submit(self._read_loop)
+
+    def _read_loop(self) -> None:
+        while True:
+            self.room.acquire()
+            with self.lock:
+                c = next(self.todo, None)
+            if c is None or self.stopped:
+                self.room.release()
+                return
+            try:
+                chunk = self.data.chunk(c, int(self.plan.chunk_view[c]))
+            except BaseException as e:  # noqa: BLE001 - surfaced to the training loop by get()
+                self.error = e
+                for ev in self.ready.values():
+                    ev.set()
+                return
+            with self.lock:
+                self.loaded[c] = chunk
+            self.ready[c].set()
+
+    def get(self, c: int) -> Chunk:
+        self.ready[c].wait()
+        if self.error is not None:
+            raise self.error
+        return self.loaded[c]
+
+    def release(self, c: int) -> None:
+        with self.lock:
+            self.uses[c] -= 1
+            if self.uses[c] == 0:
+                del self.loaded[c]
+                self.room.release()
+
+    def close(self) -> None:
+        self.stopped = True
+        for _ in range(self.limit + 2):
+            self.room.release()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+

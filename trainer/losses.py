@@ -1,4 +1,5 @@
-"""Distillation losses. Every term is averaged over the samples of the batch (never over numel).
+"""Distillation losses. Every term is averaged over the samples it applies to (never over numel):
+the cross-entropy over the labelled samples of the batch, every teacher term over all samples.
 
 s: student logits (B, C); t: teacher logits (B, C), raw as stored; q: target distribution (B, C).
 """
@@ -11,26 +12,34 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def soft_cross_entropy(s: torch.Tensor, q: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """CE = -1/B sum_i sum_c q'_ic log softmax(s_i)_c, with q' = (1 - eps) q + eps / C.
+def soft_cross_entropy(s: torch.Tensor, q: torch.Tensor, label_smoothing: float = 0.0,
+                       labelled: torch.Tensor | None = None) -> torch.Tensor:
+    """CE = -1/|L| sum_{i in L} sum_c q'_ic log softmax(s_i)_c, with q' = (1 - eps) q + eps / C.
 
-    q is one-hot for plain views and the lambda-weighted pair of labels for mixed views.
+    q is one-hot for plain views and the lambda-weighted pair of labels for mixed views. L is the
+    set of labelled samples (all of them when `labelled` is None); with none, the term is 0 and
+    sends no gradient, so no cross-entropy ever uses a label that does not exist.
     """
     c = s.shape[-1]
     q = q * (1 - label_smoothing) + label_smoothing / c
-    return -(q * F.log_softmax(s.float(), dim=-1)).sum(-1).mean()
+    per_sample = -(q * F.log_softmax(s.float(), dim=-1)).sum(-1)                  # (B,)
+    if labelled is None:
+        return per_sample.mean()
+    return (per_sample * labelled).sum() / labelled.sum().clamp(min=1)
 
 
-def kd_loss(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network":
 
-    KD = T^2 / B * sum_i KL(softmax(t_i / T) || softmax(s_i / T)).
-    The T^2 keeps gradient magnitudes comparable across temperatures.
+    KD = T^2 / |S| * sum_{i in S} KL(softmax(t_i / T) || softmax(s_i / T)), S the kept samples (all
+    when `keep` is None). The T^2 keeps gradient magnitudes comparable across temperatures.
     """
     log_p_s = F.log_softmax(s.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(t.float() / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)                    # (B,)
-    return kl.mean() * temperature ** 2
+    if keep is None:
+        return kl.mean() * temperature ** 2
+    return (kl * keep).sum() / keep.sum().clamp(min=1) * temperature ** 2
 
 
 def _pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -90,16 +99,22 @@ class LossWeights:
     patches: float = 0.0
     temperature: float = 2.0
     label_smoothing: float = 0.1
+    kd_gate: str = "none"        # none | correct: KD on a labelled view only where the teacher's top class is its label
 
 
-def total_loss(w: LossWeights, logits, targets, teacher_logits, pooled_pred=None, pooled_t=None,
+def total_loss(w: LossWeights, logits, targets, labelled, teacher_logits, pooled_pred=None, pooled_t=None,
                patches_pred=None, patches_t=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the enabled terms; returns the total and each term's value for logging."""
+    """Weighted sum of the enabled terms; returns the total and each term's value for logging.
+
+    labelled (B,) bool: which samples carry a label (the cross-entropy sees only those)."""
     parts: dict[str, torch.Tensor] = {}
     if w.ce:
-        parts["ce"] = soft_cross_entropy(logits, targets, w.label_smoothing)
+        parts["ce"] = soft_cross_entropy(logits, targets, w.label_smoothing, labelled)
     if w.kd:
-        parts["kd"] = kd_loss(logits, teacher_logits, w.temperature)
+        keep = None
+        if w.kd_gate == "correct":            # unlabelled views always; labelled ones where the teacher is right
+            keep = ~labelled | (teacher_logits.argmax(-1) == targets.argmax(-1))
+        parts["kd"] = kd_loss(logits, teacher_logits, w.temperature, keep)
     if w.dist:
         parts["dist"] = dist_loss(logits, teacher_logits, w.temperature)
     if w.pooled:

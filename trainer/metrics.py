@@ -28,4 +28,10 @@ def format_report(m: dict) -> str:
     lines.append("confusion (rows: true, columns: predicted)")
     for i, row in enumerate(m["confusion"]):
         lines.append(f"{i:>5}  " + " ".join(f"{v:>4}" for v in row))
+    skipped = m.get("skipped", [])
+    if skipped:
+        lines.append(f"skipped {len(skipped)} unreadable file(s), not scored:")
+        lines += [f"  {s['file']}: {s['reason']}" for s in skipped[:20]]
+        if len(skipped) > 20:
+            lines.append(f"  ... and {len(skipped) - 20} more (--json lists them all)")
     return "\n".join(lines)

@@ -5,6 +5,8 @@ so the feature losses can reach the pooled vector and the last map. forward(x) r
 """
 from __future__ import annotations
 
+import http.client
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,8 +14,10 @@ import torch
 import torchvision
 from torch import nn
 
+from featurestore.errors import KdstoreError
 
-class StudentError(ValueError):
+
+class StudentError(KdstoreError, ValueError):
     """Unknown student, or weights that are not available."""
 
 
@@ -115,23 +119,29 @@ def available() -> list[str]:
 
 
 def create_student(name: str, num_classes: int, pretrained: bool = False) -> Student | TimmStudent:
+    """A student with a fresh `num_classes` head. pretrained: ImageNet weights as torchvision loads
+    them, from the torch hub cache ($TORCH_HOME/hub/checkpoints) or downloaded into it once."""
     if name.startswith("timm:"):
         return _timm(name[5:], num_classes, pretrained)
     if name not in TORCHVISION:
         raise StudentError(f"unknown student {name!r}; choose one of {available()}")
-    weights = _local_weights(name) if pretrained else None
-    return TORCHVISION[name](num_classes, weights)
+    if not pretrained:
+        return TORCHVISION[name](num_classes, None)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return TORCHVISION[name](num_classes, weights)
+    except (OSError, http.client.HTTPException) as e:         # no network, refused, interrupted download
+        raise StudentError(f"ImageNet weights for {name} are not in the local cache ({cache}) and could not be "
+                           f"downloaded ({_reason(e)}); run once with network access, copy {cache.name} there, "
+                           "or train without --pretrained") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:   # a damaged file in the cache, a bad hash
+        raise StudentError(f"the ImageNet weights for {name} at {cache} are damaged ({_reason(e)}); delete the "
+                           "file and run again") from None
 
 
-def _local_weights(name: str):
-    """torchvision's ImageNet weights if they are already in the torch hub cache; never downloads."""
-    enum = torchvision.models.get_model_weights(name).DEFAULT
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-    if not cache.is_file():
-        raise StudentError(f"ImageNet weights for {name} are not available locally (expected {cache}); "
-                           "download them once where there is network access and copy them there, "
-                           "or train without --pretrained")
-    return enum
+def _reason(e: BaseException) -> str:
+    return (str(getattr(e, "reason", "")) or str(e) or type(e).__name__).splitlines()[0]
 
 
 def size_mb(model: nn.Module) -> float:

@@ -2,6 +2,8 @@
 
 Resume: the checkpoint of each epoch holds model, optimiser, schedule, EMA, RNG state and the
 metric history; data order is a function of (seed, epoch), so resuming equals never stopping.
+A run that meets a non-finite loss stops, names the store images, and is marked failed (FAILED in
+the run directory): it exports nothing and cannot be resumed.
 """
 from __future__ import annotations
 
@@ -18,13 +20,21 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from featurestore.config import ConfigError, to_dict
+from featurestore import devices
+from featurestore.config import ConfigError, config_diff, to_dict
+from featurestore.errors import KdstoreError
+from featurestore.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED
 from trainer import metrics as metrics_mod
 from trainer.config import FitConfig
-from trainer.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, StoreData
+from trainer.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, NonFiniteError, StoreData
 from trainer.losses import PatchProjector, PooledProjector, total_loss
 from trainer.students import create_student, size_mb
 
+FAILED = "FAILED"
+
+
+class TrainingError(KdstoreError, RuntimeError):
+    """Training cannot go on (a non-finite loss); the run directory is marked failed."""
 
 
 class DistillModel(nn.Module):
@@ -50,10 +60,9 @@ def build_model(cfg: FitConfig, data: StoreData) -> DistillModel:
     with torch.no_grad():
         fmap = student.forward_features(torch.zeros(2, 3, cfg.image_size, cfg.image_size))
         pooled_dim = student.pool(fmap).shape[-1]
-    pooled = PooledProjector(pooled_dim, data.pooled.shape[-1]) if data.pooled is not None else None
-    patches = None
-    if data.patches is not None:
-        patches = PatchProjector(fmap.shape[1], data.patches.shape[-1], data.patches.shape[2])
+    shapes = data.shapes
+    pooled = PooledProjector(pooled_dim, shapes["pooled"][-1]) if "pooled" in shapes else None
+    patches = PatchProjector(fmap.shape[1], shapes["patches"][-1], shapes["patches"][0]) if "patches" in shapes else None
     return DistillModel(student, pooled, patches)
 
 
@@ -73,16 +82,34 @@ def _param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _save_atomic(obj, path: Path) -> None:
+def save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def _write_text_atomic(text: str, path: Path) -> None:
+def write_text_atomic(text: str, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def training_images(cfg: FitConfig, data: StoreData) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) store indices: labelled folds, plus unlabelled images when a teacher term
+    can use them, plus held-out images with train_on_all (then no validation)."""
+    w = cfg.loss
+    use = data.split >= 0
+    if cfg.unlabeled and (w.kd or w.dist or w.pooled or w.patches):
+        use |= data.split == SPLIT_UNLABELED
+    held = data.split == SPLIT_HELD_OUT
+    if cfg.train_on_all:
+        return np.flatnonzero(use | held), np.zeros(0, np.int64)
+    return np.flatnonzero(use), np.flatnonzero(held)
+
+
+def open_data(cfg: FitConfig) -> StoreData:
+    w = cfg.loss
+    return StoreData(cfg.store, cfg.head if (w.kd or w.dist) else None, w.pooled > 0, w.patches > 0, cfg.ram_budget_gb)
 
 
 def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -94,22 +121,29 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
     ckpt_path = out / "checkpoints" / "last.pt"
     if out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"run directory {out} is not empty; pass --resume to continue it, or pick a new --out")
+    if resume and (out / FAILED).is_file():
+        raise ConfigError(f"{out} failed and cannot be resumed: {(out / FAILED).read_text().strip()}")
     if resume and not ckpt_path.is_file():
         raise ConfigError(f"nothing to resume in {out} (no {ckpt_path})")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
 
-    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    device = devices.pick_device("cpu" if cfg.cpu else cfg.device)
+    mp = devices.mixed_precision(cfg.mixed_precision, devices.caps_of(device))
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
     set_seed(cfg.seed)
     w = cfg.loss
-    data = StoreData(cfg.store, cfg.head if (w.kd or w.dist) else None, w.pooled > 0, w.patches > 0,
-                     cfg.ram_budget_gb)
-    train_idx = np.arange(data.n) if cfg.train_on_all else np.flatnonzero(data.split >= 0)
-    val_idx = np.zeros(0, np.int64) if cfg.train_on_all else np.flatnonzero(data.split < 0)
+    try:
+        data = open_data(cfg)
+    except NonFiniteError as e:
+        _fail(out, str(e))
+    train_idx, val_idx = training_images(cfg, data)
     device = accelerator.device
     loader = Loader(data, train_idx, cfg.optim.batch_size, cfg.image_size, cfg.seed, device, train=True,
-                    buffer_chunks=cfg.buffer_chunks, rank=accelerator.process_index, world=accelerator.num_processes)
+                    buffer_chunks=cfg.buffer_chunks, rank=accelerator.process_index, world=accelerator.num_processes,
+                    threads=2 if devices.caps_of(device).batched_kernels else 0)   # a training CPU has no core to spare
     if len(loader) == 0:
-        raise ConfigError(f"{len(train_idx)} training images make no full batch of {cfg.optim.batch_size}")
+        raise ConfigError(f"{len(train_idx)} training images make no full batch of {cfg.optim.batch_size}"
+                          + (" per process" if accelerator.num_processes > 1 else ""))
     val_loader = Loader(data, val_idx, 128, cfg.image_size, cfg.seed, device, train=False)
 
     model = build_model(cfg, data)
@@ -130,10 +164,10 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
     history, best, start = [], -1.0, 0
     if resume:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = state["config"]
-        if saved != cfg.identity():
-            diffs = [k for k in saved if saved[k] != cfg.identity().get(k)]
-            raise ConfigError(f"{out} was trained with different settings ({', '.join(diffs)}); resume with the same ones")
+        diffs = config_diff(state["config"], cfg.identity())
+        if diffs:
+            raise ConfigError(f"{out} was trained with different settings: {'; '.join(diffs)}; resume with the "
+                              "same ones")
         accelerator.unwrap_model(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -145,7 +179,31 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
     else:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg) | {"store_attrs": _store_summary(data)},
                                                         sort_keys=False))
+    _log(accelerator, f"training {cfg.student} on {len(train_idx)} images ({int((data.split[train_idx] == -2).sum())} "
+         f"unlabelled), {len(loader)} steps per epoch on {device} ({mp} mixed precision), "
+         f"{'in RAM' if data.in_memory else 'streaming chunks'}")
 
+    try:
+        train_epochs(cfg, accelerator, model, train_model, optimizer, scheduler, ema, loader, val_loader, data,
+                     history, best, start, len(val_idx), progress)
+    except NonFiniteError as e:
+        _fail(out, str(e))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        summary = finish(cfg, data, out)
+        teacher = summary.get("teacher_probe_val_macro_f1")
+        if "val_macro_f1" in summary:
+            _log(accelerator, f"held-out macro-F1: student {summary['val_macro_f1']:.4f}, teacher probe "
+                 + (f"{teacher:.4f}" if teacher is not None else "-") + f" ({len(val_idx)} images)")
+    return out
+
+
+def train_epochs(cfg: FitConfig, accelerator, model, train_model, optimizer, scheduler, ema, loader: Loader,
+                 val_loader: Loader, data: StoreData, history: list, best: float, start: int, num_val: int,
+                 progress: bool) -> None:
+    """Epochs start.. of the run: train, validate, checkpoint (last and best), log."""
+    out, w = Path(cfg.out), cfg.loss
+    ckpt_path = out / "checkpoints" / "last.pt"
     for epoch in range(start, cfg.optim.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -154,11 +212,16 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
         bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
                    unit="batch", disable=None if progress and accelerator.is_main_process else True,
                    file=sys.stderr, leave=False)
-        for batch in bar:
+        for step, batch in enumerate(bar):
             x = batch.pixels.contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch.pixels
             with accelerator.autocast():
                 logits, p, q = train_model(x)
-                loss, parts = total_loss(w, logits, batch.targets, batch.logits, p, batch.pooled, q, batch.patches)
+                loss, parts = total_loss(w, logits, batch.targets, batch.labelled, batch.logits, p, batch.pooled,
+                                         q, batch.patches)
+            if not torch.isfinite(loss.detach()):
+                _fail(out, f"non-finite loss ({parts}) at epoch {epoch + 1}, step {step + 1}, store images "
+                      f"{batch.index[:8].tolist()}{' ...' if len(batch.index) > 8 else ''}; check the store with "
+                      f"`featurestore verify {cfg.store}`")
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
@@ -175,34 +238,35 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
         row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]} | {f"train_{k}": v / seen for k, v in sums.items()}
         eval_student = ema.module if ema is not None else accelerator.unwrap_model(model).student
         m = None
-        if len(val_idx):
+        if num_val:
             m = evaluate_loader(eval_student, val_loader, data.classes)
             row |= {"val_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"]}
         row |= {"epoch_seconds": elapsed, "samples_per_s": seen * accelerator.num_processes / elapsed}
         history.append(row)
         score = row.get("val_macro_f1", -epoch)
-        is_best = score > best if len(val_idx) else True
+        is_best = score > best if num_val else True
         if accelerator.is_main_process:
             if is_best:
-                best = score if len(val_idx) else best
-                _save_atomic({"student": _cpu_state(eval_student), "epoch": epoch, "metrics": row, "val": m},
-                             out / "checkpoints" / "best.pt")
-            _save_atomic({"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                          "rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch,
-                          "config": cfg.identity()}, ckpt_path)
-            _write_text_atomic("".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
+                best = score if num_val else best
+                save_atomic({"student": _cpu_state(eval_student), "epoch": epoch, "metrics": row, "val": m},
+                            out / "checkpoints" / "best.pt")
+            save_atomic({"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                         "rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch,
+                         "config": cfg.identity()}, ckpt_path)
+            write_text_atomic("".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
         msg = f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {row['train_loss']:.4f}"
         if "val_macro_f1" in row:
             msg += f"  val macro-F1 {row['val_macro_f1']:.4f}  acc {row['val_accuracy']:.4f}"
         _log(accelerator, msg + f"  {row['samples_per_s']:.0f} samples/s  {elapsed:.1f}s")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        finish(cfg, data, out)
-    return out
 
 
-def finish(cfg: FitConfig, data: StoreData, out: Path) -> None:
+def _fail(out: Path, reason: str) -> None:
+    (out / FAILED).write_text(reason + "\n")
+    raise TrainingError(f"{reason}; the run is marked failed ({out / FAILED}) and exports nothing")
+
+
+def finish(cfg: FitConfig, data: StoreData, out: Path) -> dict:
     """Export the best student, write the summary and the pictures."""
     from trainer import export, plots
 
@@ -218,10 +282,11 @@ def finish(cfg: FitConfig, data: StoreData, out: Path) -> None:
     if cfg.onnx:
         export.export_onnx(student, out / "student.onnx", cfg.image_size)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    probe = data.store.attrs.get("metrics", {}).get("probe", {})
     summary = {"student": cfg.student, "size_mb": path.stat().st_size / 1e6, "params_mb": size_mb(student),
                "best_epoch": best["epoch"] + 1,
-               "teacher_probe_cv_macro_f1": data.store.attrs.get("metrics", {}).get("probe", {}).get("cv_macro_f1"),
-               "teacher_probe_val_macro_f1": data.store.attrs.get("metrics", {}).get("probe", {}).get("val_macro_f1"),
+               "teacher_probe_cv_macro_f1": probe.get("cv_macro_f1"),
+               "teacher_probe_val_macro_f1": probe.get("val_macro_f1"),
                "seconds_per_epoch": float(np.median([h["epoch_seconds"] for h in history])),
                "samples_per_s": float(np.median([h["samples_per_s"] for h in history]))}
     plots.training_curves(history, out / "curves.png")
@@ -232,6 +297,7 @@ def finish(cfg: FitConfig, data: StoreData, out: Path) -> None:
         plots.per_class_f1(m, out / "per_class_f1.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"exported {path} ({summary['size_mb']:.2f} MB); run summary in {out / 'summary.json'}", file=sys.stderr)
+    return summary
 
 
 @torch.no_grad()

@@ -1,0 +1,48 @@
+"""Named training recipes for `trainer sweep`: a plain dict from name to the loss terms it turns on.
+
+A recipe keeps the base config's weight for each term it uses (flags or YAML; the built-in defaults
+otherwise) and turns the other terms off; a term it needs that the base leaves at 0 gets a standard
+weight (KD 1, pooled 0.5, patches 0.5). `base` is the base config as given. ':labelled' after a name
+ignores the store's unlabelled images.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from featurestore.config import ConfigError
+from trainer.config import FitConfig
+
+TEACHER_TERMS = ("kd", "dist", "pooled", "patches")
+STANDARD = {"kd": 1.0, "pooled": 0.5, "patches": 0.5}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    about: str
+    ce: bool                             # cross-entropy on the labels
+    terms: tuple[str, ...] | None        # teacher terms kept; None: the base config unchanged
+
+
+RECIPES: dict[str, Recipe] = {
+    "labels": Recipe("cross-entropy only", True, ()),
+    "kd": Recipe("cross-entropy + KD", True, ("kd",)),
+    "kd+features": Recipe("cross-entropy + KD + pooled (+ patches when stored)", True, ("kd", "pooled", "patches")),
+    "kd-only": Recipe("KD + pooled (+ patches), no cross-entropy", False, ("kd", "pooled", "patches")),
+    "base": Recipe("the fit config as given (the defaults, or --config and flags)", True, None),
+}
+
+
+def apply(spec: str, base: FitConfig, has_patches: bool) -> FitConfig:
+    """The run config of recipe `spec` ('name' or 'name:labelled') on top of `base`."""
+    name, _, modifier = spec.partition(":")
+    if name not in RECIPES or modifier not in ("", "labelled"):
+        raise ConfigError(f"unknown recipe {spec!r}; choose from {sorted(RECIPES)}, optionally with ':labelled'")
+    r, w = RECIPES[name], base.loss
+    if r.terms is not None:
+        weights = {t: (getattr(w, t) or STANDARD.get(t, 0.0)) if t in r.terms else 0.0 for t in TEACHER_TERMS}
+        if not has_patches:
+            weights["patches"] = 0.0
+        w = dataclasses.replace(w, ce=(w.ce or 1.0) if r.ce else 0.0, **weights)
+    teacher = any(getattr(w, t) for t in TEACHER_TERMS)          # unlabelled images need a teacher term
+    return dataclasses.replace(base, loss=w, unlabeled=base.unlabeled and modifier != "labelled" and teacher)

@@ -1,0 +1,169 @@
+"""`trainer sweep`: recipes x seeds on one store, compared on its held-out images.
+
+Each run is an ordinary `trainer fit` run under <out>/runs/<recipe>-s<seed>; a finished run is
+reused and an interrupted one resumed, so a sweep stopped at any point continues where it was.
+`--search N` tunes lr, temperature and loss weights with Optuna (TPE, the study kept in
+<out>/search.db) on the same held-out images and adds the best trial as the recipe "search".
+Writes sweep.json, sweep.md, sweep.png and the best run's student.pt (+ .json).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from featurestore.config import ConfigError
+from featurestore.store import Store
+from trainer import recipes as recipes_mod
+from trainer.config import FitConfig
+
+
+@dataclass
+class SweepResult:
+    path: Path
+    summary: dict
+    table: str
+
+
+def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
+          eval_images: str | None = None) -> SweepResult:
+    if not base.store or not base.out:
+        raise ConfigError("give --store (a featurestore store) and --out (the sweep directory)")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    out = Path(base.out)
+    with Store.open(base.store) as s:
+        has_patches = "teacher/patches" in {f.name for f in s.fields()}
+        teacher = s.attrs.get("metrics", {}).get("probe", {}).get("val_macro_f1")
+    specs = {name: recipes_mod.apply(name, base, has_patches) for name in recipes}     # checks every name first
+    if search:
+        specs["search"] = _search(base, has_patches, search, out)
+    rows = []
+    for name, cfg in specs.items():
+        runs = [_run(dataclasses.replace(cfg, seed=base.seed + j, out=str(out / "runs" / f"{_slug(name)}-s{base.seed + j}")),
+                     eval_images) for j in range(seeds)]
+        f1 = [r["val_macro_f1"] for r in runs]
+        row = {"name": name, "val_macro_f1_mean": statistics.fmean(f1),
+               "val_macro_f1_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
+               "seeds": [r["seed"] for r in runs], "val_macro_f1": f1,
+               "seconds": statistics.fmean(r["seconds"] for r in runs), "runs": [r["run"] for r in runs],
+               "loss": dataclasses.asdict(cfg.loss), "unlabeled": cfg.unlabeled,
+               "optim": dataclasses.asdict(cfg.optim)}
+        if eval_images:
+            e = [r["eval_macro_f1"] for r in runs]
+            row |= {"eval_macro_f1_mean": statistics.fmean(e), "eval_macro_f1_std": statistics.stdev(e) if len(e) > 1 else 0.0}
+        rows.append(row)
+        print(f"sweep: {name}: held-out macro-F1 {row['val_macro_f1_mean']:.4f} +- {row['val_macro_f1_std']:.4f} "
+              f"over {seeds} seed(s)", file=sys.stderr, flush=True)
+    best = max(rows, key=lambda r: r["val_macro_f1_mean"])
+    best_run = Path(max(zip(best["val_macro_f1"], best["runs"]))[1])
+    for suffix in (".pt", ".json"):
+        shutil.copyfile(best_run / f"student{suffix}", out / f"student{suffix}")
+    summary = {"store": str(base.store), "recipes": rows, "best": best["name"], "best_run": str(best_run),
+               "teacher_probe_val_macro_f1": teacher, "eval_images": eval_images}
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    table = format_table(summary)
+    (out / "sweep.md").write_text(table + "\n")
+    _plot(summary, out / "sweep.png")
+    return SweepResult(out, summary, table)
+
+
+def _run(cfg: FitConfig, eval_images: str | None) -> dict:
+    """Fit (or reuse, or resume) one run; returns its seed, held-out macro-F1, seconds, eval macro-F1."""
+    from trainer.training import FAILED, fit
+    run = Path(cfg.out)
+    record = run / "sweep_run.json"
+    if not record.is_file():
+        if (run / FAILED).is_file():
+            raise ConfigError(f"run {run} of this sweep failed: {(run / FAILED).read_text().strip()}")
+        resume = (run / "checkpoints" / "last.pt").is_file()
+        if run.exists() and not resume:
+            shutil.rmtree(run)                        # started, but not one epoch finished
+        t0 = time.perf_counter()
+        fit(cfg, resume=resume, progress=False)
+        summary = json.loads((run / "summary.json").read_text())
+        record.write_text(json.dumps({"seed": cfg.seed, "run": str(run), "val_macro_f1": summary["val_macro_f1"],
+                                      "seconds": time.perf_counter() - t0}))
+    result = json.loads(record.read_text())
+    if eval_images and "eval_macro_f1" not in result:
+        from trainer.evaluate import evaluate
+        m = evaluate(run / "student.pt", eval_images, workers=0)
+        (run / "eval.json").write_text(json.dumps(m, indent=2))
+        result["eval_macro_f1"] = m["macro_f1"]
+        record.write_text(json.dumps(result))
+    return result
+
+
+def _search(base: FitConfig, has_patches: bool, trials: int, out: Path) -> FitConfig:
+    """Optuna TPE over lr, temperature and loss weights; the best trial's config (held-out macro-F1)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def config(t) -> FitConfig:
+        w = dataclasses.replace(base.loss, ce=t.suggest_float("ce", 0.0, 1.0), kd=t.suggest_float("kd", 0.0, 2.0),
+                                temperature=t.suggest_float("temperature", 1.0, 6.0),
+                                pooled=t.suggest_float("pooled", 0.0, 1.0),
+                                patches=t.suggest_float("patches", 0.0, 1.0) if has_patches else 0.0)
+        optim = dataclasses.replace(base.optim, lr=t.suggest_float("lr", 3e-4, 1e-2, log=True))
+        return dataclasses.replace(base, loss=w, optim=optim)
+
+    def objective(t) -> float:
+        cfg = dataclasses.replace(config(t), out=str(out / "search" / f"trial-{t.number}"))
+        return _run(cfg, None)["val_macro_f1"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(direction="maximize", study_name="kdstore", load_if_exists=True,
+                                storage=f"sqlite:///{out / 'search.db'}",
+                                sampler=optuna.samplers.TPESampler(seed=base.seed))
+    left = trials - len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
+    if left > 0:
+        study.optimize(objective, n_trials=left)
+    print(f"sweep: search best held-out macro-F1 {study.best_value:.4f} with {study.best_params}",
+          file=sys.stderr, flush=True)
+    return config(optuna.trial.FixedTrial(study.best_params))
+
+
+def format_table(summary: dict) -> str:
+    from trainer.cli import md_table
+    fresh = summary.get("eval_images")
+    header = ["recipe", "held-out macro-F1 (mean +- std)", "seeds", "s/run"] + (["fresh-image macro-F1"] if fresh else [])
+    rows = []
+    if summary.get("teacher_probe_val_macro_f1") is not None:
+        rows.append(["teacher probe", f"{summary['teacher_probe_val_macro_f1']:.3f}", "-", "-"] + (["-"] if fresh else []))
+    for r in summary["recipes"]:
+        mark = " (best)" if r["name"] == summary["best"] else ""
+        row = [r["name"] + mark, f"{r['val_macro_f1_mean']:.3f} +- {r['val_macro_f1_std']:.3f}", len(r["seeds"]),
+               f"{r['seconds']:.0f}"]
+        if fresh:
+            row.append(f"{r['eval_macro_f1_mean']:.3f} +- {r['eval_macro_f1_std']:.3f}")
+        rows.append(row)
+    return md_table(header, rows)
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["recipes"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 4))
+    names = [r["name"] for r in rows]
+    ax.bar(names, [r["val_macro_f1_mean"] for r in rows], yerr=[r["val_macro_f1_std"] for r in rows], capsize=6,
+           color=["tab:orange" if r["name"] == summary["best"] else "tab:blue" for r in rows])
+    if summary.get("teacher_probe_val_macro_f1") is not None:
+        ax.axhline(summary["teacher_probe_val_macro_f1"], color="tab:red", linestyle="--", label="teacher probe")
+        ax.legend(loc="lower right")
+    ax.set(ylim=(0, 1), ylabel="held-out macro-F1 (mean, std over seeds)", title="trainer sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _slug(name: str) -> str:
+    return name.replace(":", "_").replace("+", "_")
