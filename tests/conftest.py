@@ -35,9 +35,15 @@ def demo_images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_store(tmp_path_factory, demo_images) -> Path:
+def unlabeled_images(tmp_path_factory) -> Path:
+    return write_demo_data(tmp_path_factory.mktemp("unlabeled") / "more", per_class=2, seed=7, flat=True)
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory, demo_images, unlabeled_images) -> Path:
+    """60 labelled and 20 unlabelled images, 3 views, chunks of 8."""
     out = tmp_path_factory.mktemp("stores") / "small.zarr"
-    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL) == 0
+    assert run_cli("build", "--images", demo_images, "--unlabeled", unlabeled_images, "--out", out, *SMALL) == 0
     return out
 
 

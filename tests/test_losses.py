@@ -63,6 +63,38 @@ def test_cosine_and_total():
     s, t = torch.randn(4, 3), torch.randn(4, 3)
     q = F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
     w = LossWeights(ce=0.5, kd=2.0, dist=0.0, pooled=0.0, patches=0.0, temperature=3.0, label_smoothing=0.0)
-    total, parts = total_loss(w, s, q, t)
+    total, parts = total_loss(w, s, q, torch.ones(4, dtype=torch.bool), t)
     assert set(parts) == {"ce", "kd"}
     torch.testing.assert_close(total, 0.5 * soft_cross_entropy(s, q) + 2.0 * kd_loss(s, t, 3.0))
+
+
+def test_unlabelled_samples_send_no_cross_entropy_gradient():
+    """CE averages over labelled samples only; an unlabelled row gets gradient from the teacher terms alone."""
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(6, 4, generator=g, requires_grad=True)
+    t = torch.randn(6, 4, generator=g)
+    labelled = torch.tensor([True, True, False, True, False, False])
+    q = F.one_hot(torch.tensor([0, 3, 0, 2, 0, 0]), 4).float() * labelled[:, None]
+    ce = soft_cross_entropy(s, q, 0.1, labelled)
+    ce.backward()
+    assert (s.grad[~labelled] == 0).all() and (s.grad[labelled] != 0).any()
+    torch.testing.assert_close(ce, soft_cross_entropy(s[labelled], q[labelled], 0.1))   # mean over labelled ones
+    s.grad = None
+    none = soft_cross_entropy(s, torch.zeros(6, 4), 0.1, torch.zeros(6, dtype=torch.bool))
+    assert none.item() == 0
+    w = LossWeights(ce=1.0, kd=1.0, pooled=0.0, patches=0.0, label_smoothing=0.1)
+    total, parts = total_loss(w, s, q, labelled, t)
+    total.backward()
+    kd_grad = torch.autograd.grad(kd_loss(s, t, w.temperature), s)[0]
+    torch.testing.assert_close(s.grad[~labelled], kd_grad[~labelled])
+
+
+def test_kd_gate_drops_labelled_views_the_teacher_gets_wrong():
+    s = torch.zeros(4, 3)
+    t = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0], [0, 0, 5.0]])       # teacher top class: 0, 1, 0, 2
+    q = F.one_hot(torch.tensor([0, 0, 0, 0]), 3).float()
+    labelled = torch.tensor([True, True, False, True])
+    w = LossWeights(ce=0.0, kd=1.0, pooled=0.0, patches=0.0, kd_gate="correct")
+    _, parts = total_loss(w, s, q * labelled[:, None], labelled, t)
+    keep = torch.tensor([True, False, True, False])                              # right, wrong, unlabelled, wrong
+    assert parts["kd"] == pytest.approx(kd_loss(s[keep], t[keep], w.temperature).item())

@@ -104,6 +104,24 @@ def test_build_skips_bad_files_and_reports_each(tmp_path, capsys):
     assert run_cli("inspect", out) == 0
     text = capsys.readouterr().out
     assert "6 skipped" in text and "too small: 1" in text
+    assert "a_good/empty.jpg: empty file (0 bytes)" in text and "b_other/tiny.png: too small" in text   # named
+
+
+def test_extreme_aspect_ratios_are_noted_in_the_report(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(smooth_image(60, 70, seed=j)).save(root / name / f"ok_{j}.png")
+    Image.fromarray(np.full((10, 1000, 3), 128, np.uint8)).save(root / "a" / "strip.png")     # 100:1
+    out = tmp_path / "s.zarr"
+    assert run_cli("build", "--images", root, "--out", out, *SMALL) == 0
+    with Store.open(out) as s:
+        notes = s.attrs["report"]["notes"]
+        assert notes == [{"id": "a/strip.png", "note": "extreme aspect 1000x10 squashed to a square"}]
+        assert s.attrs["report"]["converted"]["extreme aspect"] == 1
+    assert run_cli("inspect", out) == 0
+    assert "note       a/strip.png: extreme aspect 1000x10 squashed to a square" in capsys.readouterr().out
 
 
 def test_on_bad_image_fail_stops_before_teacher_work(tmp_path, capsys):

@@ -1,5 +1,8 @@
-"""Round trips through both backends, across chunk and shard boundaries and a partial last chunk."""
+"""Round trips through both backends, across chunk and shard boundaries and a partial last chunk;
+the v2 layout (one view of one chunk is one stored chunk), checksums, native HDF5 attributes."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -9,18 +12,34 @@ from featurestore.store import Store
 from featurestore.views import PARAM_NAMES
 
 
-def _attrs(n, k, chunk, grid):
+def _attrs(n, k, chunk, grid, **kw):
     return {"format_version": FORMAT_VERSION, "classes": [f"c{i}" for i in range(5)], "num_images": n,
             "views_per_image": k, "image_size": 16, "chunk_size": chunk, "embed_dim": 12, "patch_grid": grid,
-            "heads": ["probe", "zeroshot"], "param_names": list(PARAM_NAMES), "teacher": {"id": "x"}}
+            "patch_dim": 12, "heads": ["probe", "zeroshot"], "param_names": list(PARAM_NAMES),
+            "teacher": {"id": "x"}, "id_bytes": 20} | kw
 
 
 def _seeded(name, shape, dtype, i):
     """Data for image i of field `name`: a pure function of (name, i)."""
     rng = np.random.default_rng([i, sum(map(ord, name))])
+    if dtype == "str":
+        return np.array(f"cls/img_{i}.jpg", dtype=object)
     if np.dtype(dtype).kind in "iu":
         return rng.integers(0, 100, size=shape).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)
+
+
+def write_seeded(store: Store) -> dict[str, np.ndarray]:
+    written = {}
+    for c in range(store.num_chunks):       # write whole chunks, as the builder does
+        a, b = store.chunk_range(c)
+        for f in store.fields():
+            shape = store[f.name].shape[1:]
+            block = np.stack([_seeded(f.name, shape, f.dtype, i) for i in range(a, b)])
+            store.write(f.name, a, block)
+            written.setdefault(f.name, []).append(block)
+        store.mark_done(c)
+    return {k: np.concatenate(v) for k, v in written.items()}
 
 
 @pytest.mark.parametrize("suffix,compression", [(".zarr", "zstd"), (".zarr", "none"), (".zarr", "blosc"),
@@ -29,16 +48,7 @@ def _seeded(name, shape, dtype, i):
 def test_round_trip_across_chunks(tmp_path, suffix, compression, grid):
     n, k, chunk = 23, 3, 5                   # 5 chunks, the last one partial (3 images)
     store = Store.create(tmp_path / f"s{suffix}", _attrs(n, k, chunk, grid), compression)
-    written = {}
-    for c in range(store.num_chunks):       # write whole chunks, as the builder does
-        a, b = store.chunk_range(c)
-        for f in store.fields():
-            shape = store[f.name].shape[1:]
-            block = np.stack([_seeded(f.name, shape, f.dtype, i) for i in range(a, b)])
-            store[f.name][a:b] = block
-            written.setdefault(f.name, []).append(block)
-        store["progress/done"][c] = True
-    store["ids"][:] = np.array([f"cls/img_{i}.jpg" for i in range(n)], dtype=object)
+    written = write_seeded(store)
     store.close()
 
     with Store.open(tmp_path / f"s{suffix}") as r:
@@ -46,13 +56,50 @@ def test_round_trip_across_chunks(tmp_path, suffix, compression, grid):
         assert r.done().all()
         assert r.ids() == [f"cls/img_{i}.jpg" for i in range(n)]
         for f in r.fields():
-            full = np.concatenate(written[f.name])
+            if f.dtype == "str":
+                continue
+            full = written[f.name]
             np.testing.assert_array_equal(r.read(f.name), full)
             assert r.read(f.name).dtype == np.dtype(f.dtype)
             np.testing.assert_array_equal(r.read(f.name, 4, 11), full[4:11])   # straddles a boundary
-        chunk3 = r.read_chunk(3)
-        np.testing.assert_array_equal(chunk3["teacher/pooled"], np.concatenate(written["teacher/pooled"])[15:20])
+            if f.per_view:
+                for c, v in ((0, 0), (4, 2), (2, 1)):
+                    a, b = r.chunk_range(c)
+                    np.testing.assert_array_equal(r.read_view(f.name, c, v), full[a:b, v])
+        rows = np.array([1, 4, 5, 17, 22])
+        np.testing.assert_array_equal(r.read_rows("images", rows), written["images"][rows])
+        np.testing.assert_array_equal(r.read_rows("teacher/pooled", rows, view=2), written["teacher/pooled"][rows, 2])
         assert ("teacher/patches" in r) == bool(grid)
+
+
+def test_one_view_of_one_chunk_is_one_stored_chunk(tmp_path):
+    """Zarr: per-view arrays are sharded by store chunk with inner chunks (chunk, 1 view, ...); HDF5 alike;
+    and every chunk carries a checksum (crc32c after the compressor; fletcher32)."""
+    z = Store.create(tmp_path / "s.zarr", _attrs(23, 3, 5, 2, image_size=40), "zstd")
+    arr = z["teacher/patches"]
+    assert arr.shards == (5, 3, 2, 2, 12) and arr.chunks == (5, 1, 2, 2, 12)
+    names = [type(c).__name__ for c in arr.metadata.codecs[0].codecs]
+    assert names == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
+    assert z["images"].chunks == (1, 40, 40, 3) and z["images"].shards == (5, 40, 40, 3)   # one image each
+    for name in ("labels", "split", "ids", "sha256", "progress/done"):
+        assert "Crc32cCodec" in [type(c).__name__ for c in z[name].metadata.codecs], name
+    h = Store.create(tmp_path / "s.h5", _attrs(23, 3, 5, 2), "lzf")
+    assert h["teacher/patches"].chunks == (5, 1, 2, 2, 12) and h["views/params"].chunks == (5, 1, len(PARAM_NAMES))
+    for f in h.fields():
+        assert h[f.name].fletcher32, f.name
+    assert h["progress/done"].fletcher32
+
+
+def test_hdf5_attributes_are_native_scalars(tmp_path):
+    import h5py
+    path = tmp_path / "s.h5"
+    Store.create(path, _attrs(4, 1, 2, 0, complete=True), "none").close()
+    with h5py.File(path, "r") as f:
+        assert f.attrs["chunk_size"] == 2 and isinstance(f.attrs["chunk_size"], np.integer)
+        assert f.attrs["complete"] == np.True_ and f.attrs["format_version"] == FORMAT_VERSION
+        assert json.loads(f.attrs["classes"]) == [f"c{i}" for i in range(5)]      # lists stay JSON
+    with Store.open(path) as s:
+        assert s.attrs["chunk_size"] == 2 and s.attrs["complete"] is True and s.attrs["teacher"] == {"id": "x"}
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
@@ -62,6 +109,17 @@ def test_open_refuses_other_format_version(tmp_path, suffix):
     store.set_attrs({"format_version": 99})
     store.close()
     with pytest.raises(StoreError, match="format_version 99"):
+        Store.open(path)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_version_1_stores_are_refused_with_what_to_do(tmp_path, suffix):
+    path = tmp_path / f"s{suffix}"
+    store = Store.create(path, _attrs(4, 1, 2, 0), "none")
+    store.set_attrs({"format_version": 1})
+    store.close()
+    with pytest.raises(StoreError, match=r"format_version 1; this kdstore reads version 2: it was written by an "
+                                         r"older kdstore; rebuild it with `featurestore build`"):
         Store.open(path)
 
 

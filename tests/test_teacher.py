@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SMALL, run_cli
-from featurestore.build import decode_side
+from conftest import REPO, SMALL, run_cli
+from featurestore.builder import decode_side
 from featurestore import views
 from featurestore.sources import decode
 from featurestore.store import Store
@@ -56,7 +56,7 @@ def test_zeroshot_logits_equal_siglip_logits_per_image(hf_store, demo_images, ti
     tok = AutoTokenizer.from_pretrained(tiny_siglip_dir)
     teacher = load_teacher(str(tiny_siglip_dir), device="cpu")
     with Store.open(hf_store) as s:
-        prompts = s.attrs["prompts"]
+        prompts = [group[0] for group in s.attrs["prompts"]]          # one prompt per class here
         assert prompts[1] == "a photo of Warts Molluscum and other Viral Infections"
         ids, n = s.ids()[:6], 6
         params = torch.from_numpy(s.read("views/params", 0, n)).reshape(n * 3, -1)
@@ -78,6 +78,66 @@ def test_zeroshot_logits_equal_siglip_logits_per_image(hf_store, demo_images, ti
         pooled = model.vision_model(pixel_values=pix).pooler_output.numpy()
     np.testing.assert_allclose(stored_pooled[index.numpy()], pooled, atol=3e-3)
     assert (chunk_partner[index] == -1).all()
+
+
+def test_prompt_files_average_normalised_text_embeddings(tmp_path, demo_images, tiny_siglip_dir):
+    """--prompts: a class's prompts are embedded by the text tower, normalised, averaged and normalised
+    again; classes without prompts use the template; logits as SiglipModel computes them."""
+    from transformers import AutoTokenizer, SiglipModel
+    names = sorted(p.name for p in demo_images.iterdir())
+    (tmp_path / "prompts.yaml").write_text(
+        f"'{names[0]}': [a red itchy rash, dry scaly skin]\n"
+        "Melanoma: [a dark irregular mole, an asymmetric pigmented lesion, a black spot]\n")
+    out = tmp_path / "p.zarr"
+    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL, "--teacher", tiny_siglip_dir,
+                   "--prompts", tmp_path / "prompts.yaml") == 0
+    model = SiglipModel.from_pretrained(tiny_siglip_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_siglip_dir)
+    with Store.open(out) as s:
+        prompts, heads = s.attrs["prompts"], s.head_arrays("zeroshot")
+        pooled, logits = s.read("teacher/pooled", 0, 4)[:, 0], s.read("teacher/logits/zeroshot", 0, 4)[:, 0]
+    assert prompts[0] == ["a red itchy rash", "dry scaly skin"] and len(prompts[2]) == 3
+    assert prompts[1] == ["Warts Molluscum and other Viral Infections"]
+    with torch.no_grad():
+        def embed(texts):
+            ids = tok(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")["input_ids"]
+            e = model.get_text_features(input_ids=ids)
+            e = getattr(e, "pooler_output", e)
+            return torch.nn.functional.normalize(e, dim=-1)
+        expected = torch.stack([torch.nn.functional.normalize(embed(g).mean(0), dim=-1) for g in prompts])
+    np.testing.assert_allclose(heads["text_embeds"], expected.numpy(), atol=1e-5)
+    cos = torch.nn.functional.normalize(torch.from_numpy(pooled).float(), dim=-1) @ expected.T
+    ref = cos * model.logit_scale.exp() + model.logit_bias
+    np.testing.assert_allclose(logits, ref.detach().numpy(), atol=2e-3)
+    (tmp_path / "bad.yaml").write_text("Dragons: [a dragon]\n")
+    assert run_cli("build", "--images", demo_images, "--out", tmp_path / "q.zarr", *SMALL, "--teacher",
+                   tiny_siglip_dir, "--prompts", tmp_path / "bad.yaml") == 2
+
+
+def test_class_names_are_cleaned_for_prompts():
+    from featurestore.demo import REFERENCE_CLASSES
+    from featurestore.sources import class_display_name
+    assert [class_display_name(c) for c in REFERENCE_CLASSES] == [
+        "Eczema", "Melanoma", "Atopic Dermatitis", "Basal Cell Carcinoma (BCC)", "Melanocytic Nevi (NV)",
+        "Benign Keratosis-like Lesions (BKL)", "Psoriasis pictures Lichen Planus and related diseases",
+        "Seborrheic Keratoses and other Benign Tumors", "Tinea Ringworm Candidiasis and other Fungal Infections",
+        "Warts Molluscum and other Viral Infections"]
+    assert class_display_name("1. Eczema 1677") == "Eczema"
+    assert class_display_name("5. Melanocytic Nevi (NV) - 7970") == "Melanocytic Nevi (NV)"
+    assert class_display_name("2. Melanoma 15.75k") == "Melanoma"
+    assert class_display_name("10. Warts Molluscum and other Viral Infections - 2103") == \
+        "Warts Molluscum and other Viral Infections"
+
+
+def test_reference_config_ships_prompts_for_the_ten_classes():
+    from featurestore.config import BuildConfig, from_dict, load_yaml
+    from featurestore.demo import REFERENCE_CLASSES
+    from featurestore.sources import class_display_name
+    cfg = from_dict(BuildConfig, load_yaml(REPO / "configs" / "medsiglip-448.yaml") | {"images": "x", "out": "y"})
+    cfg.validate()
+    cleaned = {class_display_name(c) for c in REFERENCE_CLASSES}
+    assert set(cfg.teacher.prompts) == cleaned or set(cfg.teacher.prompts) == set(REFERENCE_CLASSES)
+    assert all(len(v) >= 2 for v in cfg.teacher.prompts.values())
 
 
 def test_vision_only_checkpoint_gives_probe_head_alone(tmp_path, demo_images, tiny_vision_dir):

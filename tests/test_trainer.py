@@ -29,12 +29,13 @@ def run_trainer(*args) -> int:
 
 @pytest.fixture(scope="module")
 def learn_store(tmp_path_factory) -> Path:
-    """300 demo images, 4 views, mixing on: enough to learn from in seconds."""
+    """300 demo images and 40 unlabelled ones, 4 views, mixing on: enough to learn from in seconds."""
     root = tmp_path_factory.mktemp("learn")
     images = write_demo_data(root / "images", per_class=30, seed=3)
+    more = write_demo_data(root / "more", per_class=4, seed=4, flat=True)
     out = root / "s.zarr"
-    assert run_cli("build", "--images", images, "--out", out, "--teacher", "random:tiny", "--views", "4",
-                   "--image-size", "96", "--chunk-size", "16", "--patch-grid", "2", "--workers", "0",
+    assert run_cli("build", "--images", images, "--unlabeled", more, "--out", out, "--teacher", "random:tiny",
+                   "--views", "4", "--image-size", "96", "--chunk-size", "16", "--patch-grid", "2", "--workers", "0",
                    "--mix-prob", "0.3", "--val-fraction", "0.2") == 0
     return out
 
@@ -44,18 +45,23 @@ def trained_run(tmp_path_factory, learn_store) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
     assert run_trainer("fit", "--store", learn_store, "--out", out, "--student", "shufflenet_v2_x0_5",
                        "--image-size", "96", "--batch-size", "16", "--epochs", "14", "--lr", "3e-3", "--cpu",
-                       "--w-kd", "0.3", "--w-pooled", "0.1", "--w-patches", "0.1", "--ema", "0.9") == 0
+                       "--w-kd", "0.3", "--w-pooled", "0.1", "--w-patches", "0.1", "--ema", "0.9", "--no-unlabeled") == 0
     return out
 
 
+def _loader(store, ram_gb=8.0, **kw):
+    data = StoreData(str(store), "probe", need_pooled=True, need_patches=True, ram_budget_gb=ram_gb)
+    idx = np.flatnonzero(data.split >= 0) if kw.pop("labelled_only", False) else np.flatnonzero(data.split != -1)
+    return data, Loader(data, idx, kw.pop("batch", 8), 48, kw.pop("seed", 5), torch.device("cpu"), True, **kw)
+
+
 def test_batches_render_exactly_the_views_the_teacher_scored(learn_store):
-    data = StoreData(str(learn_store), "probe", need_pooled=True, need_patches=True)
-    loader = Loader(data, np.flatnonzero(data.split >= 0), 8, 48, seed=5, device=torch.device("cpu"), train=True)
+    data, loader = _loader(learn_store)
     with Store.open(learn_store) as s:
         images, params, logits = s.read("images"), s.read("views/params"), s.read("teacher/logits/probe")
         pooled, patches, labels = s.read("teacher/pooled"), s.read("teacher/patches"), s.read("labels")
-    mixed_seen = 0
-    for batch in list(loader.epoch(2))[:6]:
+    mixed_seen = unlabelled_seen = 0
+    for batch in list(loader.epoch(2))[:8]:
         i, k = batch.index.numpy(), batch.view.numpy()
         np.testing.assert_array_equal(batch.logits.numpy(), logits[i, k])
         np.testing.assert_array_equal(batch.pooled.numpy(), pooled[i, k].astype(np.float32))
@@ -65,52 +71,96 @@ def test_batches_render_exactly_the_views_the_teacher_scored(learn_store):
             p = params[i[b], k[b]]
             partner = int(p[views.COL["mix_partner"]])
             srcs = [torch.from_numpy(images[i[b]]).permute(2, 0, 1)]
+            if labels[i[b]] < 0:
+                unlabelled_seen += 1
+                assert batch.targets[b].abs().sum() == 0            # no label, mixed or not
             if partner >= 0:
                 srcs.append(torch.from_numpy(images[partner]).permute(2, 0, 1))
                 mixed_seen += 1
-                lam = p[views.COL["mix_lambda"]]
-                assert batch.targets[b, labels[i[b]]] >= lam - 1e-6
-                assert batch.targets[b].sum().item() == pytest.approx(1.0)
+                assert (labels[partner] < 0) == (labels[i[b]] < 0)   # labelled views mix with labelled ones
+                if labels[i[b]] >= 0:
+                    lam = p[views.COL["mix_lambda"]]
+                    assert batch.targets[b, labels[i[b]]] >= lam - 1e-6
+                    assert batch.targets[b].sum().item() == pytest.approx(1.0)
             ref = views.render(srcs, torch.tensor([0]), torch.from_numpy(p[None]), 48,
                                partner_index=torch.tensor([1 if partner >= 0 else -1]))
             ref = (ref - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
             torch.testing.assert_close(batch.pixels[b:b + 1], ref)
-    assert mixed_seen > 0
+    assert mixed_seen > 0 and unlabelled_seen > 0
 
 
-def test_order_is_a_function_of_seed_and_epoch(learn_store):
-    data = StoreData(str(learn_store), None, False, False)
-    idx = np.flatnonzero(data.split >= 0)
-    a = Loader(data, idx, 8, 48, 1, torch.device("cpu"), True)
-    b = Loader(data, idx, 8, 48, 1, torch.device("cpu"), True)
+def test_plan_is_a_function_of_seed_and_epoch_with_one_view_per_chunk(learn_store):
+    data, a = _loader(learn_store, seed=1)
+    _, b = _loader(learn_store, seed=1)
     for e in (0, 3):
         pa, pb = a.plan(e), b.plan(e)
-        assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(pa, pb))
-    assert not np.array_equal(np.concatenate([p[0] for p in a.plan(0)]), np.concatenate([p[0] for p in a.plan(1)]))
-    views_used = np.concatenate([p[1] for p in a.plan(0)])
-    assert len(np.unique(views_used)) > 1                   # not always the canonical view
+        assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(pa.batches, pb.batches))
+    first = np.concatenate([x[0] for x in a.plan(0).batches])
+    assert not np.array_equal(first, np.concatenate([x[0] for x in a.plan(1).batches]))
+    assert len(set(first)) == len(first)                                  # each image at most once an epoch
+    for idx, vw in a.plan(0).batches:                                      # one view index per chunk
+        np.testing.assert_array_equal(vw, a.plan(0).chunk_view[idx // data.chunk_size])
+    views_used = np.concatenate([p[1] for p in a.plan(0).batches])
+    assert len(np.unique(views_used)) > 1                                  # not always the canonical view
 
 
-def test_streaming_mode_gives_the_same_samples(learn_store):
-    """Images not in RAM: chunk-buffered order, same per-sample content as in-memory rendering."""
-    mem = StoreData(str(learn_store), "probe", False, False)
-    disk = StoreData(str(learn_store), "probe", False, False, ram_budget_gb=0)
-    assert mem.in_memory and not disk.in_memory
-    idx = np.flatnonzero(mem.split >= 0)
-    lm = Loader(mem, idx, 8, 48, 0, torch.device("cpu"), True)
-    ld = Loader(disk, idx, 8, 48, 0, torch.device("cpu"), True, buffer_chunks=2)
-    plan = ld.plan(0)
-    got = np.concatenate([p[0] for p in plan])
-    assert len(set(got)) == len(got) and set(got) <= set(idx)
-    batch_d = ld.make_batch(*plan[0])
-    batch_m = lm.make_batch(*plan[0])
-    torch.testing.assert_close(batch_d.pixels, batch_m.pixels)
+def test_streamed_and_in_ram_batches_are_identical(learn_store):
+    """The in-RAM fast path and chunk streaming give the same batches for the same (seed, epoch)."""
+    ram, lm = _loader(learn_store, ram_gb=8.0, buffer_chunks=2)
+    disk, ld = _loader(learn_store, ram_gb=0.0, buffer_chunks=2)
+    assert ram.in_memory and not disk.in_memory
+    for epoch in (0, 1):
+        got = list(zip(lm.epoch(epoch), ld.epoch(epoch)))
+        assert len(got) == len(lm) > 10
+        for bm, bd in got:
+            for name in ("pixels", "labels", "targets", "logits", "pooled", "patches", "index", "view"):
+                torch.testing.assert_close(getattr(bm, name), getattr(bd, name), rtol=0, atol=0, msg=name)
     # each window of the order draws from at most buffer_chunks chunks
-    assert len(np.unique(got[:16] // disk.chunk_size)) <= 2 + 1
+    order = np.concatenate([p[0] for p in ld.plan(0).batches])
+    assert len(np.unique(order[:20] // disk.chunk_size)) <= 2
 
+
+def test_an_epoch_reads_each_chunk_once_and_one_view_of_it(learn_store, monkeypatch):
+    """Count the reads: images once per chunk, each per-view array once per chunk at its planned view."""
+    data, loader = _loader(learn_store, ram_gb=0.0, buffer_chunks=3)
+    reads: list[tuple] = []
+    store = data.store
+    real_view, real_read = store.read_view, store.read
+
+    def read_view(name, c, k):
+        reads.append((name, c, k))
+        return real_view(name, c, k)
+
+    def read(name, start=None, stop=None):
+        reads.append((name, start, stop))
+        return real_read(name, start, stop)
+    monkeypatch.setattr(store, "read_view", read_view)
+    monkeypatch.setattr(store, "read", read)
+    batches = list(loader.epoch(4))
+    plan = loader.plan(4)
+    used = sorted({int(c) for idx, _ in plan.batches for c in np.unique(idx // data.chunk_size)})
+    for name in ("teacher/logits/probe", "teacher/pooled", "teacher/patches"):
+        got = sorted((c, k) for n, c, k in reads if n == name)
+        assert got == [(c, int(plan.chunk_view[c])) for c in used], name
+    image_reads = sorted(r[1] for r in reads if r[0] == "images")
+    assert image_reads == [store.chunk_range(c)[0] for c in used]
+    assert len(reads) == len(set(reads)) == 4 * len(used)                # nothing read twice, nothing else read
+    assert sum(len(b.index) for b in batches) == len(loader) * 8
+
+
+def test_ranks_take_disjoint_whole_chunks_and_the_same_number_of_steps(learn_store):
+    data, _ = _loader(learn_store)
+    idx = np.flatnonzero(data.split >= 0)
+    ranks = [Loader(data, idx, 8, 48, 0, torch.device("cpu"), True, rank=r, world=2) for r in (0, 1)]
+    plans = [r.plan(1) for r in ranks]
+    chunks = [set(np.concatenate([b[0] for b in p.batches]) // data.chunk_size) for p in plans]
+    assert chunks[0] and chunks[1] and not chunks[0] & chunks[1]
+    assert len(plans[0].batches) == len(plans[1].batches) == len(ranks[0]) == len(ranks[1])
 
 def test_resume_equals_uninterrupted(tmp_path, learn_store):
-    args = ["--store", learn_store, *FAST, "--epochs", "4", "--ema", "0.9", "--w-dist", "0.5", "--channels-last"]
+    """Killed during a streamed epoch (unlabelled images in the mix), resumed: equal to never stopping."""
+    args = ["--store", learn_store, *FAST, "--epochs", "4", "--ema", "0.9", "--w-dist", "0.5", "--channels-last",
+            "--ram-budget-gb", "0", "--buffer-chunks", "2"]
     ref = tmp_path / "ref"
     assert run_trainer("fit", "--out", ref, *args) == 0
     out = tmp_path / "killed"
@@ -139,6 +189,17 @@ def test_resume_equals_uninterrupted(tmp_path, learn_store):
     def strip(h):
         return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "samples_per_s")} for r in h]
     assert strip(a["history"]) == strip(b["history"])
+
+
+def test_resume_refusal_names_old_and_new_values(tmp_path, learn_store, capsys):
+    out = tmp_path / "r"
+    args = ["--store", learn_store, *FAST, "--epochs", "1", "--no-unlabeled"]
+    assert run_trainer("fit", "--out", out, *args) == 0
+    capsys.readouterr()
+    assert run_trainer("fit", "--out", out, *args, "--epochs", "2", "--resume", "--lr", "0.01", "--w-kd", "0.5") == 2
+    err = capsys.readouterr().err
+    assert "loss.kd: stored 1.0, now 0.5" in err and "optim.lr: stored 0.002, now 0.01" in err
+    assert "optim.epochs: stored 1, now 2" in err and err.count("\n") == 1
 
 
 def test_end_to_end_learns_well_above_chance(trained_run):
@@ -223,16 +284,19 @@ def test_bad_inputs_fail_clearly(tmp_path, learn_store, trained_run, capsys, mon
     assert run_trainer("fit", "--store", learn_store, "--out", tmp_path / "r2b", *FAST, "--student", "timm:nonet") == 2
     assert "unknown timm model 'nonet'" in capsys.readouterr().err
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")           # no network: the download is refused at once
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     assert run_trainer("fit", "--store", learn_store, "--out", tmp_path / "r2c", *FAST, "--pretrained") == 2
-    assert "ImageNet weights for shufflenet_v2_x0_5 are not available locally" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ImageNet weights for shufflenet_v2_x0_5 are not in the local cache" in err and err.count("\n") == 1
     import shutil
     old = tmp_path / "old.zarr"
     shutil.copytree(learn_store, old)
     import zarr
-    zarr.open_group(old, mode="r+").attrs["format_version"] = 0
+    zarr.open_group(old, mode="r+").attrs["format_version"] = 1
     assert run_trainer("fit", "--store", old, "--out", tmp_path / "r3", *FAST) == 2
-    assert "format_version 0" in capsys.readouterr().err
-    zarr.open_group(old, mode="r+").attrs.update({"format_version": 1, "complete": False})
+    assert "format_version 1; this kdstore reads version 2" in capsys.readouterr().err
+    zarr.open_group(old, mode="r+").attrs.update({"format_version": 2, "complete": False})
     assert run_trainer("fit", "--store", old, "--out", tmp_path / "r4", *FAST) == 2
     assert "is not complete" in capsys.readouterr().err
     # eval folder whose classes differ from the model's
@@ -247,9 +311,125 @@ def test_bad_inputs_fail_clearly(tmp_path, learn_store, trained_run, capsys, mon
     assert "is not empty; pass --resume" in capsys.readouterr().err
 
 
+def test_pretrained_weights_come_from_the_local_cache(tmp_path, monkeypatch):
+    """--pretrained as torchvision does it: a weights file in $TORCH_HOME/hub/checkpoints is used offline."""
+    import torchvision
+    from trainer.students import create_student
+    weights = torchvision.models.get_model_weights("shufflenet_v2_x0_5").DEFAULT
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    ref = torchvision.models.shufflenet_v2_x0_5()
+    with torch.no_grad():
+        ref.conv1[0].weight.fill_(0.125)                                   # a marker no random init gives
+    torch.save(ref.state_dict(), cache / Path(weights.url).name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    student = create_student("shufflenet_v2_x0_5", 10, pretrained=True)
+    assert (student.features[0][0].weight == 0.125).all()
+    assert student.head.out_features == 10
+    (cache / Path(weights.url).name).write_bytes(b"not a checkpoint")
+    from trainer.students import StudentError
+    with pytest.raises(StudentError, match="are damaged"):
+        create_student("shufflenet_v2_x0_5", 10, pretrained=True)
+
+
+def test_non_finite_targets_stop_the_run_and_mark_it_failed(tmp_path, learn_store, capsys):
+    import shutil
+    bad = tmp_path / "nan.zarr"
+    shutil.copytree(learn_store, bad)
+    with Store.open(bad, mode="r+") as s:
+        a, b = s.chunk_range(2)
+        block = s.read("teacher/logits/probe", a, b)
+        block[3, :, 1] = np.nan                                            # every view of store image a + 3
+        s.write("teacher/logits/probe", a, block)
+    out = tmp_path / "r"
+    args = ["--store", bad, "--out", out, *FAST, "--epochs", "2", "--ram-budget-gb", "0"]
+    assert run_trainer("fit", *args) == 2
+    err = capsys.readouterr().err
+    assert f"teacher/logits/probe holds non-finite values for store images [{a + 3}]" in err
+    assert (out / "FAILED").is_file() and not (out / "student.pt").exists()
+    assert run_trainer("fit", *args, "--resume") == 2
+    assert "failed and cannot be resumed" in capsys.readouterr().err
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    from trainer.export import ExportError, export_torchscript
+    from trainer.students import create_student
+    student = create_student("shufflenet_v2_x0_5", 10)
+    with torch.no_grad():
+        student.head.weight[0, 0] = float("nan")
+    with pytest.raises(ExportError, match="non-finite weights"):
+        export_torchscript(student, tmp_path / "s.pt", {"input_size": [3, 64, 64]})
+    assert not (tmp_path / "s.pt").exists()
+
+
+def test_eval_skips_and_names_unreadable_files(trained_run, tmp_path, capsys):
+    images = write_demo_data(tmp_path / "val", per_class=2, seed=11)
+    cls = sorted(p.name for p in images.iterdir())[3]
+    good = sorted((images / cls).iterdir())[0].read_bytes()
+    (images / cls / "truncated.jpg").write_bytes(good[: len(good) // 3] if good[:2] == b"\xff\xd8" else good[:300])
+    (images / cls / "notes.jpg").write_text("not an image")
+    assert run_trainer("eval", "--model", trained_run / "student.pt", "--images", images, "--workers", "0",
+                       "--json") == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["num_images"] == 20 and {s["file"] for s in m["skipped"]} == {f"{cls}/truncated.jpg", f"{cls}/notes.jpg"}
+    assert run_trainer("eval", "--model", trained_run / "student.pt", "--images", images, "--workers", "2",
+                       "--on-bad-image", "fail") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read" in err and ("truncated.jpg" in err or "notes.jpg" in err)
+
+
+def test_sweep_compares_recipes_and_keeps_the_best_run(tmp_path, learn_store):
+    out = tmp_path / "sweep"
+    assert run_trainer("sweep", "--store", learn_store, "--out", out, *FAST, "--epochs", "1",
+                       "--recipes", "labels,kd+features:labelled,kd-only", "--seeds", "2") == 0
+    s = json.loads((out / "sweep.json").read_text())
+    assert [r["name"] for r in s["recipes"]] == ["labels", "kd+features:labelled", "kd-only"]
+    for r in s["recipes"]:
+        assert set(r) >= {"name", "val_macro_f1_mean", "val_macro_f1_std", "seeds", "seconds"}
+        assert r["seeds"] == [0, 1] and r["val_macro_f1_mean"] == pytest.approx(np.mean(r["val_macro_f1"]))
+    labels, feats, kd_only = s["recipes"]
+    assert labels["loss"]["kd"] == 0 and labels["loss"]["pooled"] == 0 and not labels["unlabeled"]
+    assert feats["loss"]["patches"] > 0 and not feats["unlabeled"] and kd_only["loss"]["ce"] == 0 and kd_only["unlabeled"]
+    assert s["best"] in {r["name"] for r in s["recipes"]} and 0 <= s["teacher_probe_val_macro_f1"] <= 1
+    best = max(s["recipes"], key=lambda r: r["val_macro_f1_mean"])
+    assert s["best"] == best["name"] and Path(s["best_run"]).parent == out / "runs"
+    assert (out / "student.pt").read_bytes() == (Path(s["best_run"]) / "student.pt").read_bytes()
+    assert (out / "sweep.png").is_file() and "(best)" in (out / "sweep.md").read_text()
+    mtime = (out / "runs" / "labels-s0" / "student.pt").stat().st_mtime
+    assert run_trainer("sweep", "--store", learn_store, "--out", out, *FAST, "--epochs", "1",   # finished runs reused
+                       "--recipes", "labels", "--seeds", "1") == 0
+    assert (out / "runs" / "labels-s0" / "student.pt").stat().st_mtime == mtime
+
+
+def test_sweep_search_tunes_with_optuna_and_adds_the_best_trial(tmp_path, learn_store):
+    out = tmp_path / "search"
+    assert run_trainer("sweep", "--store", learn_store, "--out", out, *FAST, "--epochs", "1", "--recipes", "labels",
+                       "--seeds", "1", "--search", "2") == 0
+    s = json.loads((out / "sweep.json").read_text())
+    search = next(r for r in s["recipes"] if r["name"] == "search")
+    import optuna
+    study = optuna.load_study(study_name="kdstore", storage=f"sqlite:///{out / 'search.db'}")
+    assert len(study.trials) == 2 and len(list((out / "search").iterdir())) == 2
+    assert search["loss"]["temperature"] == pytest.approx(study.best_params["temperature"])
+    assert search["optim"]["lr"] == pytest.approx(study.best_params["lr"])
+
+
+def test_python_api_matches_the_cli(tmp_path, learn_store):
+    import trainer
+    run = trainer.fit(store=str(learn_store), out=str(tmp_path / "api"), student="shufflenet_v2_x0_5", image_size=64,
+                      batch_size=16, cpu=True, epochs=1, progress=False)
+    assert run.student.is_file() and 0 <= run.summary["val_macro_f1"] <= 1
+    from featurestore.config import ConfigError
+    with pytest.raises(ConfigError, match="unknown keyword 'epoch'.*did you mean 'epochs'"):
+        trainer.fit(store=str(learn_store), out=str(tmp_path / "x"), epoch=3)
+
+
 def test_trainer_never_imports_transformers():
-    code = ("import sys, trainer.cli, trainer.fit, trainer.loader, trainer.evaluate, trainer.export, trainer.export_run; "
-            "bad = [m for m in ('transformers', 'featurestore.teacher', 'featurestore.build') if m in sys.modules]; "
+    code = ("import sys, trainer, trainer.cli, trainer.training, trainer.loader, trainer.evaluate, trainer.export, "
+            "trainer.export_run, trainer.sweeper; "
+            "bad = [m for m in ('transformers', 'featurestore.teacher', 'featurestore.builder') if m in sys.modules]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr

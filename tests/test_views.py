@@ -16,6 +16,14 @@ def policy(**kw):
     return ViewPolicy(**({"views": 6, "mix_prob": 0.5} | kw))
 
 
+def params_for(p, n, chunk, groups=None, start=0, stop=None):
+    """Params of images [start, stop) of a store of n images in chunks of `chunk`, as the builder draws them."""
+    groups = np.zeros(n, np.int64) if groups is None else groups
+    stop = n if stop is None else stop
+    out = [views.sample_params(p, a, min(a + chunk, n), groups[a:a + chunk]) for a in range(0, n, chunk)]
+    return np.concatenate(out)[start:stop]
+
+
 def smooth_image(h, w, seed=0) -> np.ndarray:
     """A photo-like image: low-frequency colour fields plus a few blobs (no pixel-level noise)."""
     rng = np.random.default_rng(seed)
@@ -31,18 +39,18 @@ def smooth_image(h, w, seed=0) -> np.ndarray:
 
 def test_params_are_a_function_of_seed_image_view():
     p = policy()
-    a = views.sample_params(p, 0, 20, 8, 20)
-    b = views.sample_params(p, 0, 20, 8, 20)
+    a = params_for(p, 20, 8)
+    b = params_for(p, 20, 8)
     np.testing.assert_array_equal(a, b)
-    # independent of K and of which range a process draws
-    more = views.sample_params(policy(views=9), 8, 16, 8, 20)
+    # independent of K and of which chunk a process draws
+    more = views.sample_params(policy(views=9), 8, 16, np.zeros(8))
     np.testing.assert_array_equal(more[:, :6], a[8:16])
-    other = views.sample_params(policy(seed=1), 0, 20, 8, 20)
+    other = params_for(policy(seed=1), 20, 8)
     assert not np.array_equal(other[:, 1:], a[:, 1:])
 
 
 def test_view_zero_is_canonical_and_others_vary():
-    a = views.sample_params(policy(), 0, 30, 10, 30)
+    a = params_for(policy(), 30, 10)
     np.testing.assert_array_equal(a[:, 0], np.broadcast_to(views.canonical_params(), a[:, 0].shape))
     rest = a[:, 1:]
     box = rest[..., :4]
@@ -53,9 +61,11 @@ def test_view_zero_is_canonical_and_others_vary():
     assert np.abs(rest[..., COL["brightness"]] - 1).max() <= 0.2 + 1e-6
 
 
-def test_mix_partners_stay_in_chunk_and_cutmix_lambda_is_exact():
+def test_mix_partners_stay_in_chunk_and_group_and_cutmix_lambda_is_exact():
+    """Partners come from the same chunk and group: training, held-out and unlabelled never mix."""
     n, chunk = 30, 8
-    a = views.sample_params(policy(views=12), 0, n, chunk, n)
+    groups = np.random.default_rng(0).choice([0, -1, -2], size=n, p=[0.6, 0.2, 0.2])
+    a = params_for(policy(views=12), n, chunk, groups)
     modes = a[..., COL["mix_mode"]]
     assert (modes == MIX_MIXUP).any() and (modes == MIX_CUTMIX).any()
     for i in range(n):
@@ -66,7 +76,7 @@ def test_mix_partners_stay_in_chunk_and_cutmix_lambda_is_exact():
                 assert p[COL["mix_partner"]] == -1 and p[COL["mix_lambda"]] == 1
                 continue
             j = p[COL["mix_partner"]]
-            assert j != i and c0 <= j < min(c0 + chunk, n)
+            assert j != i and c0 <= j < min(c0 + chunk, n) and groups[int(j)] == groups[i]
             if p[COL["mix_mode"]] == MIX_CUTMIX:
                 y0, x0, y1, x1 = (p[COL[c]] for c in ("mix_y0", "mix_x0", "mix_y1", "mix_x1"))
                 assert p[COL["mix_lambda"]] == pytest.approx(1 - (y1 - y0) * (x1 - x0), abs=1e-6)
@@ -133,7 +143,7 @@ def test_teacher_and_student_see_the_same_region():
     original = smooth_image(560, 650, seed=3)                      # H x W of a typical reference photo
     partner = smooth_image(480, 720, seed=4)
     stored = [squash(original, 256), squash(partner, 256)]
-    p = views.sample_params(policy(views=16, mix_prob=0.5), 0, 2, 2, 2)[0]     # 16 views of image 0
+    p = views.sample_params(policy(views=16, mix_prob=0.5), 0, 2, np.zeros(2))[0]     # 16 views of image 0
     params = torch.from_numpy(p)
     idx, partner_idx = torch.zeros(16, dtype=torch.long), torch.ones(16, dtype=torch.long)
 
@@ -161,3 +171,11 @@ def test_batched_and_per_view_colour_paths_agree():
     b = views._apply_colour(crops, m, t, lo, hi, per_view=False)
     torch.testing.assert_close(a, b)
     assert a[:, 2].min() >= 0 and a[:, 1].max() <= 0.5
+    # the whole renderer, each branch forced on the CPU: the GPU branch gives what the CPU branch gives
+    imgs = [torch.from_numpy(smooth_image(40 + 7 * i, 50, seed=i)).permute(2, 0, 1).contiguous() for i in range(4)]
+    params = torch.from_numpy(params_for(policy(views=5), 4, 4)[:, 1:].reshape(16, -1))
+    index = torch.arange(4).repeat_interleave(4)
+    partner = params[:, COL["mix_partner"]].long()
+    per_view = views.render(imgs, index, params, 24, partner_index=partner, mean=(0.5,) * 3, std=(0.2,) * 3, batched=False)
+    batched = views.render(imgs, index, params, 24, partner_index=partner, mean=(0.5,) * 3, std=(0.2,) * 3, batched=True)
+    torch.testing.assert_close(per_view, batched)
