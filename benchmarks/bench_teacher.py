@@ -14,22 +14,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import matmul_tflops
-from featurestore.build import build
+from featurestore.builder import build
 from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
-from featurestore.teacher import random_config, resolve_device
-
-
-def flops_per_view(arch: str) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import SiglipModel
-    cfg = random_config(arch)
-    with torch.device("meta"):
-        model = SiglipModel(cfg)
-    size = cfg.vision_config.image_size
-    with FlopCounterMode(display=False) as counter:
-        model.vision_model(pixel_values=torch.zeros(1, 3, size, size, device="meta"))
-    return float(counter.get_total_flops())
+from featurestore.devices import pick_device
+from featurestore.teacher import flops_per_view, random_config
 
 
 def plain_loop(paths: list[Path], views: int, batch: int, arch: str, device: torch.device) -> dict:
@@ -65,7 +54,7 @@ def plain_loop(paths: list[Path], views: int, batch: int, arch: str, device: tor
 
 def run(profile: dict) -> dict:
     arch, n_images, views = profile["teacher_arch"], profile["teacher_images"], profile["teacher_views"]
-    device = resolve_device("auto")
+    device = pick_device("auto")
     with tempfile.TemporaryDirectory() as tmp:
         images = write_demo_data(Path(tmp) / "images", per_class=max(1, n_images // 10), seed=0, sizes=(450, 1000))
         paths = sorted(p for p in images.rglob("*") if p.is_file())[:profile["plain_images"]]
@@ -78,7 +67,7 @@ def run(profile: dict) -> dict:
                 "load_s": stats["load_s"], "views_per_s": stats["views"] / stats["pass_s"],
                 "views_per_s_end_to_end": stats["views"] / (stats["total_s"] - stats["load_s"])}
         plain = plain_loop(paths, profile["plain_views"], profile["plain_batch"], arch, device)
-    flops = flops_per_view(arch)
+    flops = flops_per_view(random_config(arch).vision_config)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tflops = matmul_tflops(device, dtype, n=8192 if device.type == "cuda" else 2048)
     bound = tflops * 1e12 / flops

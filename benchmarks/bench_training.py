@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurestore.build import build
+from featurestore.builder import build
 from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
-from featurestore.teacher import load_teacher, resolve_device
+from featurestore.devices import pick_device
+from featurestore.teacher import load_teacher
 from trainer.loader import Loader, StoreData
 from trainer.losses import LossWeights, total_loss
 from trainer.students import create_student
@@ -24,7 +25,7 @@ def _step_fn(student, optimizer):
 
     def step(x, targets, teacher_logits):
         logits = student(x)
-        loss, _ = total_loss(w, logits, targets, teacher_logits)
+        loss, _ = total_loss(w, logits, targets, torch.ones(len(x), dtype=torch.bool, device=x.device), teacher_logits)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -32,7 +33,7 @@ def _step_fn(student, optimizer):
 
 
 def run(profile: dict) -> dict:
-    device = resolve_device("auto")
+    device = pick_device("auto")
     batch, steps = profile["train_batch"], profile["train_steps"]
     with tempfile.TemporaryDirectory() as tmp:
         images = write_demo_data(Path(tmp) / "images", per_class=max(2, batch * (steps + 2) // 10 + 1), seed=0,
@@ -42,7 +43,8 @@ def run(profile: dict) -> dict:
                           teacher=TeacherConfig(id="random:tiny"), views=ViewPolicy(views=4),
                           store=StoreLayout(image_size=256, chunk_size=64)))
         data = StoreData(str(store), "probe", need_pooled=False, need_patches=False)
-        loader = Loader(data, np.arange(data.n), batch, 224, 0, device, train=True)
+        loader = Loader(data, np.arange(data.n), batch, 224, 0, device, train=True,
+                        threads=2 if device.type != "cpu" else 0)
         student = create_student(profile["student"], len(data.classes)).to(device).train()
         step = _step_fn(student, torch.optim.AdamW(student.parameters(), lr=1e-3))
         it = loader.epoch(0)
@@ -65,7 +67,9 @@ def run(profile: dict) -> dict:
         for _, b in zip(range(online_steps), it):
             t0 = time.perf_counter()
             idx = torch.from_numpy(data.params[b.index.numpy(), b.view.numpy()])
-            srcs = torch.from_numpy(data.images[b.index.numpy()]).permute(0, 3, 1, 2).to(device)
+            srcs = torch.from_numpy(data.rows(np.sort(b.index.numpy()))).permute(0, 3, 1, 2).to(device)
+            order = np.argsort(np.argsort(b.index.numpy()))                      # rows come back sorted
+            srcs = srcs[torch.from_numpy(order)]
             pix = teacher.render(srcs, torch.arange(len(idx)), idx, torch.full((len(idx),), -1))
             pooled, _ = teacher.encode(pix)
             t_logits = torch.nn.functional.normalize(pooled, dim=-1) @ probe.T

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from benchmarks import bench_loader, bench_storage, bench_teacher, bench_training
+from benchmarks import bench_loader, bench_scale, bench_storage, bench_teacher, bench_training
 from benchmarks.common import machine, md_table, write_results
 
 PROFILES = {
@@ -19,14 +19,17 @@ PROFILES = {
     "cpu": {"teacher_arch": "medsiglip-448", "teacher_images": 10, "teacher_views": 2, "teacher_batch": 8,
             "plain_images": 4, "plain_views": 2, "plain_batch": 4, "workers": 2, "loader_per_class": 20, "loader_epochs": 2,
             "student": "shufflenet_v2_x1_0", "train_batch": 8, "train_steps": 12, "online_steps": 1,
-            "storage_images": 128, "storage_reads": 3},
+            "storage_images": 128,
+            "scale_sizes": [250, 1000], "scale_student": "shufflenet_v2_x0_5", "scale_image_size": 224},
     # full size, for a lent GPU (H100/H200)
     "gpu": {"teacher_arch": "medsiglip-448", "teacher_images": 200, "teacher_views": 16, "teacher_batch": 128,
             "plain_images": 64, "plain_views": 4, "plain_batch": 32, "workers": 12, "loader_per_class": 100, "loader_epochs": 3,
             "student": "shufflenet_v2_x1_0", "train_batch": 128, "train_steps": 30, "online_steps": 5,
-            "storage_images": 512, "storage_reads": 5},
+            "storage_images": 512,
+            "scale_sizes": [1000, 4000], "scale_student": "shufflenet_v2_x1_0", "scale_image_size": 224},
 }
-BENCHES = {"teacher": bench_teacher, "loader": bench_loader, "training": bench_training, "storage": bench_storage}
+BENCHES = {"teacher": bench_teacher, "loader": bench_loader, "training": bench_training, "storage": bench_storage,
+           "scale": bench_scale}
 
 
 def main(argv: list[str] | None = None) -> int:
