@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import LossWeights, cosine_loss, dist_loss, kd_loss, soft_cross_entropy, total_loss
+from trainer.losses import (LossWeights, cosine_loss, dist_loss, kd_loss, soft_cross_entropy, teacher_confidence,
+                            total_loss)
 
 
 def test_kd_matches_hand_computation():
@@ -62,7 +63,8 @@ def test_cosine_and_total():
     assert cosine_loss(a, -a).item() == pytest.approx(2)
     s, t = torch.randn(4, 3), torch.randn(4, 3)
     q = F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
-    w = LossWeights(ce=0.5, kd=2.0, dist=0.0, pooled=0.0, patches=0.0, temperature=3.0, label_smoothing=0.0)
+    w = LossWeights(ce=0.5, kd=2.0, dist=0.0, pooled=0.0, patches=0.0, temperature=3.0, label_smoothing=0.0,
+                    kd_gate="none")
     total, parts = total_loss(w, s, q, torch.ones(4, dtype=torch.bool), t)
     assert set(parts) == {"ce", "kd"}
     torch.testing.assert_close(total, 0.5 * soft_cross_entropy(s, q) + 2.0 * kd_loss(s, t, 3.0))
@@ -82,11 +84,25 @@ def test_unlabelled_samples_send_no_cross_entropy_gradient():
     s.grad = None
     none = soft_cross_entropy(s, torch.zeros(6, 4), 0.1, torch.zeros(6, dtype=torch.bool))
     assert none.item() == 0
-    w = LossWeights(ce=1.0, kd=1.0, pooled=0.0, patches=0.0, label_smoothing=0.1)
+    w = LossWeights(ce=1.0, kd=1.0, pooled=0.0, patches=0.0, label_smoothing=0.1, kd_gate="none")
     total, parts = total_loss(w, s, q, labelled, t)
     total.backward()
     kd_grad = torch.autograd.grad(kd_loss(s, t, w.temperature), s)[0]
     torch.testing.assert_close(s.grad[~labelled], kd_grad[~labelled])
+
+
+def test_kd_confidence_weights_each_view_by_what_the_teacher_gives_its_label():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g) * 2
+    q = torch.tensor([[1.0, 0, 0, 0], [0, 0.7, 0.3, 0], [0, 0, 0, 1.0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    labelled = torch.tensor([True, True, True, False, False])
+    p = F.softmax(t, -1)
+    want = torch.stack([p[0, 0], 0.7 * p[1, 1] + 0.3 * p[1, 2], p[2, 3], p[3].max(), p[4].max()])
+    torch.testing.assert_close(teacher_confidence(t, q, labelled), want)
+    w = LossWeights(ce=0.0, kd=1.0, pooled=0.0, patches=0.0, kd_gate="confidence", temperature=2.0)
+    _, parts = total_loss(w, s, q, labelled, t)
+    kl = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), reduction="none", log_target=True).sum(-1)
+    assert parts["kd"] == pytest.approx(float((kl * want).mean() * 4), rel=1e-5)     # a weighted mean over all
 
 
 def test_kd_gate_drops_labelled_views_the_teacher_gets_wrong():

@@ -71,10 +71,15 @@ def test_float16_overflow_in_the_teacher_is_reported(tiny_siglip_dir):
 
 
 def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, small_store):
+    # a full-precision run first: the second run in one process must still get its own precision
+    assert tcli.main([str(a) for a in ("fit", "--store", small_store, "--out", tmp_path / "fp32", *FIT,
+                                       "--mixed-precision", "no")]) == 0
     assert tcli.main([str(a) for a in ("fit", "--store", small_store, "--out", tmp_path / "r", *FIT,
                                        "--mixed-precision", "bf16")]) == 0
     state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    from accelerate.state import AcceleratorState
+    assert str(AcceleratorState().mixed_precision) == "bf16"
 
 
 def _disk(path: Path) -> int:

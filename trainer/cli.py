@@ -53,8 +53,9 @@ def add_fit_flags(f: argparse.ArgumentParser) -> None:
     f.add_argument("--w-pooled", type=float, help="weight of the pooled-embedding cosine loss")
     f.add_argument("--w-patches", type=float, help="weight of the patch-grid cosine loss")
     f.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy term")
-    f.add_argument("--kd-gate", choices=["none", "correct"], help="KD on labelled views: every view (none), or only "
-                   "where the teacher's top class is the label (correct)")
+    f.add_argument("--kd-gate", choices=["none", "correct", "confidence"], help="which views KD trusts: all (none); "
+                   "labelled ones only where the teacher's top class is the label (correct); each weighted by the "
+                   "teacher's probability of the view's label, or of its own top class when unlabelled (confidence)")
     f.add_argument("--seed", type=int, help="seed of the student's weights and of the data order")
     f.add_argument("--no-unlabeled", dest="unlabeled", action="store_false", default=None,
                    help="ignore the store's unlabelled images (default: they train the teacher terms)")

@@ -61,8 +61,8 @@ class FitConfig:
             raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
         if self.loss.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0")
-        if self.loss.kd_gate not in ("none", "correct"):
-            raise ConfigError(f"loss.kd_gate must be none|correct, got {self.loss.kd_gate!r}")
+        if self.loss.kd_gate not in ("none", "correct", "confidence"):
+            raise ConfigError(f"loss.kd_gate must be none|correct|confidence, got {self.loss.kd_gate!r}")
         self.optim.validate()
 
     def identity(self) -> dict:

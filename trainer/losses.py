@@ -28,18 +28,30 @@ def soft_cross_entropy(s: torch.Tensor, q: torch.Tensor, label_smoothing: float 
     return (per_sample * labelled).sum() / labelled.sum().clamp(min=1)
 
 
-def kd_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+def kd_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, keep: torch.Tensor | None = None,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network":
 
-    KD = T^2 / |S| * sum_{i in S} KL(softmax(t_i / T) || softmax(s_i / T)), S the kept samples (all
-    when `keep` is None). The T^2 keeps gradient magnitudes comparable across temperatures.
+    KD = T^2 / |S| * sum_{i in S} w_i KL(softmax(t_i / T) || softmax(s_i / T)), S the kept samples (all
+    when `keep` is None), w_i per-sample weights (1 when `weight` is None). The T^2 keeps gradient
+    magnitudes comparable across temperatures.
     """
     log_p_s = F.log_softmax(s.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(t.float() / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)                    # (B,)
+    if weight is not None:
+        kl = kl * weight
     if keep is None:
         return kl.mean() * temperature ** 2
     return (kl * keep).sum() / keep.sum().clamp(min=1) * temperature ** 2
+
+
+def teacher_confidence(t: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """(B,) how far to trust each teacher target: the probability the teacher (T = 1) gives the view's
+    label distribution, sum_c q_c softmax(t)_c, on labelled views; its top probability on unlabelled
+    ones (its expected accuracy, for a calibrated teacher such as the logistic probe)."""
+    p = F.softmax(t.float(), dim=-1)
+    return torch.where(labelled, (p * targets).sum(-1), p.max(-1).values).detach()
 
 
 def _pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -99,7 +111,8 @@ class LossWeights:
     patches: float = 0.0
     temperature: float = 2.0
     label_smoothing: float = 0.1
-    kd_gate: str = "none"        # none | correct: KD on a labelled view only where the teacher's top class is its label
+    kd_gate: str = "confidence"  # confidence: every view's KD weighted by teacher_confidence | correct: KD on a
+                                 # labelled view only where the teacher's top class is its label | none
 
 
 def total_loss(w: LossWeights, logits, targets, labelled, teacher_logits, pooled_pred=None, pooled_t=None,
@@ -111,10 +124,12 @@ def total_loss(w: LossWeights, logits, targets, labelled, teacher_logits, pooled
     if w.ce:
         parts["ce"] = soft_cross_entropy(logits, targets, w.label_smoothing, labelled)
     if w.kd:
-        keep = None
+        keep = weight = None
         if w.kd_gate == "correct":            # unlabelled views always; labelled ones where the teacher is right
             keep = ~labelled | (teacher_logits.argmax(-1) == targets.argmax(-1))
-        parts["kd"] = kd_loss(logits, teacher_logits, w.temperature, keep)
+        elif w.kd_gate == "confidence":
+            weight = teacher_confidence(teacher_logits, targets, labelled)
+        parts["kd"] = kd_loss(logits, teacher_logits, w.temperature, keep, weight)
     if w.dist:
         parts["dist"] = dist_loss(logits, teacher_logits, w.temperature)
     if w.pooled:

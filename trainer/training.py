@@ -112,8 +112,19 @@ def open_data(cfg: FitConfig) -> StoreData:
     return StoreData(cfg.store, cfg.head if (w.kd or w.dist) else None, w.pooled > 0, w.patches > 0, cfg.ram_budget_gb)
 
 
-def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
+def _accelerator(cpu: bool, mixed_precision: str):
+    """An Accelerator for this run. Outside a multi-process launch the process-wide state is cleared
+    first, so that a second run in one process (a notebook, the sweep, the API) may pick another
+    device or precision."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
     from accelerate.utils import set_seed
 
     cfg.validate()
@@ -129,7 +140,7 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
 
     device = devices.pick_device("cpu" if cfg.cpu else cfg.device)
     mp = devices.mixed_precision(cfg.mixed_precision, devices.caps_of(device))
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
+    accelerator = _accelerator(device.type == "cpu", mp)
     set_seed(cfg.seed)
     w = cfg.loss
     try:
