@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                "settings": profile, "torch": torch.__version__, "results": results}
     table = (f"# kdstore benchmarks: {payload['machine']}, {payload['date']}, profile {args.profile}\n\n"
              + md_table(["what", "figure", "against the baseline in this run"], rows))
-    json_path, md_path = write_results(f"bench-{args.profile}", payload, table)
+    subset = "" if set(args.only.split(",")) == set(BENCHES) else "-" + "-".join(args.only.split(","))
+    json_path, md_path = write_results(f"bench-{args.profile}{subset}", payload, table)
     print(table)
     print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
     return 0

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from . import heads as heads_mod
 from . import views
 from .config import BuildConfig, ConfigError, config_diff, to_dict
+from .errors import KdstoreError
 from .pca import Moments, PatchBasis, fit_basis
 from .schema import FORMAT_VERSION, SPLIT_UNLABELED, StoreError
 from .sources import BadImage, DatasetError, DecodeSet, Listing, Source, class_display_name, decode, discover, \
@@ -163,7 +165,7 @@ def _check(args):
 def scan(listing: Listing, cfg: BuildConfig, max_side: int) -> ScanResult:
     jobs = [(s, cfg.min_side, cfg.max_pixels, max_side) for s in listing.sources]
     pool = ProcessPoolExecutor(cfg.workers, mp_context=_mp_context()) if cfg.workers > 1 else contextlib.nullcontext()
-    with pool as ex:
+    with pool as ex, _worker_deaths(cfg.workers):
         results = (ex.map(_check, jobs, chunksize=16) if cfg.workers > 1 else map(_check, jobs))
         results = list(tqdm(results, total=len(jobs), desc="checking images", unit="img",
                             disable=None, file=sys.stderr))
@@ -252,10 +254,27 @@ def decoded(store: Store, cfg: BuildConfig, teacher, images: list[int], paths: l
     data = DecodeSet([(i, paths[i], shas[i]) for i in images], s, decode_side(teacher.pre.size, s),
                      cfg.min_side, cfg.max_pixels)
     kw = {"prefetch_factor": 8, "multiprocessing_context": _mp_context()} if cfg.workers else {}
-    for i, orig, small, problem in DataLoader(data, batch_size=None, num_workers=cfg.workers, **kw):
-        if problem:
-            raise DatasetError(problem)
-        yield i, orig, small
+    with _worker_deaths(cfg.workers):
+        for i, orig, small, problem in DataLoader(data, batch_size=None, num_workers=cfg.workers, **kw):
+            if problem:
+                raise DatasetError(problem)
+            yield i, orig, small
+
+
+@contextlib.contextmanager
+def _worker_deaths(workers: int):
+    """A decoding process that dies (killed, out of memory, or a script that starts the build at
+    import time, which every spawned worker then re-runs) becomes one clear error."""
+    try:
+        yield
+    except (BrokenProcessPool, RuntimeError) as e:
+        if not isinstance(e, BrokenProcessPool) and "DataLoader worker" not in str(e):
+            raise
+        raise KdstoreError(
+            f"a decoding worker process stopped unexpectedly ({type(e).__name__}). Worker processes re-import "
+            "the script that started the build: from Python, call featurestore.build under "
+            "`if __name__ == \"__main__\":`, or pass workers=0. If memory ran out, lower --workers "
+            f"(now {workers}). Finished chunks are kept; run the same command again to resume.") from e
 
 
 class ChunkWriter:

@@ -2,8 +2,8 @@
 
 Arrays are chunked along N in whole store chunks of `chunk_size` images. In Zarr each store chunk
 of an array is one shard file (each writer owns whole shards; two writers never touch one), with
-inner chunks of one image ("image" and "index" arrays hold one image per inner chunk where rows
-are large) or of one view index ("view" arrays: (chunk, 1, ...)). HDF5 uses the inner chunk shapes.
+inner chunks of a few images ("image" and "index" arrays with large rows: gcd(chunk_size,
+IMAGES_PER_INNER_CHUNK) images per inner chunk, so a whole-chunk read decodes few frames and a row read few extra images) or of one view index ("view" arrays: (chunk, 1, ...)). HDF5 uses the inner chunk shapes.
 Every stored chunk carries a checksum (Zarr: crc32c after the compressor; HDF5: fletcher32), and
 every read goes through `read`/`read_view`/`read_rows`, which turn a damaged, missing or unreadable
 chunk into one StoreError naming the array and the store chunk.
@@ -11,6 +11,7 @@ chunk into one StoreError naming the array and the store chunk.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from .schema import FORMAT_VERSION, Field, StoreError, check_attrs, fields, resolve, sizes
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
+IMAGES_PER_INNER_CHUNK = 8
 _JSON_ATTRS = "json_attributes"          # HDF5: names of the attributes stored as JSON text
 
 
@@ -131,7 +133,7 @@ class Store:
         if f.kind == "view":
             inner = n_chunk[:1] + (1,) + shape[2:]                         # (chunk, 1 view, ...)
         elif int(np.prod(shape[1:])) * np.dtype(_np_dtype(f.dtype)).itemsize > 4096:
-            inner = (1,) + shape[1:]                                        # one image per inner chunk
+            inner = (math.gcd(IMAGES_PER_INNER_CHUNK, chunk),) + shape[1:]   # shards hold whole inner chunks
         else:
             inner = n_chunk
         fill = float("nan") if f.dtype.startswith("float") else 0

@@ -128,7 +128,8 @@ def render(
     params = params.to(device=device, dtype=torch.float32)     # colour maths runs where the pixels are
     mode = _INTERP[interpolation]
     crops = [_geometry(sources[int(s)], host[v], size, mode) for v, s in enumerate(index.tolist())]
-    sums = torch.stack([c.sum(dim=(1, 2), dtype=torch.float64) for c in crops]).float()      # (V, 3)
+    exact = torch.int32 if 255 * size * size < 2 ** 31 else torch.int64                  # integer sums are exact
+    sums = torch.stack([c.sum(dim=(1, 2), dtype=exact) for c in crops]).double().float()  # (V, 3)
     mean_gray = sums @ torch.tensor(_GRAY, device=sums.device) / (255.0 * size * size)     # (V,)
     m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
                          params[:, COL["saturation"]], params[:, COL["hue"]])             # (V,3,3), (V,3)
@@ -159,11 +160,11 @@ def _apply_colour(crops: list[torch.Tensor], m: torch.Tensor, t: torch.Tensor, l
         out = torch.baddbmm(t.unsqueeze(-1), m, x).view(v, 3, r, r)
         return torch.clamp(out, out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1))
     out = torch.empty(v, 3, r, r, device=m.device)
-    lo_t, hi_t = torch.tensor(lo).view(3, 1), torch.tensor(hi).view(3, 1)
     for i, crop in enumerate(crops):
         o = out[i].view(3, -1)
         torch.addmm(t[i].unsqueeze(-1), m[i], crop.reshape(3, -1).float(), out=o)
-        torch.clamp(o, lo_t, hi_t, out=o)                                        # one pass over the view
+        for ch in range(3):                                                      # scalar bounds: a fast kernel
+            o[ch].clamp_(lo[ch], hi[ch])
     return out
 
 

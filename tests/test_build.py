@@ -201,3 +201,15 @@ def test_hdf5_and_zarr_builds_hold_the_same_arrays(tmp_path, demo_images, unlabe
     assert_same_store(small_store, out)
     with Store.open(out) as s:
         assert s.backend == "hdf5" and s.ids()[0].endswith((".jpg", ".png"))
+
+
+def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path, demo_images):
+    """Spawned decoding workers re-import the calling script; one that builds at import time must be
+    told so, in one line, instead of a broken process pool."""
+    script = tmp_path / "build_store.py"
+    script.write_text(f"import featurestore\nfeaturestore.build(images={str(demo_images)!r}, "
+                      f"out={str(tmp_path / 's.zarr')!r}, teacher='random:tiny', views=2, workers=2)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode != 0
+    assert 'call featurestore.build under `if __name__ == "__main__":`, or pass workers=0' in r.stderr.splitlines()[-1]

@@ -80,7 +80,9 @@ def test_one_view_of_one_chunk_is_one_stored_chunk(tmp_path):
     assert arr.shards == (5, 3, 2, 2, 12) and arr.chunks == (5, 1, 2, 2, 12)
     names = [type(c).__name__ for c in arr.metadata.codecs[0].codecs]
     assert names == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
-    assert z["images"].chunks == (1, 40, 40, 3) and z["images"].shards == (5, 40, 40, 3)   # one image each
+    assert z["images"].chunks == (1, 40, 40, 3) and z["images"].shards == (5, 40, 40, 3)   # gcd(5, 8) images
+    z8 = Store.create(tmp_path / "s8.zarr", _attrs(40, 3, 12, 2, image_size=40), "zstd")
+    assert z8["images"].chunks == (4, 40, 40, 3) and z8["images"].shards == (12, 40, 40, 3)
     for name in ("labels", "split", "ids", "sha256", "progress/done"):
         assert "Crc32cCodec" in [type(c).__name__ for c in z[name].metadata.codecs], name
     h = Store.create(tmp_path / "s.h5", _attrs(23, 3, 5, 2), "lzf")
