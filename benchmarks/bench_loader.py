@@ -41,6 +41,8 @@ def run(profile: dict) -> dict:
                           store=StoreLayout(image_size=256, chunk_size=64, patch_grid=4)))
         data = StoreData(str(store), "probe", need_pooled=True, need_patches=True, ram_budget_gb=0)   # streaming
         loader = Loader(data, np.arange(data.n), batch, size, seed=0, device=torch.device("cpu"), train=True)
+        ram_data = StoreData(str(store), "probe", need_pooled=True, need_patches=True, ram_budget_gb=100)
+        ram_loader = Loader(ram_data, np.arange(data.n), batch, size, seed=0, device=torch.device("cpu"), train=True)
         tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.35, 1.0)), transforms.RandomHorizontalFlip(),
                                  transforms.ColorJitter(0.2, 0.2, 0.2, 0.02), transforms.ToTensor(),
                                  transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -48,9 +50,10 @@ def run(profile: dict) -> dict:
                                              shuffle=True, num_workers=workers, persistent_workers=workers > 0,
                                              drop_last=True)
         _rate(loader.epoch, 0), _rate(lambda e: folder, 0)                  # warm-up (workers, caches)
-        ours, plain = [], []
+        ours, in_ram, plain = [], [], []
         for r in range(ROUNDS):
             ours.append(_rate(loader.epoch, r + 1))
+            in_ram.append(_rate(ram_loader.epoch, r + 1))
             plain.append(_rate(lambda e: folder, r + 1))
     gbps = copy_gbps()
     s = data.store.attrs["image_size"]
@@ -60,6 +63,7 @@ def run(profile: dict) -> dict:
     ratios = [o / p for o, p in zip(ours, plain)]
     return {"images": int(data.n), "batch": batch, "size": size, "workers_plain": workers, "streaming": True,
             "ours_render_threads": loader.threads, "ours_samples_per_s": ours, "plain_samples_per_s": plain,
+            "in_ram_samples_per_s": in_ram, "chunks": int(data.num_chunks),
             "ratios": ratios, "speedup_vs_plain": statistics.median(ratios), "copy_gbps": gbps,
             "bytes_moved_per_sample": moved, "bound_samples_per_s": bound,
             "fraction_of_bound": statistics.median(ours) / bound}
@@ -67,10 +71,15 @@ def run(profile: dict) -> dict:
 
 def rows(r: dict) -> list[list]:
     return [
-        [f"loader: trainer Loader streaming from the store (224 px views + targets, {r['ours_render_threads']} render threads)",
+        [f"loader: trainer Loader streaming from the store ({r['images']} images in {r.get('chunks', '?')} chunks, "
+         f"224 px views + targets, {r['ours_render_threads']} render threads)",
          f"{statistics.median(r['ours_samples_per_s']):.0f} samples/s (median of {len(r['ratios'])})",
          f"{r['speedup_vs_plain']:.1f}x ImageFolder (median of per-round ratios "
          f"{', '.join(f'{x:.1f}' for x in r['ratios'])}), {100 * r['fraction_of_bound']:.1f}% of bound"],
+        [f"loader: trainer Loader with the store in RAM (same batches)",
+         f"{statistics.median(r['in_ram_samples_per_s']):.0f} samples/s",
+         f"{statistics.median(r['in_ram_samples_per_s']) / statistics.median(r['plain_samples_per_s']):.1f}x ImageFolder; "
+         f"streaming is {statistics.median(r['ours_samples_per_s']) / statistics.median(r['in_ram_samples_per_s']):.2f}x of it"],
         [f"loader: ImageFolder JPEG + RandomResizedCrop/Flip/ColorJitter ({r['workers_plain']} workers)",
          f"{statistics.median(r['plain_samples_per_s']):.0f} samples/s", "1.0x"],
         [f"loader: memory-bandwidth bound ({r['copy_gbps']:.1f} GB/s copy, {r['bytes_moved_per_sample'] / 1e3:.0f} kB/sample)",

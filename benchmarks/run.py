@@ -17,7 +17,7 @@ from benchmarks.common import machine, md_table, write_results
 PROFILES = {
     # a few minutes on a 2-core CPU: the teacher is the full MedSigLIP-448 architecture, so few views
     "cpu": {"teacher_arch": "medsiglip-448", "teacher_images": 10, "teacher_views": 2, "teacher_batch": 8,
-            "plain_images": 4, "plain_views": 2, "plain_batch": 4, "workers": 2, "loader_per_class": 20, "loader_epochs": 2,
+            "plain_images": 4, "plain_views": 2, "plain_batch": 4, "workers": 2, "loader_per_class": 60, "loader_epochs": 2,
             "student": "shufflenet_v2_x1_0", "train_batch": 8, "train_steps": 12, "online_steps": 1,
             "storage_images": 128,
             "scale_sizes": [250, 1000], "scale_student": "shufflenet_v2_x0_5", "scale_image_size": 224},
