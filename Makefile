@@ -50,7 +50,7 @@ demo-sweep: demo-data
 	$(PY) -m featurestore build --config configs/demo.yaml --teacher $(DEMO)/teacher --images $(DEMO)/labelled-20 \
 		--unlabeled $(DEMO)/unlabelled --out $(DEMO)/sweep-store.zarr --val-fraction 0.5
 	$(PY) -m trainer sweep --config $(STUDENT) --store $(DEMO)/sweep-store.zarr --out $(DEMO)/sweep --epochs 30 \
-		--recipes labels,kd:labelled,kd+features:labelled,kd+features --seeds 3 --eval-images $(DEMO)/fresh
+		--recipes labels,base:labelled,base --seeds 3 --eval-images $(DEMO)/fresh
 
 test: env
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

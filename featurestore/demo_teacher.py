@@ -76,7 +76,7 @@ def train_demo_teacher(out: str | Path, images: int = 3000, seconds: float = 100
         opt.step()
         step += 1
         bar.update()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
     with torch.no_grad():
