@@ -3,7 +3,9 @@
 Arrays are chunked along N in whole store chunks of `chunk_size` images. In Zarr each store chunk
 of an array is one shard file (each writer owns whole shards; two writers never touch one), with
 inner chunks of a few images ("image" and "index" arrays with large rows: gcd(chunk_size,
-IMAGES_PER_INNER_CHUNK) images per inner chunk, so a whole-chunk read decodes few frames and a row read few extra images) or of one view index ("view" arrays: (chunk, 1, ...)). HDF5 uses the inner chunk shapes.
+IMAGES_PER_INNER_CHUNK) images per inner chunk, so a whole-chunk read decodes few frames and a row
+read few extra images) or of one view index ("view" arrays: (chunk, 1, ...)). HDF5 uses the inner
+chunk shapes.
 Every stored chunk carries a checksum (Zarr: crc32c after the compressor; HDF5: fletcher32), and
 every read goes through `read`/`read_view`/`read_rows`, which turn a damaged, missing or unreadable
 chunk into one StoreError naming the array and the store chunk.
