@@ -6,7 +6,7 @@ import json
 import sys
 
 from .config import BuildConfig, document_defaults, load_config, load_prompts
-from .errors import run_command
+from .errors import command_parser, run_command
 
 FLAGS = {  # flag dest -> build config key (the Python API takes the same names)
     "images": "images", "manifest": "manifest", "unlabeled": "unlabeled", "classes_file": "classes_file",
@@ -75,12 +75,8 @@ def add_build_flags(b: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the traceback of a failure (also KDSTORE_DEBUG=1)")
-    p = argparse.ArgumentParser(prog="featurestore", description="Run a vision teacher once over K augmented "
-                                "views of every image and store its outputs for offline distillation.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    sub = p.add_subparsers(dest="command", required=True)
+    p, sub, common = command_parser("featurestore", "Run a vision teacher once over K augmented views of every "
+                                    "image and store its outputs for offline distillation.", EPILOG)
 
     b = sub.add_parser("build", parents=[common], help="build (or resume, or repair) a store",
                        description="Build a store, or resume an interrupted build (or repair one after "

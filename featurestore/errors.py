@@ -16,6 +16,17 @@ class KdstoreError(Exception):
     """An expected failure; str(error) is the whole message for the user."""
 
 
+def command_parser(prog: str, description: str, epilog: str):
+    """The top-level parser of a kdstore command, its subcommand table, and the parent parser that
+    gives every subcommand --debug."""
+    import argparse
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of a failure (also KDSTORE_DEBUG=1)")
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
+    return p, p.add_subparsers(dest="command", required=True), common
+
+
 def debug_wanted(flag: bool = False) -> bool:
     return flag or os.environ.get("KDSTORE_DEBUG", "") not in ("", "0")
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from featurestore.config import ConfigError, document_defaults, load_config
-from featurestore.errors import run_command
+from featurestore.errors import command_parser, run_command
 
 FLAGS = {  # flag dest -> run config key (the Python API takes the same names)
     "store": "store", "out": "out", "student": "student", "pretrained": "pretrained", "image_size": "image_size",
@@ -79,12 +79,8 @@ def add_fit_flags(f: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the traceback of a failure (also KDSTORE_DEBUG=1)")
-    p = argparse.ArgumentParser(prog="trainer", description="Train small students from a featurestore store "
-                                "(no teacher at training time), evaluate them as the grader does, export them.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    sub = p.add_subparsers(dest="command", required=True)
+    p, sub, common = command_parser("trainer", "Train small students from a featurestore store (no teacher at "
+                                    "training time), evaluate them as the grader does, export them.", EPILOG)
     f = sub.add_parser("fit", parents=[common], help="train a student from a store",
                        description="Train a student from a store (or --resume a run). Flags override --config; "
                        "defaults shown are the built-in ones.")
