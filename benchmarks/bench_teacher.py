@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.common import matmul_tflops
 from featurestore.builder import build
-from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
+from featurestore.config import BuildConfig, ProbeConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
 from featurestore.devices import pick_device
 from featurestore.teacher import flops_per_view, random_config
@@ -60,11 +60,12 @@ def run(profile: dict) -> dict:
         paths = sorted(p for p in images.rglob("*") if p.is_file())[:profile["plain_images"]]
         cfg = BuildConfig(images=str(images), out=str(Path(tmp) / "s.zarr"), workers=profile["workers"],
                           teacher=TeacherConfig(id=f"random:{arch}", batch_size=profile["teacher_batch"]),
-                          views=ViewPolicy(views=views, mix_prob=0.2), store=StoreLayout(image_size=256, chunk_size=16,
-                                                                                         patch_grid=8))
+                          views=ViewPolicy(views=views, mix_prob=0.2),
+                          store=StoreLayout(image_size=256, chunk_size=16, patch_grid=8),
+                          probe=ProbeConfig(max_rows=profile.get("probe_rows", 50_000)))
         stats = build(cfg)
         ours = {"views": stats["views"], "pass_s": stats["pass_s"], "total_s": stats["total_s"],
-                "load_s": stats["load_s"], "views_per_s": stats["views"] / stats["pass_s"],
+                "load_s": stats["load_s"], "heads_s": stats.get("heads_s"), "views_per_s": stats["views"] / stats["pass_s"],
                 "views_per_s_end_to_end": stats["views"] / (stats["total_s"] - stats["load_s"])}
         plain = plain_loop(paths, profile["plain_views"], profile["plain_batch"], arch, device)
     flops = flops_per_view(random_config(arch).vision_config)

@@ -62,9 +62,21 @@ class Rank:
         return chunk % self.world == self.rank
 
     def barrier(self) -> None:
-        if self.world > 1:
-            from accelerate import PartialState
-            PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+        """Wait for every rank. A gloo group on the launcher's rendezvous: it needs no GPU per rank, so
+        several ranks may share one GPU, and phases between barriers (PCA fit, a rank's teacher pass)
+        may take hours."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.world,
+                                    timeout=datetime.timedelta(hours=24))
+        dist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as dist
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def log(msg: str) -> None:
@@ -468,8 +480,11 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> dict:
     out = cfg.out
     if rank.world > 1 and backend_of(out) == "hdf5":
         raise ConfigError("multi-process builds need the Zarr backend (one HDF5 file has one writer); use a .zarr path")
-    with BuildLock(out, rank), disk_errors(out):
-        return _build(cfg, rank, overwrite)
+    try:
+        with BuildLock(out, rank), disk_errors(out):
+            return _build(cfg, rank, overwrite)
+    finally:
+        rank.close()
 
 
 def _build(cfg: BuildConfig, rank: Rank, overwrite: bool) -> dict:
@@ -477,7 +492,11 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool) -> dict:
     out = cfg.out
     listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled)
     fingerprint = file_fingerprint(listing.sources)
-    store = _open_existing(out, cfg, fingerprint, overwrite and rank.rank == 0)
+    # rank 0 decides first (resume, refuse or overwrite); the others then see what it left
+    store = _open_existing(out, cfg, fingerprint, overwrite) if rank.rank == 0 else None
+    rank.barrier()
+    if rank.rank != 0:
+        store = _open_existing(out, cfg, fingerprint, False)
     if store is not None and store.complete:
         log(f"{out} is already complete; nothing to do")
         return {"views": 0}

@@ -7,6 +7,9 @@ Folder names are the reference dataset's, so sorted() puts "10. ..." at index 1,
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,23 +57,34 @@ def make_image(class_index: int, rng: np.random.Generator, sizes: tuple[int, int
     return img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
 
 
+def _write_one(job: tuple[Path, int, int, int, tuple[int, int]]) -> None:
+    path, c, j, seed, sizes = job
+    img = make_image(c, np.random.default_rng([seed, c, j]), sizes)
+    img.save(path, **({} if path.suffix == ".png" else {"quality": 90}))
+
+
 def write_demo_data(out: str | Path, per_class: int = 40, seed: int = 0, sizes: tuple[int, int] = (96, 320),
-                    flat: bool = False) -> Path:
+                    flat: bool = False, workers: int | None = None) -> Path:
     """per_class images of each class, sides drawn from `sizes` (the reference photos are 300..1000).
+    Each image is seeded by (seed, class, index), so any number of workers writes the same files.
 
     flat: all images in one folder under shuffled names, as unlabelled images arrive.
+    workers: processes drawing the images (default: one per core, up to 16; 0 draws them here).
     """
     out = Path(out)
     names = np.random.default_rng([seed, 99]).permutation(10 * per_class)
+    jobs = []
     for c, name in enumerate(REFERENCE_CLASSES):
         folder = out if flat else out / name
         folder.mkdir(parents=True, exist_ok=True)
         for j in range(per_class):
-            rng = np.random.default_rng([seed, c, j])
-            img = make_image(c, rng, sizes)
             stem = f"img_{names[c * per_class + j]:05d}" if flat else f"img_{j:04d}"
-            if j % 3 == 2:
-                img.save(folder / f"{stem}.png")
-            else:
-                img.save(folder / f"{stem}.jpg", quality=90)
+            jobs.append((folder / f"{stem}{'.png' if j % 3 == 2 else '.jpg'}", c, j, seed, sizes))
+    workers = min(16, os.cpu_count() or 1) if workers is None else workers
+    if workers > 1 and len(jobs) >= 4 * workers:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_write_one, jobs, chunksize=8))
+    else:
+        for job in jobs:
+            _write_one(job)
     return out

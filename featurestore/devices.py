@@ -41,18 +41,21 @@ def caps_of(device: torch.device) -> Caps:
     return Caps(device.type)
 
 
-def available() -> dict[str, bool]:
+def available() -> dict[str, int]:
     mps = getattr(torch.backends, "mps", None)
-    return {"cuda": torch.cuda.is_available(), "mps": bool(mps is not None and mps.is_available())}
+    return {"cuda": torch.cuda.is_available(), "gpus": torch.cuda.device_count(),
+            "mps": bool(mps is not None and mps.is_available())}
 
 
 def pick_device(name: str = "auto", have: dict[str, bool] | None = None) -> torch.device:
-    """auto: cuda (this process's LOCAL_RANK GPU), then mps, then cpu; otherwise the named device."""
+    """auto: cuda (this process's LOCAL_RANK GPU; ranks beyond the GPUs share them round-robin), then
+    mps, then cpu; otherwise the named device."""
     if name != "auto":
         return torch.device(name)
     have = available() if have is None else have
     if have.get("cuda"):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))   # one GPU per rank
+        gpus = have.get("gpus") or max(1, torch.cuda.device_count())
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % gpus)
     if have.get("mps"):
         return torch.device("mps")
     return torch.device("cpu")

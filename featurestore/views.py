@@ -196,6 +196,9 @@ def _crop_resize(img: torch.Tensor, box: torch.Tensor, size: int, mode) -> torch
 _GRAY = (0.299, 0.587, 0.114)        # sums to 1: gray stays gray under saturation and hue
 # RGB <-> YIQ: hue rotates the (I, Q) chroma plane
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
+# inverted once, here on the CPU: every device renders with the same matrix, and render threads never
+# call CUDA linear algebra (its lazily loaded library is not thread-safe on first use, pytorch#90613)
+_YIQ_INV = torch.linalg.inv(_YIQ)
 
 
 def colour_affine(mean_gray, brightness, contrast, saturation, hue):
@@ -216,7 +219,7 @@ def colour_affine(mean_gray, brightness, contrast, saturation, hue):
     rot = torch.zeros(v, 3, 3, device=dev)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
-    hue_m = torch.linalg.inv(yiq) @ rot @ yiq
+    hue_m = _YIQ_INV.to(dev) @ rot @ yiq
     m = (contrast * brightness).view(-1, 1, 1) * (hue_m @ sat)
     t = ((1 - contrast) * brightness * mean_gray).view(-1, 1).expand(v, 3)
     return m, t

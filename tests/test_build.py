@@ -71,11 +71,13 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, demo_images, suffix
 
 
 def test_two_process_build_equals_one_process(tmp_path, demo_images):
-    """Same thread count per process (torchrun sets OMP_NUM_THREADS=1), one process vs two: equal bits."""
+    """The documented `accelerate launch --num_processes 2` build (torchrun underneath, which sets
+    OMP_NUM_THREADS=1; the same thread count in the one-process build): equal bits."""
     one, out = tmp_path / "one.zarr", tmp_path / "two.zarr"
     r = run_module("featurestore", "build", "--images", demo_images, "--out", one, *SMALL, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                         "-m", "featurestore", "build", "--images", str(demo_images), "--out", str(out), *SMALL],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -179,3 +179,17 @@ def test_batched_and_per_view_colour_paths_agree():
     per_view = views.render(imgs, index, params, 24, partner_index=partner, mean=(0.5,) * 3, std=(0.2,) * 3, batched=False)
     batched = views.render(imgs, index, params, 24, partner_index=partner, mean=(0.5,) * 3, std=(0.2,) * 3, batched=True)
     torch.testing.assert_close(per_view, batched)
+
+
+def test_colour_jitter_calls_no_linear_algebra_at_render_time(monkeypatch):
+    """Render threads must not call torch.linalg: on CUDA its library loads lazily, and a first call
+    from two threads at once fails ("lazy wrapper should be called at most once", pytorch#90613)."""
+    def refuse(*a, **k):
+        raise AssertionError("torch.linalg called while rendering")
+    for name in ("inv", "solve", "pinv"):
+        monkeypatch.setattr(torch.linalg, name, refuse)
+    monkeypatch.setattr(torch, "inverse", refuse)
+    x = torch.rand(3, 3, 8, 8)
+    f = torch.tensor([0.8, 1.0, 1.2])
+    out = views.adjust_colour(x, f, f.flip(0), f, torch.tensor([-0.05, 0.0, 0.05]))
+    assert out.shape == x.shape and torch.allclose(out[1], x[1], atol=1e-6)    # the identity view is unchanged

@@ -39,7 +39,9 @@ def test_auto_dtype_and_mixed_precision_follow_the_capabilities(caps, dtype, mp)
 
 def test_auto_device_picks_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert devices.pick_device("auto", {"cuda": True, "mps": True}) == torch.device("cuda", 1)
+    assert devices.pick_device("auto", {"cuda": True, "gpus": 2, "mps": True}) == torch.device("cuda", 1)
+    # more ranks than GPUs (two ranks on one GPU): ranks share the GPUs round-robin
+    assert devices.pick_device("auto", {"cuda": True, "gpus": 1, "mps": False}) == torch.device("cuda", 0)
     assert devices.pick_device("auto", {"cuda": False, "mps": True}) == torch.device("mps")
     assert devices.pick_device("auto", {"cuda": False, "mps": False}) == torch.device("cpu")
     assert devices.pick_device("cuda:3", {}) == torch.device("cuda", 3)
