@@ -1,8 +1,10 @@
 """Loader: samples/s delivering rendered 224 px training views with teacher targets, streamed from
-the store (chunks read on background threads, one view per chunk), against torchvision ImageFolder
+the store (chunks read on background threads, one view per chunk, the next epoch's first window read
+while the last one renders), against torchvision ImageFolder
 + RandomResizedCrop + RandomHorizontalFlip + ColorJitter over the same JPEG files, and against the
 memory-bandwidth bound (copy rate / bytes moved per sample). Ours and the baseline alternate, three
-rounds; the ratio is taken per round and its median reported.
+rounds of `loader_epochs` back-to-back epochs each, every round starting cold; the ratio is taken per
+round and its median reported.
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ from trainer.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, StoreData
 ROUNDS = 3
 
 
-def _rate(make_iter, epoch: int) -> float:
+def _rate(make_iter, first: int, epochs: int) -> float:
+    """Samples/s over `epochs` back-to-back epochs, as training runs them. make_iter(epoch, last)."""
     t0, n = time.perf_counter(), 0
-    for batch in make_iter(epoch):
-        n += len(batch[1]) if isinstance(batch, (list, tuple)) else len(batch.labels)
+    for e in range(first, first + epochs):
+        for batch in make_iter(e, e == first + epochs - 1):
+            n += len(batch[1]) if isinstance(batch, (list, tuple)) else len(batch.labels)
     return n / (time.perf_counter() - t0)
 
 
@@ -49,12 +53,15 @@ def run(profile: dict) -> dict:
         folder = torch.utils.data.DataLoader(datasets.ImageFolder(str(images), transform=tf), batch_size=batch,
                                              shuffle=True, num_workers=workers, persistent_workers=workers > 0,
                                              drop_last=True)
-        _rate(loader.epoch, 0), _rate(lambda e: folder, 0)                  # warm-up (workers, caches)
+        # each round starts cold: the last epoch of a round reads nothing ahead for the next round
+        stream = lambda ld: lambda e, last: ld.epoch(e, ahead=not last)     # noqa: E731
+        epochs = profile["loader_epochs"]
+        _rate(stream(loader), 0, 1), _rate(lambda e, last: folder, 0, 1)   # warm-up (workers, caches)
         ours, in_ram, plain = [], [], []
         for r in range(ROUNDS):
-            ours.append(_rate(loader.epoch, r + 1))
-            in_ram.append(_rate(ram_loader.epoch, r + 1))
-            plain.append(_rate(lambda e: folder, r + 1))
+            ours.append(_rate(stream(loader), 1 + r * epochs, epochs))
+            in_ram.append(_rate(stream(ram_loader), 1 + r * epochs, epochs))
+            plain.append(_rate(lambda e, last: folder, 1 + r * epochs, epochs))
     gbps = copy_gbps()
     s = data.store.attrs["image_size"]
     # per sample: read the stored image, write the float32 view, gather targets
@@ -62,6 +69,7 @@ def run(profile: dict) -> dict:
     bound = gbps * 1e9 / moved
     ratios = [o / p for o, p in zip(ours, plain)]
     return {"images": int(data.n), "batch": batch, "size": size, "workers_plain": workers, "streaming": True,
+            "epochs_per_round": epochs,
             "ours_render_threads": loader.threads, "ours_samples_per_s": ours, "plain_samples_per_s": plain,
             "in_ram_samples_per_s": in_ram, "chunks": int(data.num_chunks),
             "ratios": ratios, "speedup_vs_plain": statistics.median(ratios), "copy_gbps": gbps,

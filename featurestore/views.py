@@ -113,8 +113,10 @@ def render(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     batched: bool | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Render views as float (V, 3, size, size): in [0, 1], or normalised if mean/std are given.
+    out: a float32 (V, 3, size, size) tensor on the device to render into (a reused buffer).
 
     sources: uint8 images (3, H, W) of any sizes, or one (N, 3, H, W) tensor, on the target device.
     index: (V,) which source each view is cut from. params: (V, P).
@@ -142,7 +144,7 @@ def render(
         hi = [(1.0 - mu) / s for mu, s in zip(mean, std)]
     if batched is None:
         batched = caps_of(device).batched_kernels
-    out = _apply_colour(crops, m, t, lo, hi, per_view=not batched)                        # (V, 3, size, size)
+    out = _apply_colour(crops, m, t, lo, hi, per_view=not batched, out=out)               # (V, 3, size, size)
     if (host[:, COL["mix_mode"]].round() != MIX_NONE).any():
         if partner_index is None:
             raise ValueError("views mix with partners but no partner_index was given")
@@ -151,15 +153,19 @@ def render(
 
 
 def _apply_colour(crops: list[torch.Tensor], m: torch.Tensor, t: torch.Tensor, lo: list[float], hi: list[float],
-                  per_view: bool) -> torch.Tensor:
+                  per_view: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """clamp(m @ crop + t) for each uint8 crop (3, R, R). Per view on a CPU (the crop stays in
     cache); as one batched kernel on a GPU (few large launches beat many small ones)."""
     v, r = len(crops), crops[0].shape[-1]
+    if out is None:
+        out = torch.empty(v, 3, r, r, device=m.device)
+    elif out.shape != (v, 3, r, r) or out.dtype != torch.float32 or out.device != m.device:
+        raise ValueError(f"out must be float32 {(v, 3, r, r)} on {m.device}, got {out.dtype} {tuple(out.shape)} "
+                         f"on {out.device}")
     if not per_view:
         x = torch.stack(crops).float().view(v, 3, -1)
-        out = torch.baddbmm(t.unsqueeze(-1), m, x).view(v, 3, r, r)
-        return torch.clamp(out, out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1))
-    out = torch.empty(v, 3, r, r, device=m.device)
+        torch.baddbmm(t.unsqueeze(-1), m, x, out=out.view(v, 3, -1))
+        return torch.clamp(out, out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1), out=out)
     for i, crop in enumerate(crops):
         o = out[i].view(3, -1)
         torch.addmm(t[i].unsqueeze(-1), m[i], crop.reshape(3, -1).float(), out=o)

@@ -120,9 +120,38 @@ def test_streamed_and_in_ram_batches_are_identical(learn_store):
     assert len(np.unique(order[:20] // disk.chunk_size)) <= 2
 
 
-def test_an_epoch_reads_each_chunk_once_and_one_view_of_it(learn_store, monkeypatch):
-    """Count the reads: images once per chunk, each per-view array once per chunk at its planned view."""
+def test_batch_tensors_are_reused_only_once_nothing_holds_them(learn_store):
+    """Batches kept by the caller (whole, or a slice of one) are never written again; batches the
+    caller lets go are rendered into the same memory next time, and still equal fresh renders."""
+    _, loader = _loader(learn_store, ram_gb=0.0, buffer_chunks=2)
+    kept = list(loader.epoch(0))
+    snapshot = [b.pixels.clone() for b in kept]
+    assert len({b.pixels.data_ptr() for b in kept}) == len(kept)
+    again = list(loader.epoch(0))
+    for a, b, s in zip(kept, again, snapshot):
+        assert torch.equal(a.pixels, s) and torch.equal(b.pixels, s)
+    part = kept[0].pixels[:2]                                    # a slice outlives its batch
+    part_before = part.clone()
+    del kept, again, a, b
+    _, fresh = _loader(learn_store, ram_gb=0.0, buffer_chunks=2)
+    memory = set()
+    for b, f in zip(loader.epoch(1), fresh.epoch(1)):
+        memory.add(b.pixels.data_ptr())
+        assert torch.equal(b.pixels, f.pixels)
+    assert torch.equal(part, part_before)
+    assert len(memory) <= loader.threads + loader.prefetch + 2 < len(loader)     # reused, not one per batch
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_an_epoch_reads_each_chunk_once_and_one_view_of_it(learn_store, monkeypatch, ahead):
+    """Count the reads: images once per chunk, each per-view array once per chunk at its planned view.
+    ahead: the epoch before read the first window already (read_ahead); the epoch reads only the rest,
+    and its batches are those of a loader that never read ahead."""
     data, loader = _loader(learn_store, ram_gb=0.0, buffer_chunks=3)
+    if ahead:
+        list(loader.epoch(3))                                                # reads epoch 4's first window
+        assert loader._ahead is not None and loader._ahead.epoch == 4
+        loader._ahead.thread.join()
     reads: list[tuple] = []
     store = data.store
     real_view, real_read = store.read_view, store.read
@@ -136,9 +165,15 @@ def test_an_epoch_reads_each_chunk_once_and_one_view_of_it(learn_store, monkeypa
         return real_read(name, start, stop)
     monkeypatch.setattr(store, "read_view", read_view)
     monkeypatch.setattr(store, "read", read)
-    batches = list(loader.epoch(4))
+    batches = list(loader.epoch(4, ahead=False))
     plan = loader.plan(4)
     used = sorted({int(c) for idx, _ in plan.batches for c in np.unique(idx // data.chunk_size)})
+    if ahead:
+        first = list(dict.fromkeys(int(c) for idx, _ in plan.batches for c in np.unique(idx // data.chunk_size)))[:3]
+        used = sorted(set(used) - set(first))
+        _, plain = _loader(learn_store, ram_gb=0.0, buffer_chunks=3)
+        for a, b in zip(batches, plain.epoch(4, ahead=False), strict=True):
+            assert torch.equal(a.pixels, b.pixels) and torch.equal(a.patches, b.patches)
     for name in ("teacher/logits/probe", "teacher/pooled", "teacher/patches"):
         got = sorted((c, k) for n, c, k in reads if n == name)
         assert got == [(c, int(plan.chunk_view[c])) for c in used], name

@@ -12,6 +12,7 @@ student's resolution, on the training device. With several processes each rank o
 """
 from __future__ import annotations
 
+import sys
 import threading
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -151,6 +152,8 @@ class Loader:
         self.buffer_chunks, self.rank, self.world, self.prefetch = max(1, buffer_chunks), rank, world, prefetch
         self.threads, self.readers = threads, readers
         self.caps = caps or caps_of(device)          # per-view loops on CPUs, batched kernels on GPUs
+        self.buffers = _Buffers()
+        self._ahead: _Ahead | None = None
 
     def __len__(self) -> int:
         if not self.train:
@@ -190,14 +193,31 @@ class Loader:
         return EpochPlan([(b, chunk_view[b // cs]) for b in batches], chunk_view)
 
     # ---- the epoch -----------------------------------------------------------------------
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def read_ahead(self, epoch: int) -> None:
+        """Start reading the first window of `epoch`'s chunks now, on one background thread, so that
+        the epoch does not open with a wait for its first window. Streaming only; the work is finite
+        (at most buffer_chunks chunks), and an epoch other than `epoch` drops it."""
+        if not self.train or self.data.ram is not None:
+            return
+        if self._ahead is not None and self._ahead.epoch == epoch:
+            return
+        plan = self.plan(epoch)
+        first = list(dict.fromkeys(int(c) for b in range(len(plan.batches))
+                                   for c in plan.chunks_of(b, self.data.chunk_size)))[:self.buffer_chunks]
+        self._ahead = _Ahead(self.data, epoch, first, plan.chunk_view)
+
+    def epoch(self, epoch: int, ahead: bool = True) -> Iterator[Batch]:
         """Batches in plan order: rendered by `threads` background threads up to `prefetch` ahead,
-        or in the calling thread when threads is 0 (a CPU that trains uses every core already)."""
+        or in the calling thread when threads is 0 (a CPU that trains uses every core already).
+        ahead: once this epoch's chunks are all read, start reading the next epoch's first window."""
         plan = self.plan(epoch)
         if not self.train:
             yield from self._eval_batches(plan)
             return
-        chunks = _ChunkStream(self.data, plan, self.buffer_chunks, self.readers)
+        preloaded, self._ahead = (self._ahead.take() if self._ahead is not None and self._ahead.epoch == epoch
+                                  else {}), None
+        chunks = _ChunkStream(self.data, plan, self.buffer_chunks, self.readers, preloaded,
+                              on_read_all=(lambda: self.read_ahead(epoch + 1)) if ahead else None)
         try:
             if self.threads == 0:
                 for b in range(len(plan.batches)):
@@ -247,7 +267,8 @@ class Loader:
             sources = [torch.from_numpy(im).permute(2, 0, 1) for im in images]
         x = views.render(sources, torch.tensor([slot[int(i)] for i in idx]), torch.from_numpy(params), self.size,
                          "bilinear", torch.tensor([slot[int(p)] if p >= 0 else -1 for p in partner]),
-                         self.mean_std[0], self.mean_std[1], self.caps.batched_kernels)  # (B, 3, R, R) normalised
+                         self.mean_std[0], self.mean_std[1], self.caps.batched_kernels,
+                         out=self.buffers.take((len(idx), 3, self.size, self.size), self.device))  # normalised
         labels = torch.from_numpy(d.labels[idx])
         targets = _mixed_targets(labels, d.labels, partner, params[:, views.COL["mix_lambda"]], len(d.classes))
 
@@ -290,11 +311,64 @@ def _mixed_targets(labels: torch.Tensor, all_labels: np.ndarray, partner: np.nda
     return targets
 
 
+class _Buffers:
+    """Batch tensors for reuse, handed out again only once nothing holds them or any view of them.
+
+    A batch of 64 views at 224 px is 38 MB: a fresh one comes from the OS page by page (glibc maps
+    allocations over 32 MB anew each time), which cost about a quarter of a CPU render. A buffer is
+    free when the pool's list is its only holder (Python references) and no other tensor shares its
+    storage, so batches kept by the caller (a list of batches, a slice of one) are never written.
+    """
+
+    def __init__(self, keep: int = 12):
+        self.keep, self.pool, self.lock = keep, [], threading.Lock()
+
+    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":                            # a GPU's caching allocator already reuses
+            return torch.empty(shape, device=device)
+        with self.lock:
+            for i in reversed(range(len(self.pool))):      # the most recently used first: warm in cache
+                if self._free(i, shape):
+                    buf = self.pool.pop(i)
+                    self.pool.append(buf)                   # most recently used last
+                    return buf
+            buf = torch.empty(shape)
+            self.pool = self.pool[-(self.keep - 1):] + [buf] if self.keep > 1 else []
+            return buf
+
+    def _free(self, i: int, shape: tuple[int, ...]) -> bool:
+        buf = self.pool[i]                                  # references: the list, buf, getrefcount's argument
+        return (tuple(buf.shape) == tuple(shape) and sys.getrefcount(buf) == 3
+                and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2)
+
+
+class _Ahead:
+    """Chunks of an epoch read on a background thread before the epoch starts (a finite list)."""
+
+    def __init__(self, data: StoreData, epoch: int, chunks: list[int], chunk_view: np.ndarray):
+        self.epoch, self.chunks = epoch, {}
+        self.thread = threading.Thread(target=self._read, args=(data, chunks, chunk_view), name="chunk-ahead")
+        self.thread.start()
+
+    def _read(self, data: StoreData, chunks: list[int], chunk_view: np.ndarray) -> None:
+        for c in chunks:
+            try:
+                self.chunks[c] = data.chunk(c, int(chunk_view[c]))
+            except BaseException:  # noqa: BLE001 - the epoch reads this chunk again and reports the error
+                return
+
+    def take(self) -> dict[int, Chunk]:
+        self.thread.join()
+        return self.chunks
+
+
 class _ChunkStream:
     """Reads the chunks an epoch needs, in first-use order, on background threads; holds at most
-    the chunks live at any point of the plan (a window, or two where a batch straddles windows)."""
+    the chunks live at any point of the plan (a window, or two where a batch straddles windows).
+    preloaded: chunks already read (by read_ahead); on_read_all: called once every chunk is read."""
 
-    def __init__(self, data: StoreData, plan: EpochPlan, buffer_chunks: int, readers: int):
+    def __init__(self, data: StoreData, plan: EpochPlan, buffer_chunks: int, readers: int,
+                 preloaded: dict[int, Chunk] | None = None, on_read_all=None):
         order, uses, first, last = [], Counter(), {}, {}
         for b in range(len(plan.batches)):
             for c in plan.chunks_of(b, data.chunk_size).tolist():
@@ -313,7 +387,13 @@ class _ChunkStream:
         self.ready = {c: threading.Event() for c in order}
         self.room = threading.Semaphore(self.limit)
         self.lock, self.error, self.stopped = threading.Lock(), None, False
-        self.todo = iter(order)
+        preloaded = {c: ch for c, ch in (preloaded or {}).items() if c in self.ready}
+        for c, chunk in preloaded.items():
+            self.room.acquire()
+            self.loaded[c] = chunk
+            self.ready[c].set()
+        self.todo = iter([c for c in order if c not in preloaded])
+        self.on_read_all, self.readers_left = on_read_all, max(1, readers)
         self.pool = ThreadPoolExecutor(max(1, readers), thread_name_prefix="chunk-reader")
         for _ in range(max(1, readers)):
             self.pool.submit(self._read_loop)
@@ -325,6 +405,11 @@ class _ChunkStream:
                 c = next(self.todo, None)
             if c is None or self.stopped:
                 self.room.release()
+                with self.lock:
+                    self.readers_left -= 1
+                    last = self.readers_left == 0 and not self.stopped and self.error is None
+                if last and self.on_read_all is not None:
+                    self.on_read_all()
                 return
             try:
                 chunk = self.data.chunk(c, int(self.plan.chunk_view[c]))

@@ -156,6 +156,8 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
         raise ConfigError(f"{len(train_idx)} training images make no full batch of {cfg.optim.batch_size}"
                           + (" per process" if accelerator.num_processes > 1 else ""))
     val_loader = Loader(data, val_idx, 128, cfg.image_size, cfg.seed, device, train=False)
+    if not resume:
+        loader.read_ahead(0)                         # the first window is read while the model is set up
 
     model = build_model(cfg, data)
     if cfg.channels_last:
@@ -215,12 +217,14 @@ def train_epochs(cfg: FitConfig, accelerator, model, train_model, optimizer, sch
     """Epochs start.. of the run: train, validate, checkpoint (last and best), log."""
     out, w = Path(cfg.out), cfg.loss
     ckpt_path = out / "checkpoints" / "last.pt"
+    if start < cfg.optim.epochs:
+        loader.read_ahead(start)                     # a resumed run learns its first epoch only here
     for epoch in range(start, cfg.optim.epochs):
         t0 = time.perf_counter()
         model.train()
         sums: dict[str, float] = {}
         seen = 0
-        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+        bar = tqdm(loader.epoch(epoch, ahead=epoch + 1 < cfg.optim.epochs), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
                    unit="batch", disable=None if progress and accelerator.is_main_process else True,
                    file=sys.stderr, leave=False)
         for step, batch in enumerate(bar):
