@@ -41,6 +41,7 @@ class Store:
 
     def __init__(self, root: Any, backend: str, path: str, mode: str):
         self._root, self.backend, self.path, self.mode = root, backend, str(path), mode
+        self._arrays: dict[str, Any] = {}          # array handles of a read-only store, opened once
         self._attrs: dict[str, Any] | None = None
         self._compression = None
 
@@ -211,7 +212,17 @@ class Store:
         return True
 
     def __getitem__(self, name: str):
-        return self._root[name]
+        return self._arr(name)
+
+    def _arr(self, name: str):
+        """The array `name`. A read-only store opens each array once: opening one in Zarr parses its
+        metadata file (about 1 ms), which would double the cost of a trainer's per-chunk reads."""
+        if self.mode != "r":
+            return self._root[name]
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self._root[name]
+        return arr
 
     @property
     def num_images(self) -> int:
@@ -257,19 +268,19 @@ class Store:
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of `name`, checked: a bad chunk raises StoreError naming it."""
-        n = self._root[name].shape[0]
+        n = self._arr(name).shape[0]
         start, stop = start or 0, n if stop is None else stop
         chunks = range(start // self.chunk_size, max(start, stop - 1) // self.chunk_size + 1)
         try:
             self._check_present(name, chunks)
             with self._guard(name, None):
-                return np.asarray(self._root[name][start:stop])
+                return np.asarray(self._arr(name)[start:stop])
         except StoreError:
             for c in chunks:                       # name the first bad store chunk
                 with self._guard(name, c):
                     self._check_present(name, [c])
                     a, b = self.chunk_range(c)
-                    self._root[name][max(a, start):min(b, stop)]
+                    self._arr(name)[max(a, start):min(b, stop)]
             raise
 
     def read_view(self, name: str, c: int, k: int) -> np.ndarray:
@@ -277,7 +288,7 @@ class Store:
         a, b = self.chunk_range(c)
         with self._guard(name, c):
             self._check_present(name, [c])
-            return np.asarray(self._root[name][a:b, k])
+            return np.asarray(self._arr(name)[a:b, k])
 
     def read_rows(self, name: str, rows: np.ndarray, view: int | None = None) -> np.ndarray:
         """Selected rows (sorted image indices), reading only the inner chunks that hold them."""
@@ -287,14 +298,14 @@ class Store:
             sel = rows[rows // self.chunk_size == c]
             with self._guard(name, int(c)):
                 self._check_present(name, [int(c)])
-                arr = self._root[name]
+                arr = self._arr(name)
                 if self.backend == "zarr":
                     got = arr.get_orthogonal_selection((sel,) if view is None else (sel, view))
                 else:
                     got = arr[sel] if view is None else arr[sel, view]
             out.append(np.asarray(got))
-        shape = self._root[name].shape[1:] if view is None else self._root[name].shape[2:]
-        return np.concatenate(out) if out else np.zeros((0,) + shape, self._root[name].dtype)
+        shape = self._arr(name).shape[1:] if view is None else self._arr(name).shape[2:]
+        return np.concatenate(out) if out else np.zeros((0,) + shape, self._arr(name).dtype)
 
     def head_arrays(self, head: str) -> dict[str, np.ndarray]:
         group = self._root[f"heads/{head}"]
@@ -321,7 +332,7 @@ class Store:
 
     def small(self, key: str) -> np.ndarray:
         with self._guard(key, None):
-            return np.asarray(self._root[key][...])
+            return np.asarray(self._arr(key)[...])
 
     @contextmanager
     def _guard(self, name: str, c: int | None) -> Iterator[None]:
@@ -344,7 +355,7 @@ class Store:
     def missing_chunks(self, name: str, chunks) -> list[int]:
         """Store chunks of `name` (among `chunks`) with no stored data: a deleted shard, a chunk
         never written. Zarr: the chunk's key; HDF5: allocation of its first inner chunk."""
-        arr = self._root[name]
+        arr = self._arr(name)
         out = []
         for c in chunks:
             coords = (c,) + (0,) * (arr.ndim - 1)
