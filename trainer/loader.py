@@ -138,6 +138,10 @@ class EpochPlan:
     def chunks_of(self, b: int, chunk_size: int) -> np.ndarray:
         return np.unique(self.batches[b][0] // chunk_size)
 
+    def chunk_order(self, chunk_size: int) -> list[int]:
+        """Chunks in the order of their first use."""
+        return list(dict.fromkeys(int(c) for b in range(len(self.batches)) for c in self.chunks_of(b, chunk_size)))
+
 
 class Loader:
     """Batches of rendered views for one epoch; `rank`/`world` give each process whole chunks."""
@@ -202,8 +206,7 @@ class Loader:
         if self._ahead is not None and self._ahead.epoch == epoch:
             return
         plan = self.plan(epoch)
-        first = list(dict.fromkeys(int(c) for b in range(len(plan.batches))
-                                   for c in plan.chunks_of(b, self.data.chunk_size)))[:self.buffer_chunks]
+        first = plan.chunk_order(self.data.chunk_size)[:self.buffer_chunks]
         self._ahead = _Ahead(self.data, epoch, first, plan.chunk_view)
 
     def epoch(self, epoch: int, ahead: bool = True) -> Iterator[Batch]:
@@ -333,7 +336,8 @@ class _Buffers:
                     self.pool.append(buf)                   # most recently used last
                     return buf
             buf = torch.empty(shape)
-            self.pool = self.pool[-(self.keep - 1):] + [buf] if self.keep > 1 else []
+            self.pool.append(buf)
+            del self.pool[:-self.keep]                      # the oldest go
             return buf
 
     def _free(self, i: int, shape: tuple[int, ...]) -> bool:
@@ -369,12 +373,10 @@ class _ChunkStream:
 
     def __init__(self, data: StoreData, plan: EpochPlan, buffer_chunks: int, readers: int,
                  preloaded: dict[int, Chunk] | None = None, on_read_all=None):
-        order, uses, first, last = [], Counter(), {}, {}
+        order, uses, first, last = plan.chunk_order(data.chunk_size), Counter(), {}, {}
         for b in range(len(plan.batches)):
             for c in plan.chunks_of(b, data.chunk_size).tolist():
-                if c not in uses:
-                    order.append(c)
-                    first[c] = b
+                first.setdefault(c, b)
                 uses[c] += 1
                 last[c] = b
         live = np.zeros(len(plan.batches) + 1, np.int64)   # chunks first used at or before b, last at or after
