@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import time
 import traceback
 
 import torch
@@ -55,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only.split(",")
     subset = "" if args.only == DEFAULT[args.profile] else "-" + "-".join(names)
     payload = {"machine": machine(), "date": datetime.date.today().isoformat(), "profile": args.profile,
-               "settings": profile, "torch": torch.__version__, "results": {}, "failed": {}}
+               "settings": profile, "torch": torch.__version__, "results": {}, "failed": {}, "seconds": {}}
     rows, failed = [], 0
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         try:
             payload["results"][name] = BENCHES[name].run(profile)
             rows += BENCHES[name].rows(payload["results"][name])
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             payload["failed"][name] = traceback.format_exc()
             print(payload["failed"][name], file=sys.stderr, flush=True)
             rows.append([f"{name}: FAILED", "-", "see failed in the JSON file"])
+        payload["seconds"][name] = round(time.perf_counter() - t0, 1)
+        print(f"== {name}: {payload['seconds'][name]} s", file=sys.stderr, flush=True)
         table = (f"# kdstore benchmarks: {payload['machine']}, {payload['date']}, profile {args.profile}\n\n"
                  + md_table(["what", "figure", "against the baseline in this run"], rows))
         json_path, md_path = write_results(f"bench-{args.profile}{subset}", payload, table)   # after each one
