@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torchvision import datasets, transforms
 
-from benchmarks.common import copy_gbps
-from featurestore.builder import build
+from benchmarks.common import build_store, copy_gbps
 from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
 from trainer.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, StoreData
@@ -40,9 +39,9 @@ def run(profile: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         images = write_demo_data(Path(tmp) / "images", per_class=n_per_class, seed=0, sizes=(450, 1000))
         store = Path(tmp) / "s.zarr"
-        build(BuildConfig(images=str(images), out=str(store), workers=workers,
-                          teacher=TeacherConfig(id="random:tiny"), views=ViewPolicy(views=8, mix_prob=0.2),
-                          store=StoreLayout(image_size=256, chunk_size=64, patch_grid=4)))
+        build_store(BuildConfig(images=str(images), out=str(store), workers=workers,
+                                teacher=TeacherConfig(id="random:tiny"), views=ViewPolicy(views=8, mix_prob=0.2),
+                                store=StoreLayout(image_size=256, chunk_size=64, patch_grid=4)))
         data = StoreData(str(store), "probe", need_pooled=True, need_patches=True, ram_budget_gb=0)   # streaming
         loader = Loader(data, np.arange(data.n), batch, size, seed=0, device=torch.device("cpu"), train=True)
         ram_data = StoreData(str(store), "probe", need_pooled=True, need_patches=True, ram_budget_gb=100)

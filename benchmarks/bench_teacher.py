@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import matmul_tflops
-from featurestore.builder import build
+from benchmarks.common import build_store, matmul_tflops
 from featurestore.config import BuildConfig, ProbeConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
 from featurestore.devices import pick_device
@@ -63,7 +62,7 @@ def run(profile: dict) -> dict:
                           views=ViewPolicy(views=views, mix_prob=0.2),
                           store=StoreLayout(image_size=256, chunk_size=16, patch_grid=8),
                           probe=ProbeConfig(max_rows=profile.get("probe_rows", 50_000)))
-        stats = build(cfg)
+        stats = build_store(cfg)
         ours = {"views": stats["views"], "pass_s": stats["pass_s"], "total_s": stats["total_s"],
                 "load_s": stats["load_s"], "heads_s": stats.get("heads_s"), "views_per_s": stats["views"] / stats["pass_s"],
                 "views_per_s_end_to_end": stats["views"] / (stats["total_s"] - stats["load_s"])}

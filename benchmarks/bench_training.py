@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurestore.builder import build
+from benchmarks.common import build_store
 from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
 from featurestore.devices import pick_device
@@ -39,9 +39,9 @@ def run(profile: dict) -> dict:
         images = write_demo_data(Path(tmp) / "images", per_class=max(2, batch * (steps + 2) // 10 + 1), seed=0,
                                  sizes=(450, 1000))
         store = Path(tmp) / "s.zarr"
-        build(BuildConfig(images=str(images), out=str(store), workers=profile["workers"],
-                          teacher=TeacherConfig(id="random:tiny"), views=ViewPolicy(views=4),
-                          store=StoreLayout(image_size=256, chunk_size=64)))
+        build_store(BuildConfig(images=str(images), out=str(store), workers=profile["workers"],
+                                teacher=TeacherConfig(id="random:tiny"), views=ViewPolicy(views=4),
+                                store=StoreLayout(image_size=256, chunk_size=64)))
         data = StoreData(str(store), "probe", need_pooled=False, need_patches=False)
         loader = Loader(data, np.arange(data.n), batch, 224, 0, device, train=True,
                         threads=2 if device.type != "cpu" else 0)

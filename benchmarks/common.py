@@ -6,12 +6,18 @@ import json
 import platform
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+
+from featurestore.config import to_dict
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -76,3 +82,28 @@ def md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+DONE_LINE = re.compile(r"^done: .*teacher pass (\d+) views in ([\d.]+)s .*total ([\d.]+)s "
+                       r"\(model load ([\d.]+)s, heads ([\d.]+)s\)$", re.M)
+
+
+def build_store(cfg) -> dict:
+    """`featurestore build --config` in a fresh process, as a user runs it (a build started from the
+    benchmark's own process would have its decoding workers re-import every benchmark module);
+    returns the build's own clock: views, pass_s, total_s, load_s, heads_s."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(to_dict(cfg), f)
+    try:
+        r = subprocess.run([sys.executable, "-m", "featurestore", "build", "--config", f.name],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        Path(f.name).unlink()
+    if r.returncode:
+        raise RuntimeError(f"featurestore build failed: {r.stderr[-3000:]}")
+    m = DONE_LINE.search(r.stderr)
+    if m is None:
+        raise RuntimeError(f"featurestore build printed no timing line: {r.stderr[-2000:]}")
+    views, pass_s, total_s, load_s, heads_s = m.groups()
+    return {"views": int(views), "pass_s": float(pass_s), "total_s": float(total_s), "load_s": float(load_s),
+            "heads_s": float(heads_s)}

@@ -545,7 +545,8 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool) -> dict:
     stats = {"views": views_run, "total_s": total} | clock
     if views_run:
         log(f"done: {out}  teacher pass {views_run} views in {stats['pass_s']:.1f}s "
-            f"({views_run / stats['pass_s']:.2f} views/s), total {total:.1f}s")
+            f"({views_run / stats['pass_s']:.2f} views/s), total {total:.1f}s "
+            f"(model load {stats['load_s']:.1f}s, heads {stats.get('heads_s', 0.0):.1f}s)")
     return stats
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
+from benchmarks.common import DONE_LINE
 from conftest import REPO, SMALL, run_cli, run_module
 from featurestore.store import Store
 
@@ -76,6 +77,10 @@ def test_two_process_build_equals_one_process(tmp_path, demo_images):
     one, out = tmp_path / "one.zarr", tmp_path / "two.zarr"
     r = run_module("featurestore", "build", "--images", demo_images, "--out", one, *SMALL, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    views, pass_s, total_s, load_s, heads_s = DONE_LINE.search(r.stderr).groups()   # the benchmarks read this line
+    with Store.open(one) as s:
+        assert int(views) == s.num_images * s.views_per_image
+    assert 0 < float(pass_s) <= float(total_s) and float(load_s) + float(heads_s) < float(total_s)
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                         "-m", "featurestore", "build", "--images", str(demo_images), "--out", str(out), *SMALL],
