@@ -130,8 +130,19 @@ def render(
     params = params.to(device=device, dtype=torch.float32)     # colour maths runs where the pixels are
     mode = _INTERP[interpolation]
     crops = [_geometry(sources[int(s)], host[v], size, mode) for v, s in enumerate(index.tolist())]
-    exact = torch.int32 if 255 * size * size < 2 ** 31 else torch.int64                  # integer sums are exact
-    sums = torch.stack([c.sum(dim=(1, 2), dtype=exact) for c in crops]).double().float()  # (V, 3)
+    if batched is None:
+        batched = caps_of(device).batched_kernels
+    # per view on a CPU, each crop becomes float once, in its place in `out`, and is summed there:
+    # float32 sums of integers stay exact while every partial sum is below 2**24, in any order
+    in_place = not batched and 255 * size * size < 2 ** 24
+    if in_place:
+        out = _out(out, len(crops), size, device)
+        for o, c in zip(out, crops):
+            o.copy_(c)
+        sums = out.sum(dim=(2, 3))                                                         # (V, 3)
+    else:
+        exact = torch.int32 if 255 * size * size < 2 ** 31 else torch.int64              # integer sums are exact
+        sums = torch.stack([c.sum(dim=(1, 2), dtype=exact) for c in crops]).double().float()  # (V, 3)
     mean_gray = sums @ torch.tensor(_GRAY, device=sums.device) / (255.0 * size * size)     # (V,)
     m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
                          params[:, COL["saturation"]], params[:, COL["hue"]])             # (V,3,3), (V,3)
@@ -142,9 +153,10 @@ def render(
         m, t = m / sd.view(1, 3, 1), (t - torch.tensor(mean, device=m.device)) / sd       # normalise inside
         lo = [(0.0 - mu) / s for mu, s in zip(mean, std)]
         hi = [(1.0 - mu) / s for mu, s in zip(mean, std)]
-    if batched is None:
-        batched = caps_of(device).batched_kernels
-    out = _apply_colour(crops, m, t, lo, hi, per_view=not batched, out=out)               # (V, 3, size, size)
+    if in_place:
+        _colour_in_place(out, m, t, lo, hi)
+    else:
+        out = _apply_colour(crops, m, t, lo, hi, per_view=not batched, out=out)           # (V, 3, size, size)
     if (host[:, COL["mix_mode"]].round() != MIX_NONE).any():
         if partner_index is None:
             raise ValueError("views mix with partners but no partner_index was given")
@@ -152,16 +164,33 @@ def render(
     return out
 
 
+def _out(out: torch.Tensor | None, v: int, r: int, device: torch.device) -> torch.Tensor:
+    """The float32 (V, 3, R, R) tensor to render into: the caller's, checked, or a new one."""
+    if out is None:
+        return torch.empty(v, 3, r, r, device=device)
+    if out.shape != (v, 3, r, r) or out.dtype != torch.float32 or out.device != device:
+        raise ValueError(f"out must be float32 {(v, 3, r, r)} on {device}, got {out.dtype} {tuple(out.shape)} "
+                         f"on {out.device}")
+    return out
+
+
+def _colour_in_place(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, lo: list[float], hi: list[float]) -> None:
+    """x[i] <- clamp(m[i] @ x[i] + t[i]) per view of float (V, 3, R, R), through one scratch view
+    that stays in cache."""
+    scratch = torch.empty(3, x.shape[-1] * x.shape[-2], device=x.device)
+    for i in range(len(x)):
+        o = x[i].view(3, -1)
+        torch.addmm(t[i].unsqueeze(-1), m[i], o, out=scratch)
+        for ch in range(3):                                                      # scalar bounds: a fast kernel
+            torch.clamp(scratch[ch], lo[ch], hi[ch], out=o[ch])
+
+
 def _apply_colour(crops: list[torch.Tensor], m: torch.Tensor, t: torch.Tensor, lo: list[float], hi: list[float],
                   per_view: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """clamp(m @ crop + t) for each uint8 crop (3, R, R). Per view on a CPU (the crop stays in
     cache); as one batched kernel on a GPU (few large launches beat many small ones)."""
     v, r = len(crops), crops[0].shape[-1]
-    if out is None:
-        out = torch.empty(v, 3, r, r, device=m.device)
-    elif out.shape != (v, 3, r, r) or out.dtype != torch.float32 or out.device != m.device:
-        raise ValueError(f"out must be float32 {(v, 3, r, r)} on {m.device}, got {out.dtype} {tuple(out.shape)} "
-                         f"on {out.device}")
+    out = _out(out, v, r, m.device)
     if not per_view:
         x = torch.stack(crops).float().view(v, 3, -1)
         torch.baddbmm(t.unsqueeze(-1), m, x, out=out.view(v, 3, -1))

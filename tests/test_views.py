@@ -181,6 +181,24 @@ def test_batched_and_per_view_colour_paths_agree():
     torch.testing.assert_close(per_view, batched)
 
 
+def test_float_sums_of_crops_are_exact_up_to_256_px():
+    """The CPU renderer sums each crop in float32 where it already is (no integer copy): exact while
+    every partial sum stays below 2**24, i.e. 255 * size**2 < 2**24, up to 256 px."""
+    worst = torch.full((2, 3, 256, 256), 255.0)
+    assert worst.sum(dim=(2, 3)).eq(255 * 256 * 256).all()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (4, 3, 256, 256), generator=g, dtype=torch.uint8)
+    assert torch.equal(x.float().sum(dim=(2, 3)), x.sum(dim=(2, 3), dtype=torch.int64).float())
+    # the renderer's two CPU routes (in place at 224 px; integer sums at 288 px) agree with the GPU route
+    imgs = [torch.from_numpy(smooth_image(300, 320, seed=i)).permute(2, 0, 1).contiguous() for i in range(2)]
+    params = torch.from_numpy(params_for(policy(views=4), 2, 2)[:, 1:].reshape(6, -1))
+    index, partner = torch.arange(2).repeat_interleave(3), params[:, COL["mix_partner"]].long()
+    for size in (224, 288):
+        cpu = views.render(imgs, index, params, size, partner_index=partner, batched=False)
+        gpu = views.render(imgs, index, params, size, partner_index=partner, batched=True)
+        torch.testing.assert_close(cpu, gpu)
+
+
 def test_colour_jitter_calls_no_linear_algebra_at_render_time(monkeypatch):
     """Render threads must not call torch.linalg: on CUDA its library loads lazily, and a first call
     from two threads at once fails ("lazy wrapper should be called at most once", pytorch#90613)."""
