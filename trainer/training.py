@@ -224,7 +224,8 @@ def train_epochs(cfg: FitConfig, accelerator, model, train_model, optimizer, sch
         model.train()
         sums: dict[str, float] = {}
         seen = 0
-        bar = tqdm(loader.epoch(epoch, ahead=epoch + 1 < cfg.optim.epochs), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+        batches = loader.epoch(epoch, ahead=epoch + 1 < cfg.optim.epochs)      # the last epoch reads nothing ahead
+        bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
                    unit="batch", disable=None if progress and accelerator.is_main_process else True,
                    file=sys.stderr, leave=False)
         for step, batch in enumerate(bar):
