@@ -58,7 +58,7 @@ def add_build_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("--pca-images", type=int, help="images whose patch tokens (4 views each) fit the PCA basis")
     b.add_argument("--image-size", type=int, help="S: side of the stored squashed images the student renders from")
     b.add_argument("--chunk-size", type=int, help="images per chunk (one Zarr shard, one unit of resume)")
-    b.add_argument("--compression", help="zarr: none|zstd|blosc, hdf5: none|gzip|lzf (default: zstd / lzf)")
+    b.add_argument("--compression", help="zarr: none|zstd|blosc|lz4, hdf5: none|gzip|lzf (default: zarr zstd, images lz4; hdf5 lzf)")
     b.add_argument("--folds", type=int, help="cross-fitting folds of the linear probe")
     b.add_argument("--val-fraction", type=float, help="fraction of each class held out for validation")
     b.add_argument("--probe-max-rows", type=int, help="at most this many pooled embeddings fit the probe")

@@ -85,7 +85,7 @@ class TeacherConfig:
 class StoreLayout:
     image_size: int = 256                       # S: stored images are squashed to S x S
     chunk_size: int = 64                        # images per chunk (and per Zarr shard)
-    compression: str = "default"                # zarr: none|zstd|blosc, hdf5: none|gzip|lzf
+    compression: str = "default"                # zarr: none|zstd|blosc|lz4, hdf5: none|gzip|lzf
     patch_grid: int = 0                         # g: patch tokens pooled to g x g; 0 stores none
     patch_dim: int = 0                          # d: patch tokens reduced to d dims by PCA; 0 keeps D
     pca_images: int = 128                       # images whose patch tokens fit the PCA basis
@@ -95,7 +95,7 @@ class StoreLayout:
             raise ConfigError(f"store.image_size must be >= 8, got {self.image_size}")
         if self.chunk_size < 1:
             raise ConfigError(f"store.chunk_size must be >= 1, got {self.chunk_size}")
-        if self.compression not in ("default", "none", "zstd", "blosc", "gzip", "lzf"):
+        if self.compression not in ("default", "none", "zstd", "blosc", "lz4", "gzip", "lzf"):
             raise ConfigError(f"store.compression unknown: {self.compression!r}")
         if self.patch_grid < 0:
             raise ConfigError(f"store.patch_grid must be >= 0, got {self.patch_grid}")

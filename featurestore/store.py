@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .shards import ShardReadError, ShardReader
 from .schema import FORMAT_VERSION, Field, StoreError, check_attrs, fields, resolve, sizes
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -42,8 +43,9 @@ class Store:
     def __init__(self, root: Any, backend: str, path: str, mode: str):
         self._root, self.backend, self.path, self.mode = root, backend, str(path), mode
         self._arrays: dict[str, Any] = {}          # array handles of a read-only store, opened once
+        self._shards: dict[str, ShardReader | None] = {}   # direct shard readers (local Zarr, read-only)
         self._attrs: dict[str, Any] | None = None
-        self._compression = None
+        self._compression = self._image_compression = None
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -85,6 +87,7 @@ class Store:
             root = zarr.open_group(path, mode="w")
         store = cls(root, backend, path, "w")
         store._compression = _codec(backend, compression)
+        store._image_compression = _codec(backend, compression, images=True)
         chunk, size = attrs["chunk_size"], sizes(attrs)
         for f in fields(attrs):
             store._create(f, resolve(f.dims, size), chunk, attrs)
@@ -140,15 +143,16 @@ class Store:
         else:
             inner = n_chunk
         fill = float("nan") if f.dtype.startswith("float") else 0
+        codec = self._image_compression if f.name == "images" else self._compression
         if self.backend == "hdf5":
             import h5py
             dtype = h5py.string_dtype("utf-8", length=attrs.get("id_bytes", 256)) if f.dtype == "str" else f.dtype
-            kw = {"compression": self._compression} if self._compression else {}
+            kw = {"compression": codec} if codec else {}
             self._root.create_dataset(f.name, shape=shape, dtype=dtype, chunks=inner, fletcher32=True,
                                       fillvalue=None if f.dtype == "str" else fill, **kw)
             return
         from zarr.codecs import Crc32cCodec
-        codecs = ([self._compression] if self._compression else []) + [Crc32cCodec()]
+        codecs = ([codec] if codec else []) + [Crc32cCodec()]
         if f.dtype == "str":
             self._root.create_array(f.name, shape=shape, dtype=str, chunks=n_chunk, compressors=codecs)
             return
@@ -224,6 +228,14 @@ class Store:
             arr = self._arrays[name] = self._root[name]
         return arr
 
+    def _shard_reader(self, name: str) -> ShardReader | None:
+        """Direct reads of whole inner chunks, for a read-only local Zarr store (else None)."""
+        if self.backend != "zarr" or self.mode != "r" or not is_local(self.path):
+            return None
+        if name not in self._shards:
+            self._shards[name] = ShardReader.of(self._arr(name), Path(self.path) / name)
+        return self._shards[name]
+
     @property
     def num_images(self) -> int:
         return self.attrs["num_images"]
@@ -283,9 +295,30 @@ class Store:
                     self._arr(name)[max(a, start):min(b, stop)]
             raise
 
+    def read_chunk(self, name: str, c: int, out: np.ndarray | None = None) -> np.ndarray:
+        """All rows of store chunk c of `name`, into `out` ((rows, ...) C-contiguous) if given."""
+        a, b = self.chunk_range(c)
+        reader = self._shard_reader(name)
+        if reader is not None and reader.per_shard[0] == reader.n_inner:
+            try:
+                return reader.rows(c, b - a, out)
+            except ShardReadError:
+                pass                                   # zarr reads it: the fill value or the canonical error
+        x = self.read(name, a, b)
+        if out is None:
+            return x
+        out[...] = x
+        return out
+
     def read_view(self, name: str, c: int, k: int) -> np.ndarray:
         """View k of store chunk c of a per-view array: (chunk images, ...), one stored chunk."""
         a, b = self.chunk_range(c)
+        reader = self._shard_reader(name)
+        if reader is not None and reader.per_shard[1] == reader.n_inner:
+            try:
+                return reader.inner_chunk(c, k)[:b - a, 0]
+            except ShardReadError:
+                pass
         with self._guard(name, c):
             self._check_present(name, [c])
             return np.asarray(self._arr(name)[a:b, k])
@@ -436,17 +469,21 @@ def _np_dtype(dtype: str):
     return np.dtype("O") if dtype == "str" else np.dtype(dtype)
 
 
-def _codec(backend: str, name: str):
+def _codec(backend: str, name: str, images: bool = False):
+    """The compressor of a store's arrays. "default": HDF5 lzf; Zarr zstd (level 3), but blosc-lz4 for
+    `images`, which every epoch reads whole: it decodes about 7x faster than zstd and the pixels shrink
+    little under either (the teacher arrays, read 1/K per epoch, keep zstd)."""
     if backend == "hdf5":
         name = "lzf" if name == "default" else name
         if name not in ("none", "gzip", "lzf"):
             raise StoreError(f"HDF5 stores support compression none|gzip|lzf, not {name!r}")
         return None if name == "none" else name
-    name = "zstd" if name == "default" else name
-    if name not in ("none", "zstd", "blosc"):
-        raise StoreError(f"Zarr stores support compression none|zstd|blosc, not {name!r}")
+    name = ("lz4" if images else "zstd") if name == "default" else name
+    if name not in ("none", "zstd", "blosc", "lz4"):
+        raise StoreError(f"Zarr stores support compression none|zstd|blosc|lz4, not {name!r}")
     from zarr.codecs import BloscCodec, ZstdCodec
-    return {"none": None, "zstd": ZstdCodec(level=3), "blosc": BloscCodec(cname="zstd", clevel=5)}[name]
+    return {"none": None, "zstd": ZstdCodec(level=3), "blosc": BloscCodec(cname="zstd", clevel=5),
+            "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")}[name]
 
 
 __all__ = ["Store", "StoreError", "ChunkError", "FORMAT_VERSION", "backend_of", "is_local"]

@@ -135,3 +135,74 @@ def test_open_reports_missing_array(tmp_path):
         del f["teacher/pooled"]
     with pytest.raises(StoreError, match="teacher/pooled"):
         Store.open(path)
+
+
+@pytest.mark.parametrize("compression", ["default", "zstd", "none", "blosc", "lz4"])
+@pytest.mark.parametrize("n,chunk,side", [(23, 5, 16), (23, 5, 40), (40, 16, 40)])
+def test_direct_shard_reads_equal_what_was_written(tmp_path, monkeypatch, compression, n, chunk, side):
+    """A trainer's reads (a store chunk's images, one view of a per-view array) come straight from the
+    chunk files, never through zarr, and equal what was written: every codec, a partial last chunk,
+    images unsharded (small rows), in inner chunks of one image (gcd(5, 8)) and of eight."""
+    store = Store.create(tmp_path / "s.zarr", _attrs(n, 3, chunk, 2, image_size=side), compression)
+    written = write_seeded(store)
+    store.close()
+    r = Store.open(tmp_path / "s.zarr")
+    per_view = [f.name for f in r.fields() if f.per_view]
+    assert all(r._shard_reader(name) is not None for name in ["images", *per_view])
+
+    def no_zarr(*a, **k):
+        raise AssertionError("read through zarr")
+    monkeypatch.setattr(r, "read", no_zarr)
+    monkeypatch.setattr(r, "_guard", no_zarr)
+    for c in range(r.num_chunks):
+        a, b = r.chunk_range(c)
+        got = r.read_chunk("images", c)
+        assert got.dtype == np.uint8 and np.array_equal(got, written["images"][a:b])
+        out = np.zeros_like(got)
+        assert r.read_chunk("images", c, out) is out and np.array_equal(out, got)
+        for name in per_view:
+            for v in range(3):
+                got = r.read_view(name, c, v)
+                assert got.dtype == written[name].dtype and np.array_equal(got, written[name][a:b, v]), (name, c, v)
+
+
+def test_default_zarr_compression_is_zstd_and_lz4_for_images(tmp_path):
+    """Images, read whole every epoch, take blosc-lz4 (decodes several times faster than zstd); the
+    teacher arrays, read one view in K, take zstd."""
+    s = Store.create(tmp_path / "s.zarr", _attrs(40, 2, 16, 2, image_size=40), "default")
+    images = s["images"].metadata.codecs[0].codecs
+    assert [type(c).__name__ for c in images] == ["BytesCodec", "BloscCodec", "Crc32cCodec"]
+    assert images[1].cname.value == "lz4"
+    assert [type(c).__name__ for c in s["teacher/patches"].metadata.codecs[0].codecs] == [
+        "BytesCodec", "ZstdCodec", "Crc32cCodec"]
+
+
+def test_direct_reads_leave_damage_and_gaps_to_zarr(tmp_path):
+    """What the direct path cannot serve, zarr answers as before: a flipped byte fails its checksum,
+    a deleted shard is missing (both named), a view never written reads as NaN (the fill)."""
+    import zarr
+    from featurestore.store import ChunkError
+    path = tmp_path / "s.zarr"
+    store = Store.create(path, _attrs(23, 3, 5, 2), "default")
+    written = write_seeded(store)
+    store.close()
+    pooled = zarr.open_array(path / "teacher/pooled", mode="r+", config={"write_empty_chunks": False})
+    pooled[5:10, 1] = np.nan                                    # chunk 1, view 1: dropped from its shard
+    key = lambda name, c: path / name / zarr.open_array(path / name).metadata.encode_chunk_key(   # noqa: E731
+        (c,) + (0,) * (zarr.open_array(path / name).ndim - 1))
+    (key("teacher/patches", 2)).unlink()
+    f = key("images", 3)
+    data = bytearray(f.read_bytes())
+    data[20] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+    r = Store.open(path)
+    assert np.isnan(r.read_view("teacher/pooled", 1, 1)).all()
+    assert np.array_equal(r.read_view("teacher/pooled", 1, 2), written["teacher/pooled"][5:10, 2])
+    with pytest.raises(ChunkError, match=r"teacher/patches chunk 2 \(images 10..14\) is missing") as e:
+        r.read_view("teacher/patches", 2, 0)
+    assert e.value.kind == "missing"
+    with pytest.raises(ChunkError, match=r"images chunk 3 \(images 15..19\) failed its checksum") as e:
+        r.read_chunk("images", 3)
+    assert e.value.kind == "checksum"
+    assert np.array_equal(r.read_chunk("images", 4), written["images"][20:23])
