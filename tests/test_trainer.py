@@ -154,17 +154,18 @@ def test_an_epoch_reads_each_chunk_once_and_one_view_of_it(learn_store, monkeypa
         loader._ahead.thread.join()
     reads: list[tuple] = []
     store = data.store
-    real_view, real_read = store.read_view, store.read
+    real_view, real_chunk = store.read_view, store.read_chunk
 
     def read_view(name, c, k):
         reads.append((name, c, k))
         return real_view(name, c, k)
 
-    def read(name, start=None, stop=None):
-        reads.append((name, start, stop))
-        return real_read(name, start, stop)
+    def read_chunk(name, c, out=None):
+        reads.append((name, c, None))
+        return real_chunk(name, c, out)
     monkeypatch.setattr(store, "read_view", read_view)
-    monkeypatch.setattr(store, "read", read)
+    monkeypatch.setattr(store, "read_chunk", read_chunk)
+    monkeypatch.setattr(store, "read", None)                            # nothing else reads
     batches = list(loader.epoch(4, ahead=False))
     plan = loader.plan(4)
     used = sorted({int(c) for idx, _ in plan.batches for c in np.unique(idx // data.chunk_size)})
@@ -178,9 +179,70 @@ def test_an_epoch_reads_each_chunk_once_and_one_view_of_it(learn_store, monkeypa
         got = sorted((c, k) for n, c, k in reads if n == name)
         assert got == [(c, int(plan.chunk_view[c])) for c in used], name
     image_reads = sorted(r[1] for r in reads if r[0] == "images")
-    assert image_reads == [store.chunk_range(c)[0] for c in used]
+    assert image_reads == used
     assert len(reads) == len(set(reads)) == 4 * len(used)                # nothing read twice, nothing else read
     assert sum(len(b.index) for b in batches) == len(loader) * 8
+
+
+@pytest.mark.parametrize("ram_gb", [8.0, 0.0])
+def test_worker_processes_render_the_same_batches(learn_store, ram_gb):
+    """Views rendered in worker processes equal those rendered on threads, batch for batch, streamed or
+    in RAM, across epochs that read ahead; the workers stay up between epochs."""
+    _, threads = _loader(learn_store, ram_gb=ram_gb, buffer_chunks=2)
+    data, procs = _loader(learn_store, ram_gb=ram_gb, buffer_chunks=2, workers=2)
+    assert procs.workers == 2 and data.in_memory == (ram_gb > 0)
+    try:
+        pids = None
+        for epoch in (0, 1, 2):
+            got = list(zip(threads.epoch(epoch), procs.epoch(epoch), strict=True))
+            assert len(got) == len(threads)
+            for bt, bp in got:
+                assert bp.pixels.is_shared()
+                for name in ("pixels", "labels", "targets", "logits", "pooled", "patches", "index", "view"):
+                    torch.testing.assert_close(getattr(bt, name), getattr(bp, name), rtol=0, atol=0, msg=name)
+            now = [p.pid for p in procs._pool.procs]
+            assert pids in (None, now)
+            pids = now
+        left = procs.epoch(3)                                      # an epoch left early waits for its jobs
+        next(left)
+        left.close()
+        first = next(iter(procs.epoch(4)))
+        torch.testing.assert_close(first.pixels, next(iter(threads.epoch(4))).pixels, rtol=0, atol=0)
+    finally:
+        procs.close()
+    assert procs._pool is None
+
+
+def test_render_worker_failures_stop_the_epoch_with_their_error():
+    from trainer.render_pool import RenderPool, RenderWorkerError
+    pool = RenderPool(1, 16, IMAGENET_MEAN, IMAGENET_STD)
+    try:
+        out = torch.empty(1, 3, 16, 16).share_memory_()
+        images = {0: torch.zeros(2, 20, 20, 3, dtype=torch.uint8).share_memory_()}
+        params = torch.from_numpy(views.canonical_params()[None])
+        job = pool.submit(images, [(0, 1)], torch.tensor([0]), params, torch.tensor([-1]), out)
+        pool.wait(job)
+        assert torch.isfinite(out).all()
+        bad = pool.submit(images, [(7, 0)], torch.tensor([0]), params, torch.tensor([-1]), out)   # no chunk 7
+        with pytest.raises(RenderWorkerError, match="KeyError"):
+            pool.wait(bad)
+        pool.procs[0].kill()
+        pool.procs[0].join()
+        late = pool.submit(images, [(0, 1)], torch.tensor([0]), params, torch.tensor([-1]), out)
+        with pytest.raises(RenderWorkerError, match="died"):
+            pool.wait(late)
+    finally:
+        pool.close()
+
+
+def test_worker_processes_fall_back_to_threads_without_shared_memory(learn_store, monkeypatch):
+    import trainer.loader as tl
+    monkeypatch.setattr(tl, "_shared_memory_fits", lambda nbytes: False)
+    with pytest.warns(UserWarning, match="rendering on threads instead of worker processes"):
+        _, loader = _loader(learn_store, workers=2)
+    assert loader.workers == 0
+    _, threads = _loader(learn_store)
+    assert torch.equal(next(iter(loader.epoch(0))).pixels, next(iter(threads.epoch(0))).pixels)
 
 
 def test_ranks_take_disjoint_whole_chunks_and_the_same_number_of_steps(learn_store):

@@ -14,6 +14,7 @@ FLAGS = {  # flag dest -> run config key (the Python API takes the same names)
     "head": "head", "seed": "seed", "unlabeled": "unlabeled", "device": "device", "mixed_precision": "mixed_precision",
     "cpu": "cpu", "channels_last": "channels_last", "compile": "compile", "train_on_all": "train_on_all",
     "max_mb": "max_mb", "ram_budget_gb": "ram_budget_gb", "buffer_chunks": "buffer_chunks", "onnx": "onnx",
+    "loader_workers": "loader_workers",
     "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "warmup_epochs": "optim.warmup_epochs", "ema": "optim.ema",
     "w_ce": "loss.ce", "w_kd": "loss.kd", "w_dist": "loss.dist", "w_pooled": "loss.pooled", "w_patches": "loss.patches",
@@ -73,6 +74,8 @@ def add_fit_flags(f: argparse.ArgumentParser) -> None:
     f.add_argument("--ram-budget-gb", type=float, help="read everything the run needs into RAM when it fits, "
                    "else stream chunks (same batches either way)")
     f.add_argument("--buffer-chunks", type=int, help="shuffle window in whole chunks (memory ~ 2 windows)")
+    f.add_argument("--loader-workers", type=int, help="training on a CPU: processes that render the views "
+                   "beside the training loop (one core each; 0 renders them in the loop). Same batches either way")
     f.add_argument("--onnx", action="store_true", default=None, help="also export student.onnx (default: off)")
     from trainer.config import FitConfig
     document_defaults(f, FLAGS, FitConfig())

@@ -46,6 +46,7 @@ class FitConfig:
     max_mb: float = 25.0
     ram_budget_gb: float = 2.0          # read everything a run needs into RAM below this size, else stream
     buffer_chunks: int = 8              # shuffle window (whole chunks) of the epoch plan
+    loader_workers: int = 0             # CPU training: processes rendering views beside training (0: in the loop)
     onnx: bool = False                  # also export ONNX at the end
 
     def validate(self) -> None:
@@ -55,6 +56,8 @@ class FitConfig:
             raise ConfigError(f"head must be probe|zeroshot, got {self.head!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be auto|no|bf16|fp16, got {self.mixed_precision!r}")
+        if self.loader_workers < 0:
+            raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers}")
         if self.buffer_chunks < 1:
             raise ConfigError(f"buffer_chunks must be >= 1, got {self.buffer_chunks}")
         if self.image_size < 32:
@@ -69,6 +72,6 @@ class FitConfig:
         """Settings a resumed run must share with the interrupted one."""
         from featurestore.config import to_dict
         d = to_dict(self)
-        for key in ("out", "cpu", "device", "ram_budget_gb", "onnx", "max_mb"):
+        for key in ("out", "cpu", "device", "ram_budget_gb", "onnx", "max_mb", "loader_workers"):
             d.pop(key)
         return d

@@ -8,12 +8,17 @@ background threads and released when their last batch is rendered, so memory is 
 window, whatever N, K, g and D are; only labels, splits and view params stay in RAM. When
 everything a run needs fits `ram_budget_gb`, it is read once into RAM instead: the same plan, the
 same batches. Each view is rendered from the stored S x S image with the shared renderer, at the
-student's resolution, on the training device. With several processes each rank owns whole chunks.
+student's resolution, on the training device: on a GPU in batched kernels; on a CPU per view, in the
+calling thread, on render threads, or in render worker processes (`workers`), which the GIL does not
+serialise. With several processes each rank owns whole chunks.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import threading
+import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +32,7 @@ from featurestore import views
 from featurestore.devices import Caps, caps_of
 from featurestore.schema import StoreError
 from featurestore.store import Store
+from trainer.render_pool import RenderPool, RenderWorkerError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,6 +62,7 @@ class NonFiniteError(StoreError):
 class Chunk:
     images: np.ndarray                # (n, S, S, 3) uint8
     targets: dict[str, np.ndarray]    # per-view array -> (n, ...) of this chunk's view
+    shared: torch.Tensor | None = None   # the images in shared memory, for render worker processes
 
 
 class StoreData:
@@ -93,6 +100,7 @@ class StoreData:
         self.shapes = {key: s[name].shape[2:] for key, name in self.names.items()}
         self.in_memory = self.bytes_needed() <= ram_budget_gb * 1e9
         self.ram: dict[str, np.ndarray] | None = None
+        self._shared = _Buffers(keep=64)        # chunk images in shared memory, for render processes
         if self.in_memory:
             self.ram = {"images": s.read("images")}
             for name in self.names.values():
@@ -104,20 +112,38 @@ class StoreData:
         total = self.store["images"].nbytes
         return int(total + sum(self.store[name].nbytes for name in self.names.values()))
 
-    def chunk(self, c: int, k: int) -> Chunk:
-        """Images of store chunk c and the targets of its view k: one contiguous read per array."""
+    def chunk(self, c: int, k: int, shared: bool = False) -> Chunk:
+        """Images of store chunk c and the targets of its view k: one contiguous read per array.
+        shared: the images also as a shared-memory tensor (for render worker processes)."""
         a, b = self.store.chunk_range(c)
+        t = self._shared.take((b - a,) + self.store["images"].shape[1:], torch.device("cpu"), True,
+                              torch.uint8) if shared else None
         if self.ram is not None:
-            return Chunk(self.ram["images"][a:b], {n: self.ram[n][a:b, k] for n in self.names.values()})
+            if t is None:
+                return Chunk(self.ram["images"][a:b], {n: self.ram[n][a:b, k] for n in self.names.values()})
+            t.numpy()[...] = self.ram["images"][a:b]
+            return Chunk(t.numpy(), {n: self.ram[n][a:b, k] for n in self.names.values()}, t)
         targets = {}
         for name in self.names.values():
             targets[name] = self.store.read_view(name, c, k)
             _check_finite(self.store, name, targets[name], a, k)
-        return Chunk(self.store.read("images", a, b), targets)
+        if t is not None:                                       # decoded straight into shared memory
+            return Chunk(self.store.read_chunk("images", c, t.numpy()), targets, t)
+        return Chunk(self.store.read_chunk("images", c), targets)
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Images of selected (sorted) indices, reading only what holds them: (B, S, S, 3)."""
         return self.ram["images"][idx] if self.ram is not None else self.store.read_rows("images", idx)
+
+
+_SHM = "/dev/shm"
+
+
+def _shared_memory_fits(nbytes: int) -> bool:
+    """Whether the shared-memory file system (where a container often allows only 64 MB) has room."""
+    if not os.path.isdir(_SHM):
+        return True                                 # another OS: its own shared memory, not a small mount
+    return shutil.disk_usage(_SHM).free >= nbytes
 
 
 def _check_finite(store: Store, name: str, x: np.ndarray, start: int, view: int | None = None) -> None:
@@ -149,15 +175,43 @@ class Loader:
     def __init__(self, data: StoreData, indices: np.ndarray, batch_size: int, size: int, seed: int,
                  device: torch.device, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  buffer_chunks: int = 8, rank: int = 0, world: int = 1, prefetch: int = 2, threads: int = 2,
-                 readers: int = 2, caps: Caps | None = None):
+                 readers: int = 2, caps: Caps | None = None, workers: int = 0):
         self.data, self.indices, self.batch_size, self.size = data, np.sort(np.asarray(indices)), batch_size, size
         self.seed, self.device, self.train = seed, device, train
         self.mean_std = (tuple(mean), tuple(std))
         self.buffer_chunks, self.rank, self.world, self.prefetch = max(1, buffer_chunks), rank, world, prefetch
         self.threads, self.readers = threads, readers
         self.caps = caps or caps_of(device)          # per-view loops on CPUs, batched kernels on GPUs
+        # CPU views rendered in `workers` processes (one core each) instead of threads of this one
+        self.workers = workers if train and not self.caps.batched_kernels else 0
+        if self.workers and not _shared_memory_fits(self._shared_bytes()):
+            warnings.warn(f"{_SHM} has too little free space for {self._shared_bytes() / 1e6:.0f} MB of shared "
+                          "buffers; rendering on threads instead of worker processes (enlarge it, e.g. "
+                          "`docker run --shm-size`, to use them)", stacklevel=2)
+            self.workers = 0
         self.buffers = _Buffers()
         self._ahead: _Ahead | None = None
+        self._pool: RenderPool | None = None
+
+    def _shared_bytes(self) -> int:
+        """Shared memory the render processes use at most: chunk images (two windows and the next
+        epoch's first) and the batches in flight or held by the caller."""
+        d = self.data
+        image = int(np.prod(d.store["images"].shape[1:]))
+        batch = 4 * 3 * self.size * self.size * self.batch_size
+        return (3 * self.buffer_chunks + 2) * d.chunk_size * image + (self.workers + self.prefetch + 12) * batch
+
+    def close(self) -> None:
+        """Stop the render worker processes (if any); a later epoch starts them again."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def __len__(self) -> int:
         if not self.train:
@@ -207,7 +261,7 @@ class Loader:
             return
         plan = self.plan(epoch)
         first = plan.chunk_order(self.data.chunk_size)[:self.buffer_chunks]
-        self._ahead = _Ahead(self.data, epoch, first, plan.chunk_view)
+        self._ahead = _Ahead(self.data, epoch, first, plan.chunk_view, self.workers > 0)
 
     def epoch(self, epoch: int, ahead: bool = True) -> Iterator[Batch]:
         """Batches in plan order: rendered by `threads` background threads up to `prefetch` ahead,
@@ -220,8 +274,12 @@ class Loader:
         preloaded, self._ahead = (self._ahead.take() if self._ahead is not None and self._ahead.epoch == epoch
                                   else {}), None
         chunks = _ChunkStream(self.data, plan, self.buffer_chunks, self.readers, preloaded,
-                              on_read_all=(lambda: self.read_ahead(epoch + 1)) if ahead else None)
+                              on_read_all=(lambda: self.read_ahead(epoch + 1)) if ahead else None,
+                              shared=self.workers > 0)
         try:
+            if self.workers > 0:
+                yield from self._process_batches(plan, chunks)
+                return
             if self.threads == 0:
                 for b in range(len(plan.batches)):
                     yield self._render_batch(plan, b, chunks)
@@ -256,22 +314,79 @@ class Loader:
             for c in held:
                 chunks.release(c)
 
+    def _process_batches(self, plan: EpochPlan, chunks: _ChunkStream) -> Iterator[Batch]:
+        """The epoch's batches rendered by the worker processes, up to workers + prefetch ahead, in
+        plan order. Every submitted batch is waited for before its buffer or chunks can be reused."""
+        if self._pool is None:
+            self._pool = RenderPool(self.workers, self.size, *self.mean_std)
+        pool, cs, depth = self._pool, self.data.chunk_size, self.workers + self.prefetch
+        pending: deque[tuple[int, Batch, list[int]]] = deque()
+        todo = iter(range(len(plan.batches)))
+
+        def ready(b: int) -> bool:
+            return all(chunks.ready[int(c)].is_set() for c in plan.chunks_of(b, cs))
+
+        def submit(b: int) -> None:
+            idx, vw = plan.batches[b]
+            held = {int(c): chunks.get(int(c)) for c in np.unique(idx // cs)}
+            try:
+                batch, (sources, index, params, partner) = self._batch_parts(idx, vw, held)
+                batch.pixels = self.buffers.take((len(idx), 3, self.size, self.size), self.device, shared=True)
+                job = pool.submit({c: ch.shared for c, ch in held.items()}, sources, index, params, partner,
+                                  batch.pixels)
+            except BaseException:
+                for c in held:
+                    chunks.release(c)
+                raise
+            pending.append((job, batch, list(held)))
+
+        try:
+            b = next(todo, None)
+            while b is not None or pending:
+                while b is not None and len(pending) < depth and (not pending or ready(b)):
+                    submit(b)
+                    b = next(todo, None)
+                job, batch, held = pending.popleft()
+                try:
+                    pool.wait(job)
+                finally:
+                    for c in held:
+                        chunks.release(c)
+                yield batch
+        finally:
+            for job, _, held in pending:              # a worker may still write into these buffers
+                try:
+                    pool.wait(job)
+                except RenderWorkerError:
+                    pass
+                for c in held:
+                    chunks.release(c)
+
     def make_batch(self, idx: np.ndarray, vw: np.ndarray, held: dict[int, Chunk]) -> Batch:
         """Render store images idx at views vw from the chunks that hold them (partners included)."""
+        batch, (sources, index, params, partner) = self._batch_parts(idx, vw, held)
+        images = [held[c].images[r] for c, r in sources]                            # U x (S, S, 3)
+        if self.caps.batched_kernels:                                               # one transfer to the device
+            src = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)   # (U, 3, S, S)
+        else:                                                                       # zero-copy views
+            src = [torch.from_numpy(im).permute(2, 0, 1) for im in images]
+        x = views.render(src, index, params, self.size, "bilinear", partner, self.mean_std[0], self.mean_std[1],
+                         self.caps.batched_kernels,
+                         out=self.buffers.take((len(idx), 3, self.size, self.size), self.device))  # normalised
+        batch.pixels = x.contiguous()
+        return batch
+
+    def _batch_parts(self, idx: np.ndarray, vw: np.ndarray, held: dict[int, Chunk]):
+        """A Batch without its pixels, and what rendering them takes: the source images (chunk, row),
+        each view's source, its params and its partner's source (-1 for none)."""
         d, cs = self.data, self.data.chunk_size
         params = d.params[idx, vw]                                                  # (B, P)
         partner = params[:, views.COL["mix_partner"]].astype(np.int64)
         needed = np.unique(np.concatenate([idx, partner[partner >= 0]]))
         slot = {int(i): j for j, i in enumerate(needed)}
-        images = [held[int(i) // cs].images[int(i) % cs] for i in needed]           # U x (S, S, 3)
-        if self.caps.batched_kernels:                                               # one transfer to the device
-            sources = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)   # (U, 3, S, S)
-        else:                                                                       # zero-copy views
-            sources = [torch.from_numpy(im).permute(2, 0, 1) for im in images]
-        x = views.render(sources, torch.tensor([slot[int(i)] for i in idx]), torch.from_numpy(params), self.size,
-                         "bilinear", torch.tensor([slot[int(p)] if p >= 0 else -1 for p in partner]),
-                         self.mean_std[0], self.mean_std[1], self.caps.batched_kernels,
-                         out=self.buffers.take((len(idx), 3, self.size, self.size), self.device))  # normalised
+        sources = [(int(i) // cs, int(i) % cs) for i in needed]
+        render_args = (sources, torch.tensor([slot[int(i)] for i in idx]), torch.from_numpy(params),
+                       torch.tensor([slot[int(p)] if p >= 0 else -1 for p in partner]))
         labels = torch.from_numpy(d.labels[idx])
         targets = _mixed_targets(labels, d.labels, partner, params[:, views.COL["mix_lambda"]], len(d.classes))
 
@@ -281,8 +396,8 @@ class Loader:
                 return None
             rows = np.stack([held[int(i) // cs].targets[name][int(i) % cs] for i in idx])
             return torch.from_numpy(rows.astype(np.float32)).to(self.device)
-        return Batch(x.contiguous(), labels.to(self.device), targets.to(self.device), gather("logits"),
-                     gather("pooled"), gather("patches"), torch.from_numpy(idx), torch.from_numpy(vw))
+        return Batch(None, labels.to(self.device), targets.to(self.device), gather("logits"),
+                     gather("pooled"), gather("patches"), torch.from_numpy(idx), torch.from_numpy(vw)), render_args
 
     def _eval_batches(self, plan: EpochPlan) -> Iterator[Batch]:
         """Canonical views of the selected images (validation): reads only their images."""
@@ -326,16 +441,20 @@ class _Buffers:
     def __init__(self, keep: int = 12):
         self.keep, self.pool, self.lock = keep, [], threading.Lock()
 
-    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], device: torch.device, shared: bool = False,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """shared: a buffer in shared memory (other processes read or write it)."""
         if device.type != "cpu":                            # a GPU's caching allocator already reuses
-            return torch.empty(shape, device=device)
+            return torch.empty(shape, device=device, dtype=dtype)
         with self.lock:
             for i in reversed(range(len(self.pool))):      # the most recently used first: warm in cache
-                if self._free(i, shape):
+                if self._free(i, shape) and self.pool[i].dtype == dtype and self.pool[i].is_shared() == shared:
                     buf = self.pool.pop(i)
                     self.pool.append(buf)                   # most recently used last
                     return buf
-            buf = torch.empty(shape)
+            buf = torch.empty(shape, dtype=dtype)
+            if shared:
+                buf.share_memory_()
             self.pool.append(buf)
             del self.pool[:-self.keep]                      # the oldest go
             return buf
@@ -349,15 +468,15 @@ class _Buffers:
 class _Ahead:
     """Chunks of an epoch read on a background thread before the epoch starts (a finite list)."""
 
-    def __init__(self, data: StoreData, epoch: int, chunks: list[int], chunk_view: np.ndarray):
+    def __init__(self, data: StoreData, epoch: int, chunks: list[int], chunk_view: np.ndarray, shared: bool):
         self.epoch, self.chunks = epoch, {}
-        self.thread = threading.Thread(target=self._read, args=(data, chunks, chunk_view), name="chunk-ahead")
+        self.thread = threading.Thread(target=self._read, args=(data, chunks, chunk_view, shared), name="chunk-ahead")
         self.thread.start()
 
-    def _read(self, data: StoreData, chunks: list[int], chunk_view: np.ndarray) -> None:
+    def _read(self, data: StoreData, chunks: list[int], chunk_view: np.ndarray, shared: bool) -> None:
         for c in chunks:
             try:
-                self.chunks[c] = data.chunk(c, int(chunk_view[c]))
+                self.chunks[c] = data.chunk(c, int(chunk_view[c]), shared)
             except BaseException:  # noqa: BLE001 - the epoch reads this chunk again and reports the error
                 return
 
@@ -372,7 +491,7 @@ class _ChunkStream:
     preloaded: chunks already read (by read_ahead); on_read_all: called once every chunk is read."""
 
     def __init__(self, data: StoreData, plan: EpochPlan, buffer_chunks: int, readers: int,
-                 preloaded: dict[int, Chunk] | None = None, on_read_all=None):
+                 preloaded: dict[int, Chunk] | None = None, on_read_all=None, shared: bool = False):
         order, uses, first, last = plan.chunk_order(data.chunk_size), Counter(), {}, {}
         for b in range(len(plan.batches)):
             for c in plan.chunks_of(b, data.chunk_size).tolist():
@@ -384,7 +503,7 @@ class _ChunkStream:
             live[first[c]] += 1
             live[last[c] + 1] -= 1
         self.limit = int(max(2 * buffer_chunks, np.cumsum(live).max(initial=0)))
-        self.data, self.plan, self.uses = data, plan, uses
+        self.data, self.plan, self.uses, self.shared = data, plan, uses, shared
         self.loaded: dict[int, Chunk] = {}
         self.ready = {c: threading.Event() for c in order}
         self.room = threading.Semaphore(self.limit)
@@ -414,7 +533,7 @@ class _ChunkStream:
                     self.on_read_all()
                 return
             try:
-                chunk = self.data.chunk(c, int(self.plan.chunk_view[c]))
+                chunk = self.data.chunk(c, int(self.plan.chunk_view[c]), self.shared)
             except BaseException as e:  # noqa: BLE001 - surfaced to the training loop by get()
                 self.error = e
                 for ev in self.ready.values():

@@ -151,7 +151,8 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
     device = accelerator.device
     loader = Loader(data, train_idx, cfg.optim.batch_size, cfg.image_size, cfg.seed, device, train=True,
                     buffer_chunks=cfg.buffer_chunks, rank=accelerator.process_index, world=accelerator.num_processes,
-                    threads=2 if devices.caps_of(device).batched_kernels else 0)   # a training CPU has no core to spare
+                    threads=2 if devices.caps_of(device).batched_kernels else 0,   # a training CPU has no core to spare
+                    workers=cfg.loader_workers)
     if len(loader) == 0:
         raise ConfigError(f"{len(train_idx)} training images make no full batch of {cfg.optim.batch_size}"
                           + (" per process" if accelerator.num_processes > 1 else ""))

@@ -1,0 +1,129 @@
+"""Worker processes that render CPU batches, each on one core, outside the training process's GIL.
+
+The training process reads the store and plans every batch; a worker receives the batch's source
+images (shared-memory tensors: a store chunk's images, mapped, not copied), its view params and a
+shared output tensor, and renders the views into it with the same renderer as everywhere else, so a
+batch is the same bytes whichever process renders it. Shared tensors are reused buffers: each is
+sent to a worker once and named by a key afterwards (sending one costs a file-descriptor exchange
+with this process, and mapping it anew, page faults on every touch), and forgotten there once this
+process has dropped it. Workers start once per Loader and stay up across epochs; a worker that dies
+or fails stops the epoch with its error.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import traceback
+import weakref
+from collections.abc import Sequence
+
+import torch
+import torch.multiprocessing as mp
+
+from featurestore import views
+
+
+class RenderWorkerError(RuntimeError):
+    """A render worker failed or died; the message carries its error."""
+
+
+def _work(tasks, results, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    torch.set_num_threads(1)                       # one core each: the workers are the parallelism
+    known: dict[int, torch.Tensor] = {}            # shared buffers by key, mapped once
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        job, forget, images, sources, index, params, partner, out = task
+        for key in forget:
+            known.pop(key, None)
+        try:
+            for key, t in [out, *images.values()]:
+                if t is not None:
+                    known[key] = t
+            chunk = {c: known[key] for c, (key, _) in images.items()}
+            src = [chunk[c][r].permute(2, 0, 1) for c, r in sources]               # (3, S, S) uint8 views
+            views.render(src, index, params, size, "bilinear", partner, mean, std, batched=False,
+                         out=known[out[0]])
+            results.put((job, None))
+        except BaseException:  # noqa: BLE001 - reported to the training process, which raises it
+            results.put((job, traceback.format_exc(limit=6)))
+        del task, images, out
+
+
+_keys = itertools.count()
+
+
+def _key(t: torch.Tensor) -> int:
+    """A key for a shared buffer, unique for the life of this process (ids are reused, keys are not)."""
+    key = getattr(t, "_render_key", None)
+    if key is None:
+        key = t._render_key = next(_keys)
+    return key
+
+
+class RenderPool:
+    """`workers` processes rendering (V, 3, size, size) float views into shared tensors."""
+
+    def __init__(self, workers: int, size: int, mean: Sequence[float], std: Sequence[float]):
+        ctx = mp.get_context("spawn")                # no fork: the parent runs threads (readers, BLAS)
+        self.tasks, self.results = [ctx.Queue() for _ in range(workers)], ctx.Queue()
+        self.procs = [ctx.Process(target=_work, args=(q, self.results, size, tuple(mean), tuple(std)),
+                                  name=f"kdstore-render-{i}", daemon=True) for i, q in enumerate(self.tasks)]
+        for p in self.procs:
+            p.start()
+        self.next_job, self.finished = 0, {}
+        self.sent: list[dict[int, weakref.ref]] = [{} for _ in range(workers)]   # per worker: key -> buffer
+
+    @property
+    def workers(self) -> int:
+        return len(self.procs)
+
+    def submit(self, images: dict[int, torch.Tensor], sources: list[tuple[int, int]], index: torch.Tensor,
+               params: torch.Tensor, partner: torch.Tensor, out: torch.Tensor) -> int:
+        """Render views of sources (chunk, row) of images {chunk: shared (n, S, S, 3) uint8} into out
+        (a shared float tensor); returns the job's number for wait()."""
+        job, self.next_job = self.next_job, self.next_job + 1
+        w = job % len(self.procs)
+        sent = self.sent[w]
+        forget = [key for key, ref in sent.items() if ref() is None]           # dropped here: unmap there
+        for key in forget:
+            del sent[key]
+
+        def ref(t: torch.Tensor):
+            key = _key(t)
+            if key in sent:
+                return key, None
+            sent[key] = weakref.ref(t)
+            return key, t
+        self.tasks[w].put((job, forget, {c: ref(t) for c, t in images.items()}, sources, index, params, partner,
+                           ref(out)))
+        return job
+
+    def wait(self, job: int) -> None:
+        """Block until `job` is rendered; raise RenderWorkerError if it failed or a worker died."""
+        while job not in self.finished:
+            try:
+                done, error = self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise RenderWorkerError(f"render worker {dead[0].name} died (exit code {dead[0].exitcode}); "
+                                            "the epoch stopped with no batch lost before it") from None
+                continue
+            self.finished[done] = error
+        error = self.finished.pop(job)
+        if error is not None:
+            raise RenderWorkerError(f"a render worker failed:\n{error}")
+
+    def close(self) -> None:
+        for q in self.tasks:
+            try:
+                q.put(None)
+            except (ValueError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+        self.procs = []
