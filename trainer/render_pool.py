@@ -34,7 +34,7 @@ def _work(tasks, results, size: int, mean: Sequence[float], std: Sequence[float]
         task = tasks.get()
         if task is None:
             return
-        job, forget, images, sources, index, params, partner, out = task
+        job, (lo, hi), forget, images, sources, index, params, partner, out = task
         for key in forget:
             known.pop(key, None)
         try:
@@ -43,8 +43,8 @@ def _work(tasks, results, size: int, mean: Sequence[float], std: Sequence[float]
                     known[key] = t
             chunk = {c: known[key] for c, (key, _) in images.items()}
             src = [chunk[c][r].permute(2, 0, 1) for c, r in sources]               # (3, S, S) uint8 views
-            views.render(src, index, params, size, "bilinear", partner, mean, std, batched=False,
-                         out=known[out[0]])
+            views.render(src, index[lo:hi], params[lo:hi], size, "bilinear", partner[lo:hi], mean, std,
+                         batched=False, out=known[out[0]][lo:hi])
             results.put((job, None))
         except BaseException:  # noqa: BLE001 - reported to the training process, which raises it
             results.put((job, traceback.format_exc(limit=6)))
@@ -72,7 +72,9 @@ class RenderPool:
                                   name=f"kdstore-render-{i}", daemon=True) for i, q in enumerate(self.tasks)]
         for p in self.procs:
             p.start()
-        self.next_job, self.finished = 0, {}
+        self.next_job = 0
+        self.waiting: dict[int, int] = {}           # job -> parts not yet rendered
+        self.errors: dict[int, str] = {}
         self.sent: list[dict[int, weakref.ref]] = [{} for _ in range(workers)]   # per worker: key -> buffer
 
     @property
@@ -82,27 +84,33 @@ class RenderPool:
     def submit(self, images: dict[int, torch.Tensor], sources: list[tuple[int, int]], index: torch.Tensor,
                params: torch.Tensor, partner: torch.Tensor, out: torch.Tensor) -> int:
         """Render views of sources (chunk, row) of images {chunk: shared (n, S, S, 3) uint8} into out
-        (a shared float tensor); returns the job's number for wait()."""
+        (a shared float tensor); returns the job's number for wait(). The views are split in one
+        contiguous part per worker: a batch is ready sooner, and no worker idles while another
+        finishes a whole batch (at the end of an epoch, say). Each view renders alone: the same bits."""
         job, self.next_job = self.next_job, self.next_job + 1
-        w = job % len(self.procs)
-        sent = self.sent[w]
-        forget = [key for key, ref in sent.items() if ref() is None]           # dropped here: unmap there
-        for key in forget:
-            del sent[key]
+        v, n = len(index), len(self.procs)
+        cuts = [round(i * v / n) for i in range(n + 1)]
+        parts = [(w, (lo, hi)) for w, (lo, hi) in enumerate(zip(cuts, cuts[1:])) if hi > lo]
+        self.waiting[job] = len(parts)
+        for w, span in parts:
+            sent = self.sent[w]
+            forget = [key for key, ref in sent.items() if ref() is None]       # dropped here: unmap there
+            for key in forget:
+                del sent[key]
 
-        def ref(t: torch.Tensor):
-            key = _key(t)
-            if key in sent:
-                return key, None
-            sent[key] = weakref.ref(t)
-            return key, t
-        self.tasks[w].put((job, forget, {c: ref(t) for c, t in images.items()}, sources, index, params, partner,
-                           ref(out)))
+            def ref(t: torch.Tensor):
+                key = _key(t)
+                if key in sent:
+                    return key, None
+                sent[key] = weakref.ref(t)
+                return key, t
+            self.tasks[w].put((job, span, forget, {c: ref(t) for c, t in images.items()}, sources, index, params,
+                               partner, ref(out)))
         return job
 
     def wait(self, job: int) -> None:
         """Block until `job` is rendered; raise RenderWorkerError if it failed or a worker died."""
-        while job not in self.finished:
+        while self.waiting.get(job, 0) > 0:
             try:
                 done, error = self.results.get(timeout=1.0)
             except queue.Empty:
@@ -111,8 +119,11 @@ class RenderPool:
                     raise RenderWorkerError(f"render worker {dead[0].name} died (exit code {dead[0].exitcode}); "
                                             "the epoch stopped with no batch lost before it") from None
                 continue
-            self.finished[done] = error
-        error = self.finished.pop(job)
+            self.waiting[done] -= 1
+            if error is not None:
+                self.errors.setdefault(done, error)
+        self.waiting.pop(job, None)
+        error = self.errors.pop(job, None)
         if error is not None:
             raise RenderWorkerError(f"a render worker failed:\n{error}")
 
