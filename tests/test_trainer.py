@@ -255,13 +255,15 @@ def test_ranks_take_disjoint_whole_chunks_and_the_same_number_of_steps(learn_sto
     assert len(plans[0].batches) == len(plans[1].batches) == len(ranks[0]) == len(ranks[1])
 
 def test_resume_equals_uninterrupted(tmp_path, learn_store):
-    """Killed during a streamed epoch (unlabelled images in the mix), resumed: equal to never stopping."""
+    """Killed during a streamed epoch (unlabelled images in the mix), resumed: equal to never stopping.
+    The killed run renders in a worker process, which exits with it; the other two render in the loop."""
+    import psutil
     args = ["--store", learn_store, *FAST, "--epochs", "4", "--ema", "0.9", "--w-dist", "0.5", "--channels-last",
             "--ram-budget-gb", "0", "--buffer-chunks", "2"]
     ref = tmp_path / "ref"
     assert run_trainer("fit", "--out", ref, *args) == 0
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "trainer", "fit", "--out", str(out), *map(str, args)]
+    cmd = [sys.executable, "-m", "trainer", "fit", "--out", str(out), *map(str, args), "--loader-workers", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
     metrics = out / "metrics.jsonl"
@@ -269,9 +271,14 @@ def test_resume_equals_uninterrupted(tmp_path, learn_store):
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 1:
             break
         time.sleep(0.005)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if "render_pool" in " ".join(c.cmdline()) or "spawn_main" in " ".join(c.cmdline())]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert workers, "no render worker process was running"
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, "render workers outlived the killed run"
     done = len(metrics.read_text().splitlines())
     assert 1 <= done < 4
     assert run_trainer("fit", "--out", out, *args, "--resume") == 0

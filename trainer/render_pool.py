@@ -30,8 +30,14 @@ class RenderWorkerError(RuntimeError):
 def _work(tasks, results, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
     torch.set_num_threads(1)                       # one core each: the workers are the parallelism
     known: dict[int, torch.Tensor] = {}            # shared buffers by key, mapped once
+    parent = mp.parent_process()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=2.0)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return                             # the training process was killed: no orphans
+            continue
         if task is None:
             return
         job, (lo, hi), forget, images, sources, index, params, partner, out = task
