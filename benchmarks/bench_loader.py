@@ -1,6 +1,7 @@
 """Loader: samples/s delivering rendered 224 px training views with teacher targets, streamed from
 the store (chunks read on background threads, one view per chunk, the next epoch's first window read
-while the last one renders), against torchvision ImageFolder
+while the last one renders; views rendered in as many worker processes as the baseline has), against
+torchvision ImageFolder
 + RandomResizedCrop + RandomHorizontalFlip + ColorJitter over the same JPEG files, and against the
 memory-bandwidth bound (copy rate / bytes moved per sample). Ours and the baseline alternate, three
 rounds of `loader_epochs` back-to-back epochs each, every round starting cold; the ratio is taken per
@@ -43,9 +44,11 @@ def run(profile: dict) -> dict:
                                 teacher=TeacherConfig(id="random:tiny"), views=ViewPolicy(views=8, mix_prob=0.2),
                                 store=StoreLayout(image_size=256, chunk_size=64, patch_grid=4)))
         data = StoreData(str(store), "probe", need_pooled=True, need_patches=True, ram_budget_gb=0)   # streaming
-        loader = Loader(data, np.arange(data.n), batch, size, seed=0, device=torch.device("cpu"), train=True)
+        loader = Loader(data, np.arange(data.n), batch, size, seed=0, device=torch.device("cpu"), train=True,
+                        workers=workers)
         ram_data = StoreData(str(store), "probe", need_pooled=True, need_patches=True, ram_budget_gb=100)
-        ram_loader = Loader(ram_data, np.arange(data.n), batch, size, seed=0, device=torch.device("cpu"), train=True)
+        ram_loader = Loader(ram_data, np.arange(data.n), batch, size, seed=0, device=torch.device("cpu"), train=True,
+                            workers=workers)
         tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.35, 1.0)), transforms.RandomHorizontalFlip(),
                                  transforms.ColorJitter(0.2, 0.2, 0.2, 0.02), transforms.ToTensor(),
                                  transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -61,6 +64,7 @@ def run(profile: dict) -> dict:
             ours.append(_rate(stream(loader), 1 + r * epochs, epochs))
             in_ram.append(_rate(stream(ram_loader), 1 + r * epochs, epochs))
             plain.append(_rate(lambda e, last: folder, 1 + r * epochs, epochs))
+        loader.close(), ram_loader.close()
     gbps = copy_gbps()
     s = data.store.attrs["image_size"]
     # per sample: read the stored image, write the float32 view, gather targets
@@ -69,7 +73,7 @@ def run(profile: dict) -> dict:
     ratios = [o / p for o, p in zip(ours, plain)]
     return {"images": int(data.n), "batch": batch, "size": size, "workers_plain": workers, "streaming": True,
             "epochs_per_round": epochs,
-            "ours_render_threads": loader.threads, "ours_samples_per_s": ours, "plain_samples_per_s": plain,
+            "ours_render_threads": loader.threads, "ours_render_workers": loader.workers, "ours_samples_per_s": ours, "plain_samples_per_s": plain,
             "in_ram_samples_per_s": in_ram, "chunks": int(data.num_chunks),
             "ratios": ratios, "speedup_vs_plain": statistics.median(ratios), "copy_gbps": gbps,
             "bytes_moved_per_sample": moved, "bound_samples_per_s": bound,
@@ -79,7 +83,8 @@ def run(profile: dict) -> dict:
 def rows(r: dict) -> list[list]:
     return [
         [f"loader: trainer Loader streaming from the store ({r['images']} images in {r.get('chunks', '?')} chunks, "
-         f"224 px views + targets, {r['ours_render_threads']} render threads)",
+         f"224 px views + targets, " + (f"{r['ours_render_workers']} render processes)" if r.get("ours_render_workers")
+                                       else f"{r['ours_render_threads']} render threads)"),
          f"{statistics.median(r['ours_samples_per_s']):.0f} samples/s (median of {len(r['ratios'])})",
          f"{r['speedup_vs_plain']:.1f}x ImageFolder (median of per-round ratios "
          f"{', '.join(f'{x:.1f}' for x in r['ratios'])}), {100 * r['fraction_of_bound']:.1f}% of bound"],
