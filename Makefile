@@ -53,7 +53,7 @@ demo-sweep: demo-data
 		--recipes labels,base:labelled,base --seeds 3 --eval-images $(DEMO)/fresh
 
 test: env
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 bench: env
 	$(PY) -m benchmarks.run --profile cpu

@@ -108,7 +108,7 @@ def rows(r: dict) -> list[list]:
     for run in r["runs"]:
         n = run["n"]
         out += [
-            [f"scale: store N={n} (K=32, g=8, D=1152, zstd + crc32c)", f"{run['store_bytes'] / 1e9:.2f} GB",
+            [f"scale: store N={n} (K=32, g=8, D=1152, zstd, images lz4, crc32c)", f"{run['store_bytes'] / 1e9:.2f} GB",
              f"build {run['build']['seconds']:.0f} s, peak RSS {run['build']['peak_rss_gb']:.2f} GB"],
             [f"scale: trainer fit N={n}, streaming (1 epoch, patch loss on)",
              f"peak RSS {run['streaming']['peak_rss_gb']:.2f} GB, {run['streaming']['samples_per_s']:.1f} samples/s",
