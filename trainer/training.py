@@ -202,6 +202,8 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
                      history, best, start, len(val_idx), progress)
     except NonFiniteError as e:
         _fail(out, str(e))
+    finally:
+        loader.close()                               # render worker processes, if any
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         summary = finish(cfg, data, out)
