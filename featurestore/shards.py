@@ -7,9 +7,9 @@ inner chunks' bytes, each crc32c checked, the compressor undone with the codec z
 (numcodecs), and the bytes laid out as the inner chunk's array, in place in the caller's buffer if
 given.
 
-Only the layout kdstore writes is read here (sharding with the index at the end; inner codecs
-bytes -> zstd | blosc | none -> crc32c; default chunk keys); for any other layout `ShardReader.of`
-returns None. Any failure (a missing shard or inner chunk, a checksum, a short file) raises
+Only the layouts kdstore writes are read here (sharding with the index at the end, or one chunk
+per file; codecs bytes -> zstd | blosc | none -> crc32c; default chunk keys); for any other layout
+`ShardReader.of` returns None. Any failure (a missing shard or inner chunk, a checksum, a short file) raises
 ShardReadError, and the caller reads through zarr instead, which yields the fill value or the
 canonical error; the fast path never answers where zarr would not give the same array.
 """
@@ -30,7 +30,8 @@ class ShardReadError(Exception):
 
 
 class ShardReader:
-    """Inner chunks of one sharded Zarr array on a local disk."""
+    """Inner chunks of one Zarr array on a local disk: sharded, or one chunk per file (a shard of
+    one inner chunk, without an index)."""
 
     def __init__(self, root: Path, shape: tuple[int, ...], shard: tuple[int, ...], inner: tuple[int, ...],
                  dtype: np.dtype, compressor, key, sharded: bool = True):
