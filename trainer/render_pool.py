@@ -68,6 +68,15 @@ def _key(t: torch.Tensor) -> int:
     return key
 
 
+def _handle(sent: dict[int, weakref.ref], t: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """(key, tensor) the first time a worker gets buffer t, (key, None) after (it keeps the mapping)."""
+    key = _key(t)
+    if key in sent:
+        return key, None
+    sent[key] = weakref.ref(t)
+    return key, t
+
+
 class RenderPool:
     """`workers` processes rendering (V, 3, size, size) float views into shared tensors."""
 
@@ -103,15 +112,8 @@ class RenderPool:
             forget = [key for key, ref in sent.items() if ref() is None]       # dropped here: unmap there
             for key in forget:
                 del sent[key]
-
-            def ref(t: torch.Tensor):
-                key = _key(t)
-                if key in sent:
-                    return key, None
-                sent[key] = weakref.ref(t)
-                return key, t
-            self.tasks[w].put((job, span, forget, {c: ref(t) for c, t in images.items()}, sources, index, params,
-                               partner, ref(out)))
+            self.tasks[w].put((job, span, forget, {c: _handle(sent, t) for c, t in images.items()}, sources, index,
+                               params, partner, _handle(sent, out)))
         return job
 
     def wait(self, job: int) -> None:
