@@ -63,13 +63,8 @@ def inspect(store: str) -> dict:
 
 def verify(store: str, fix: bool = False) -> list[str]:
     """`featurestore verify [--fix]`: one line per problem (empty: the store is whole)."""
-    from .integrity import fix as fix_store
-    from .integrity import verify as run_verify
-    with Store.open(store, mode="r+" if fix else "r") as s:
-        problems = run_verify(s)
-        if fix and problems:
-            fix_store(s, problems)
-    return [p.line() for p in problems]
+    from .integrity import check
+    return [p.line() for p in check(store, fix)[0]]
 
 
 def demo_data(out: str, per_class: int = 40, seed: int = 0, flat: bool = False) -> Path:

@@ -13,12 +13,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import fcntl
 import multiprocessing
 import os
 import queue
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -38,11 +35,12 @@ from . import heads as heads_mod
 from . import views
 from .config import BuildConfig, ConfigError, config_diff, to_dict
 from .errors import KdstoreError
+from .lock import FileLock
 from .pca import Moments, PatchBasis, fit_basis
 from .schema import FORMAT_VERSION, SPLIT_UNLABELED, StoreError
 from .sources import BadImage, DatasetError, DecodeSet, Listing, Source, class_display_name, decode, discover, \
     file_fingerprint
-from .store import Store, backend_of, is_local
+from .store import Store, backend_of, is_local, not_a_kdstore_store, remove_store
 from .teacher import zeroshot_logits
 
 PCA_KEYS = {"mean": "pca/patches/mean", "basis": "pca/patches/basis", "eigenvalues": "pca/patches/eigenvalues"}
@@ -89,55 +87,11 @@ def decode_side(teacher_size: int, image_size: int) -> int:
 
 
 # ---- the lock --------------------------------------------------------------------------------
-class BuildLock:
-    """An exclusive POSIX record lock on `<out>.lock`, held by this process alone.
-
-    Record locks (lockf) belong to a process and are not inherited across fork, so decoding workers
-    that outlive a killed build never hold it. The file names the holder (pid and host) and is removed
-    on every exit; one left by a killed build is simply taken over.
-    """
-
-    def __init__(self, out: str, rank: Rank):
-        suffix = f".lock.{rank.rank}" if rank.world > 1 else ".lock"
-        self.out, self.path = out, Path(out.rstrip("/") + suffix)
-        self.fd: int | None = None
-
-    def __enter__(self) -> BuildLock:
-        if not is_local(self.out):
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    os.close(fd)
-                    raise
-                holder = os.pread(fd, 200, 0).decode(errors="replace").split()
-                os.close(fd)
-                who = f"process {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-                raise StoreError(f"another build is writing {self.out}: {who} holds {self.path}; wait for it "
-                                 "to finish (or stop it), then run the same command") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:                                   # not a file its last holder just removed
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        os.close(self.fd)
-        self.fd = None
+def build_lock(out: str, rank: Rank):
+    """The build's lock on `<out>.lock`, taken before any other work (local stores)."""
+    if not is_local(out):
+        return contextlib.nullcontext()
+    return FileLock(out, "build", f".lock.{rank.rank}" if rank.world > 1 else ".lock")
 
 
 @contextlib.contextmanager
@@ -481,7 +435,7 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> dict:
     if rank.world > 1 and backend_of(out) == "hdf5":
         raise ConfigError("multi-process builds need the Zarr backend (one HDF5 file has one writer); use a .zarr path")
     try:
-        with BuildLock(out, rank), disk_errors(out):
+        with build_lock(out, rank), disk_errors(out):
             return _build(cfg, rank, overwrite)
     finally:
         rank.close()
@@ -490,7 +444,7 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> dict:
 def _build(cfg: BuildConfig, rank: Rank, overwrite: bool) -> dict:
     clock = {"start": time.perf_counter()}
     out = cfg.out
-    listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled)
+    listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
     fingerprint = file_fingerprint(listing.sources)
     # rank 0 decides first (resume, refuse or overwrite); the others then see what it left
     store = _open_existing(out, cfg, fingerprint, overwrite) if rank.rank == 0 else None
@@ -551,16 +505,22 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool) -> dict:
 
 
 def _open_existing(out: str, cfg: BuildConfig, fingerprint: str, overwrite: bool) -> Store | None:
+    """The store to resume at `out`, or None to create one there (nothing there, an empty folder, or a
+    store kdstore made and --overwrite). Anything else at `out` is refused and left untouched."""
     local = is_local(out)
-    if local and not Path(out).exists():
+    if local and (not Path(out).exists() or (Path(out).is_dir() and not any(Path(out).iterdir()))):
         return None
     if overwrite:
         if local:
-            shutil.rmtree(out) if Path(out).is_dir() else Path(out).unlink()
+            remove_store(out, _protected(cfg))
         return None
     try:
         store = Store.open(out, mode="r+")
     except StoreError as e:
+        why = not_a_kdstore_store(out) if local else None
+        if why is not None:
+            raise StoreError(f"{out} exists and is not a store kdstore made ({why}); choose another --out "
+                             "(kdstore deletes only stores it made)") from None
         raise StoreError(f"{out} exists but is not a usable store ({e}); pass --overwrite to rebuild it") from None
     old, new = store.attrs.get("identity", {}), cfg.identity()
     diffs = config_diff(old, new)
@@ -572,6 +532,16 @@ def _open_existing(out: str, cfg: BuildConfig, fingerprint: str, overwrite: bool
                           "(files added, removed or resized); use a new --out, or --overwrite")
     log(f"resuming {out}: {int(store.done().sum())}/{store.num_chunks} chunks done")
     return store
+
+
+def _protected(cfg: BuildConfig) -> dict[str, Path]:
+    """Folders --overwrite never deletes, nor any folder that holds one of them."""
+    out = {"the current directory": Path.cwd(), "your home folder": Path.home()}
+    for what, p in (("the input images", cfg.images), ("the unlabelled images", cfg.unlabeled),
+                    ("the manifest", cfg.manifest)):
+        if p:
+            out[f"{what} ({p})"] = Path(p)
+    return out
 
 
 def prompts_for(classes: list[str], cfg: BuildConfig) -> list[list[str]]:

@@ -10,6 +10,7 @@ from .errors import command_parser, run_command
 
 FLAGS = {  # flag dest -> build config key (the Python API takes the same names)
     "images": "images", "manifest": "manifest", "unlabeled": "unlabeled", "classes_file": "classes_file",
+    "allow_outside_paths": "allow_outside_paths",
     "out": "out", "on_bad_image": "on_bad_image", "workers": "workers", "device": "device",
     "teacher": "teacher.id", "revision": "teacher.revision", "dtype": "teacher.dtype",
     "batch_size": "teacher.batch_size", "prompt_template": "teacher.prompt_template", "prompts": "teacher.prompts",
@@ -38,6 +39,9 @@ def add_build_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("--images", help="ImageFolder root (one subfolder per class), or the root for manifest paths")
     b.add_argument("--manifest", help="CSV with columns path,label instead of an ImageFolder (an empty label "
                    "marks an unlabelled image)")
+    b.add_argument("--allow-outside-paths", action="store_true", default=None, help="take manifest rows whose "
+                   "path is absolute or leaves the manifest's folder (or --images, when given); default: refused, "
+                   "so a manifest from elsewhere reads only the folder it came with")
     b.add_argument("--unlabeled", help="any tree of images without labels: they get every view and teacher "
                    "output, never fit the probe, and train the student through the teacher terms only")
     b.add_argument("--classes", dest="classes_file", help="file with one class name per line, in index order "
@@ -64,7 +68,7 @@ def add_build_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("--probe-max-rows", type=int, help="at most this many pooled embeddings fit the probe")
     b.add_argument("--prompt-template", help="zero-shot prompt with {name} for the class name (numbers and "
                    "image counts removed from folder names)")
-    b.add_argument("--prompts", type=load_prompts, help="YAML file: class name -> list of prompts, whose text "
+    b.add_argument("--prompts", help="YAML file: class name -> list of prompts, whose text "
                    "embeddings are averaged (default: the template above)")
     b.add_argument("--no-zeroshot", dest="zeroshot", action="store_false", default=None,
                    help="skip the text tower (default: the zero-shot head is stored when the model has one)")
@@ -83,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                        "`verify --fix`) with the same command. Flags override --config; defaults shown are "
                        "the built-in ones.")
     add_build_flags(b)
-    b.add_argument("--overwrite", action="store_true", help="delete an existing store at --out and start again")
+    b.add_argument("--overwrite", action="store_true", help="delete the store at --out and start again (only a "
+                   "store kdstore made: any other file or folder is refused and left as it is)")
 
     pl = sub.add_parser("plan", parents=[common], help="before a build: views, bytes per field, store size and "
                         "teacher time on common GPUs", description="Takes the flags of `build` (without --out) "
@@ -129,12 +134,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> BuildConfig:
+    if isinstance(args.prompts, str):
+        args.prompts = load_prompts(args.prompts)
     return load_config(BuildConfig, args.config, args, FLAGS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return run_command(f"featurestore {args.command}", lambda: _run(args), args.debug)
+    step = "finished chunks are kept; run the same command to continue" if args.command == "build" else \
+        "run the same command again"
+    return run_command(f"featurestore {args.command}", lambda: _run(args), args.debug, next_step=lambda: step)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -171,20 +180,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _verify(path: str, fix: bool) -> int:
-    from .integrity import fix as fix_store
-    from .integrity import verify
+    from .integrity import check
     from .schema import StoreError
-    from .store import Store
     try:
-        store = Store.open(path, mode="r+" if fix else "r")
+        problems, actions = check(path, fix)
     except StoreError as e:
         print(f"{path}: {e}", file=sys.stderr)
         print(f"{path}: 1 problem(s); it cannot be opened, so --fix cannot mark it: rebuild it with --overwrite"
               if fix else f"{path}: 1 problem(s)", file=sys.stderr)
         return 1
-    with store:
-        problems = verify(store)
-        actions = fix_store(store, problems) if fix and problems else []
     if not problems:
         print(f"{path}: OK, every chunk of every array read back whole and finite")
         return 0

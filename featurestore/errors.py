@@ -6,9 +6,12 @@ error. `--debug` (or KDSTORE_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 
@@ -44,23 +47,51 @@ def os_error_words(e: OSError) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def run_command(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
-    """Run one command; failures become one line on stderr (exit 2 expected, 1 internal, 130 interrupted)."""
-    if debug_wanted(debug):
-        return fn()
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, `timeout`, `docker stop`): unwinds like Ctrl-C, so locks are released,
+    finished work is kept and the same command continues."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)        # a second SIGTERM must not break the clean-up
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """While running a command, SIGTERM raises Terminated in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return fn()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; finished work is kept, run the same command to continue", file=sys.stderr)
-        return 130
-    except KdstoreError as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"{prog}: error: {os_error_words(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - a bug still ends in one line; --debug shows where
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"{prog}: internal error: {type(e).__name__}: {first} (run with --debug or KDSTORE_DEBUG=1 "
-              "for the traceback)", file=sys.stderr)
-        return 1
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run_command(prog: str, fn: Callable[[], int], debug: bool = False,
+                next_step: Callable[[], str] | None = None) -> int:
+    """Run one command; failures become one line on stderr (exit 2 expected, 1 internal, 130 after
+    Ctrl-C, 143 after SIGTERM). next_step: what to run to continue after an interruption."""
+    with sigterm_unwinds():
+        if debug_wanted(debug):
+            return fn()
+        try:
+            return fn()
+        except KeyboardInterrupt as e:
+            term = isinstance(e, Terminated)
+            step = next_step() if next_step is not None else "finished work is kept; run the same command to continue"
+            print(f"{prog}: {'stopped by SIGTERM' if term else 'interrupted'}; {step}", file=sys.stderr)
+            return 143 if term else 130
+        except KdstoreError as e:
+            print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"{prog}: error: {os_error_words(e)}", file=sys.stderr)
+            return 2
+        except Exception as e:  # noqa: BLE001 - a bug still ends in one line; --debug shows where
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"{prog}: internal error: {type(e).__name__}: {first} (run with --debug or KDSTORE_DEBUG=1 "
+                  "for the traceback)", file=sys.stderr)
+            return 1

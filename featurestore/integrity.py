@@ -1,20 +1,24 @@
 """`featurestore verify [--fix]`: read every chunk of every array and say, one line each, what is wrong.
 
 Problems: checksum mismatches, unreadable or missing chunks (a deleted shard, a damaged shard
-index), non-finite values, all-zero rows where teacher outputs belong, values outside their range.
+index), non-finite or constant teacher outputs (all-zero: never written), values outside their range.
 `fix` marks what the same `featurestore build` command can recompute: damaged chunks of the teacher
 pass become not done, damaged index arrays are rewritten from the image files, damaged heads are
 refitted; the build then repairs exactly those.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from . import views
-from .schema import INDEX_FIELDS, StoreError
-from .store import ChunkError, Store
+from .schema import INDEX_FIELDS, StoreError, bad_target_rows
+from .lock import FileLock
+from .store import ChunkError, Store, is_local
 
 PASS_ARRAYS = ("images", "teacher/pooled", "teacher/patches", "teacher/logits/zeroshot")   # teacher pass
 TEACHER_OUTPUTS = ("teacher/pooled", "teacher/patches", "teacher/logits/zeroshot", "teacher/logits/probe")
@@ -39,9 +43,19 @@ class Problem:
 _WORDS = {"checksum": "checksum mismatch (the bytes on disk were changed)", "missing": "missing (file deleted or never written)"}
 
 
+def check(path: str, fix: bool = False) -> tuple[list[Problem], list[str]]:
+    """Open the store at `path` and verify it; with fix, mark what is damaged (see `fix`), holding the
+    build lock as a build does, so that no build writes the store meanwhile. Returns the problems and
+    what was marked. A store that cannot be opened raises StoreError."""
+    with FileLock(path, "build") if fix and is_local(path) else contextlib.nullcontext():
+        with Store.open(path, mode="r+" if fix else "r") as store:
+            problems = verify(store)
+            return problems, (fix_store(store, problems) if fix and problems else [])
+
+
 def verify(store: Store) -> list[Problem]:
     """Every problem found; an empty list means the store is whole."""
-    problems: list[Problem] = []
+    problems: list[Problem] = _symlinks(store)
     try:
         done = store.done()
     except ChunkError as e:
@@ -77,6 +91,22 @@ def verify(store: Store) -> list[Problem]:
     return problems
 
 
+def _symlinks(store: Store) -> list[Problem]:
+    """Symbolic links inside a local Zarr store: kdstore writes none, and a reader would follow them."""
+    root = Path(store.path)
+    if store.backend != "zarr" or not root.is_dir():
+        return []
+    out = []
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(folder) / name
+            if p.is_symlink():
+                out.append(Problem(p.relative_to(root).as_posix(), None, None,
+                                   f"a symbolic link (to {os.readlink(p)}): a store holds its own files, and "
+                                   "every reader would follow it; rebuild the store or copy the data in"))
+    return out
+
+
 def _describe(e: ChunkError) -> str:
     return _WORDS.get(e.kind, e.text)
 
@@ -91,15 +121,13 @@ def _check_chunk(store: Store, name: str, c: int) -> list[Problem]:
     except ChunkError as e:
         return [problem(_describe(e))]
     out = []
-    if x.dtype.kind == "f":
+    if name in TEACHER_OUTPUTS:                                    # per (image, view), as the trainer checks
+        for what, rows in bad_target_rows(x, lead=2):
+            out.append(problem(f"teacher outputs with {what} in images {_listing(a + np.flatnonzero(rows.any(1)))}"))
+    elif x.dtype.kind == "f":
         bad = ~np.isfinite(x).reshape(len(x), -1).all(1)
         if bad.any():
             out.append(problem(f"non-finite values in images {_listing(a + np.flatnonzero(bad))}"))
-    if name in TEACHER_OUTPUTS:
-        zero = (np.nan_to_num(x).reshape(len(x), x.shape[1], -1) == 0).all(-1)            # (n, K)
-        if zero.any():
-            out.append(problem(f"all-zero teacher outputs (never written) in images "
-                               f"{_listing(a + np.flatnonzero(zero.any(1)))}"))
     if name == "views/params":
         out += [problem(w) for w in _param_problems(store, x, a, b)]
     return out
@@ -139,7 +167,7 @@ def _listing(idx: np.ndarray) -> str:
     return ", ".join(map(str, idx[:8].tolist())) + (f" and {len(idx) - 8} more" if len(idx) > 8 else "")
 
 
-def fix(store: Store, problems: list[Problem]) -> list[str]:
+def fix_store(store: Store, problems: list[Problem]) -> list[str]:
     """Mark what the build command will recompute; returns what was done, one sentence each."""
     redo: set[int] = set()
     actions, refit, index = [], False, False
@@ -181,4 +209,4 @@ def _rewrite_done(store: Store, problems: list[Problem]) -> str:
     return f"progress/done rewritten: {int(done.sum())}/{len(done)} chunks done"
 
 
-__all__ = ["Problem", "verify", "fix", "StoreError"]
+__all__ = ["Problem", "check", "verify", "fix_store", "StoreError"]

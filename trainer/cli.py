@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -137,14 +138,31 @@ def fit_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = _parser().parse_args(argv)
-    return run_command(f"trainer {args.command}", lambda: _run(args), args.debug)
+    run: dict[str, str] = {}                      # the run folder, once known
+    return run_command(f"trainer {args.command}", lambda: _run(args, run), args.debug,
+                       next_step=lambda: _next_step(run.get("out"), argv))
 
 
-def _run(args: argparse.Namespace) -> int:
+def _next_step(out: str | None, argv: list[str]) -> str:
+    """After an interrupted command: exactly what to run to continue."""
+    if out is None:
+        return "finished work is kept; run the same command to continue"
+    history = Path(out) / "metrics.jsonl"
+    if not (Path(out) / "checkpoints" / "last.pt").is_file():
+        return "no epoch had finished; run the same command to start again"
+    done = len(history.read_text().splitlines()) if history.is_file() else 0
+    cmd = argv if "--resume" in argv else [*argv, "--resume"]
+    return f"{done} finished epoch(s) are kept; to continue, run: trainer {shlex.join(cmd)}"
+
+
+def _run(args: argparse.Namespace, run: dict[str, str]) -> int:
     if args.command == "fit":
         from trainer.training import fit
-        out = fit(fit_config(args), resume=args.resume)
+        cfg = fit_config(args)
+        run["out"] = cfg.out
+        out = fit(cfg, resume=args.resume)
         print(report_table(out))
         return 0
     if args.command == "sweep":

@@ -1,8 +1,8 @@
 """Export: TorchScript `student.pt` (what the grader loads), optional ONNX, and a sidecar JSON."""
 from __future__ import annotations
 
+import io
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from featurestore.errors import KdstoreError
+from trainer.checkpoints import write_bytes_atomic, write_text_atomic
 
 
 class ExportError(KdstoreError, RuntimeError):
@@ -36,15 +37,14 @@ def export_torchscript(student: nn.Module, path: Path, sidecar: dict, max_mb: fl
             if not torch.allclose(ref, got, atol=1e-4, rtol=1e-4):
                 raise ExportError(f"TorchScript output differs from the eager model (max {float((ref - got).abs().max()):.2e})")
     path = Path(path)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.jit.save(scripted, str(tmp))
-    mb = tmp.stat().st_size / 1e6
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    mb = buf.getbuffer().nbytes / 1e6
     if mb > max_mb:
-        tmp.unlink()
         raise ExportError(f"{path.name} would be {mb:.2f} MB, over the budget of {max_mb} MB (--max-mb); "
                           "choose a smaller student")
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(sidecar | {"format": "torchscript", "size_mb": mb}, indent=2))
+    write_bytes_atomic(buf.getbuffer(), path)
+    write_text_atomic(json.dumps(sidecar | {"format": "torchscript", "size_mb": mb}, indent=2), path.with_suffix(".json"))
     return path
 
 
@@ -54,12 +54,14 @@ def export_onnx(student: nn.Module, path: Path, size: int) -> Path:
 
     student = student.eval().cpu().float()
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
-    torch.onnx.export(student, (x,), str(path), input_names=["input"], output_names=["logits"],
+    buf = io.BytesIO()
+    torch.onnx.export(student, (x,), buf, input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         ref = student(x).numpy()
     if not np.allclose(ref, got, atol=1e-4, rtol=1e-3):
         raise ExportError(f"ONNX output differs from the eager model (max {np.abs(ref - got).max():.2e})")
+    write_bytes_atomic(buf.getbuffer(), Path(path))
     return Path(path)

@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import yaml
 
 from featurestore.config import ConfigError
-from trainer import export
+from trainer import checkpoints, export
 from trainer.students import create_student
 
 
@@ -20,7 +19,7 @@ def export_run(run: Path, fmt: str, max_mb: float) -> Path:
     sidecar = json.loads(sidecar_path.read_text())
     cfg = yaml.safe_load(config.read_text())
     student = create_student(cfg["student"], len(sidecar["classes"]))
-    student.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["student"])
+    student.load_state_dict(checkpoints.load(best)["student"])
     if fmt == "onnx":
         return export.export_onnx(student, run / "student.onnx", sidecar["input_size"][-1])
     keep = {k: v for k, v in sidecar.items() if k not in ("format", "size_mb")}

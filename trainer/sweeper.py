@@ -81,9 +81,7 @@ def _run(cfg: FitConfig, eval_images: str | None) -> dict:
     if not record.is_file():
         if (run / FAILED).is_file():
             raise ConfigError(f"run {run} of this sweep failed: {(run / FAILED).read_text().strip()}")
-        resume = (run / "checkpoints" / "last.pt").is_file()
-        if run.exists() and not resume:
-            shutil.rmtree(run)                        # started, but not one epoch finished
+        resume = (run / "checkpoints" / "last.pt").is_file()     # a run started anew if no epoch finished
         t0 = time.perf_counter()
         fit(cfg, resume=resume, progress=False)
         summary = json.loads((run / "summary.json").read_text())

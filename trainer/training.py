@@ -7,9 +7,12 @@ the run directory): it exports nothing and cannot be resumed.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +27,8 @@ from featurestore import devices
 from featurestore.config import ConfigError, config_diff, to_dict
 from featurestore.errors import KdstoreError
 from featurestore.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED
+from featurestore.lock import FileLock
+from trainer import checkpoints
 from trainer import metrics as metrics_mod
 from trainer.config import FitConfig
 from trainer.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, NonFiniteError, StoreData
@@ -82,18 +87,6 @@ def _param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def training_images(cfg: FitConfig, data: StoreData) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) store indices: labelled folds, plus unlabelled images when a teacher term
     can use them, plus held-out images with train_on_all (then no validation)."""
@@ -125,19 +118,76 @@ def _accelerator(cpu: bool, mixed_precision: str):
 
 
 def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
-    from accelerate.utils import set_seed
-
+    """Train (or resume) the run in cfg.out. The run folder has one writer: the run lock is held
+    throughout; a full disk ends in one sentence that says how to go on."""
     cfg.validate()
     out = Path(cfg.out)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise ConfigError(f"run directory {out} is not empty; pass --resume to continue it, or pick a new --out")
-    if resume and (out / FAILED).is_file():
-        raise ConfigError(f"{out} failed and cannot be resumed: {(out / FAILED).read_text().strip()}")
-    if resume and not ckpt_path.is_file():
-        raise ConfigError(f"nothing to resume in {out} (no {ckpt_path})")
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    owner = int(os.environ.get("RANK", "0")) == 0          # rank 0 alone owns the run folder
+    with FileLock(out, "trainer fit") if owner else contextlib.nullcontext(), _disk_full(out):
+        if owner:
+            prepare_run_dir(out, resume)
+        return _fit(cfg, out, resume, progress)
 
+
+# what a run folder holds before its first epoch has finished (a fresh start may clear these)
+STARTED = {"config.yaml", "metrics.jsonl", "checkpoints", FAILED}
+
+
+def prepare_run_dir(out: Path, resume: bool) -> None:
+    """Refuse what must not be overwritten; clear what an interrupted start left; make the folder.
+
+    A folder with a finished epoch (checkpoints/last.pt) is continued with --resume, never started
+    over; one whose start was interrupted before its first epoch finished holds nothing to lose,
+    and the same command starts it again. Files kdstore did not write are never touched."""
+    ckpt, failed = out / "checkpoints" / "last.pt", out / FAILED
+    if failed.is_file() and (resume or ckpt.is_file()):
+        reason = failed.read_text().strip()
+        raise ConfigError(f"{out} failed and cannot be resumed: {reason}" if resume else
+                          f"run directory {out} holds a run that failed ({reason}); pick a new --out")
+    if resume and not ckpt.is_file():
+        raise ConfigError(f"nothing to resume in {out} (no {ckpt}: no epoch had finished); run the same command "
+                          "without --resume to start it")
+    if not resume and out.is_dir():
+        if ckpt.is_file():
+            raise ConfigError(f"run directory {out} is not empty; pass --resume to continue the run it holds, or "
+                              "pick a new --out")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in STARTED)
+        if (out / "checkpoints").is_dir():
+            foreign += sorted(f"checkpoints/{p.name}" for p in (out / "checkpoints").iterdir()
+                              if p.name != "best.pt" and not p.name.endswith(checkpoints.TMP_SUFFIX))
+        if foreign:
+            raise ConfigError(f"run directory {out} holds files a run does not write ({', '.join(foreign[:5])}); "
+                              "pick a new --out (kdstore never deletes what it did not write)")
+        for name in STARTED:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    checkpoints.remove_stale_temporaries(out)
+    checkpoints.remove_stale_temporaries(out / "checkpoints")
+
+
+def next_step(out: Path) -> str:
+    """What to run to go on with the run in `out` after it stopped."""
+    return "run the same command with --resume" if (out / "checkpoints" / "last.pt").is_file() else \
+        "run the same command (no epoch had finished)"
+
+
+@contextlib.contextmanager
+def _disk_full(out: Path):
+    """A full disk anywhere in the run becomes one sentence; what was written before stays whole."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise KdstoreError(f"no space left on device while writing {e.filename or out}; free space and "
+                           f"{next_step(out)}") from None
+
+
+def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool) -> Path:
+    from accelerate.utils import set_seed
+
+    ckpt_path = out / "checkpoints" / "last.pt"
     device = devices.pick_device("cpu" if cfg.cpu else cfg.device)
     mp = devices.mixed_precision(cfg.mixed_precision, devices.caps_of(device))
     accelerator = _accelerator(device.type == "cpu", mp)
@@ -177,7 +227,7 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
 
     history, best, start = [], -1.0, 0
     if resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = checkpoints.load(ckpt_path)
         diffs = config_diff(state["config"], cfg.identity())
         if diffs:
             raise ConfigError(f"{out} was trained with different settings: {'; '.join(diffs)}; resume with the "
@@ -191,8 +241,8 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
         history, best, start = state["history"], state["best"], state["epoch"] + 1
         _log(accelerator, f"resuming {out} at epoch {start + 1}/{cfg.optim.epochs}")
     else:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg) | {"store_attrs": _store_summary(data)},
-                                                        sort_keys=False))
+        checkpoints.write_text_atomic(yaml.safe_dump(to_dict(cfg) | {"store_attrs": _store_summary(data)},
+                                                     sort_keys=False), out / "config.yaml")
     _log(accelerator, f"training {cfg.student} on {len(train_idx)} images ({int((data.split[train_idx] == -2).sum())} "
          f"unlabelled), {len(loader)} steps per epoch on {device} ({mp} mixed precision), "
          f"{'in RAM' if data.in_memory else 'streaming chunks'}")
@@ -267,13 +317,13 @@ def train_epochs(cfg: FitConfig, accelerator, model, train_model, optimizer, sch
         if accelerator.is_main_process:
             if is_best:
                 best = score if num_val else best
-                save_atomic({"student": _cpu_state(eval_student), "epoch": epoch, "metrics": row, "val": m},
+                checkpoints.save({"student": _cpu_state(eval_student), "epoch": epoch, "metrics": row, "val": m},
                             out / "checkpoints" / "best.pt")
-            save_atomic({"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+            checkpoints.save({"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                          "rng": torch.get_rng_state(), "history": history, "best": best, "epoch": epoch,
                          "config": cfg.identity()}, ckpt_path)
-            write_text_atomic("".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
+            checkpoints.write_text_atomic("".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
         msg = f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {row['train_loss']:.4f}"
         if "val_macro_f1" in row:
             msg += f"  val macro-F1 {row['val_macro_f1']:.4f}  acc {row['val_accuracy']:.4f}"
@@ -290,7 +340,7 @@ def finish(cfg: FitConfig, data: StoreData, out: Path) -> dict:
     from trainer import export, plots
 
     student = create_student(cfg.student, len(data.classes))
-    best = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    best = checkpoints.load(out / "checkpoints" / "best.pt")
     student.load_state_dict(best["student"])
     student.eval()
     sidecar = {"classes": data.classes, "input_size": [3, cfg.image_size, cfg.image_size],
@@ -314,7 +364,7 @@ def finish(cfg: FitConfig, data: StoreData, out: Path) -> dict:
         summary |= {"val_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"]}
         plots.confusion(m, out / "confusion.png")
         plots.per_class_f1(m, out / "per_class_f1.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    checkpoints.write_text_atomic(json.dumps(summary, indent=2), out / "summary.json")
     print(f"exported {path} ({summary['size_mb']:.2f} MB); run summary in {out / 'summary.json'}", file=sys.stderr)
     return summary
 
