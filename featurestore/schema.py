@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import KdstoreError
 
 FORMAT_VERSION = 2
@@ -86,3 +88,20 @@ def check_attrs(attrs: dict, where: str) -> None:
     missing = [a for a in REQUIRED_ATTRS if a not in attrs]
     if missing:
         raise StoreError(f"{where} lacks attributes {missing}; the store is damaged or was not finished")
+
+
+def bad_target_rows(x: np.ndarray, lead: int = 1) -> list[tuple[str, np.ndarray]]:
+    """Rows of teacher outputs that no working teacher writes, as (what, mask over the `lead` leading
+    axes): rows with a non-finite value, and constant rows (every value equal, all-zero included: a
+    chunk never written, or a broken teacher), which carry no target a student could learn from.
+    Used by `verify` and by the trainer alike, so the two always agree."""
+    flat = x.reshape(x.shape[:lead] + (-1,))
+    finite = np.isfinite(flat).all(-1)
+    out = []
+    if not finite.all():
+        out.append(("non-finite values", ~finite))
+    with np.errstate(invalid="ignore"):
+        constant = finite & (flat.max(-1, initial=-np.inf) == flat.min(-1, initial=np.inf))
+    if constant.any():
+        out.append(("constant values (every value equal: never written, or a broken teacher)", constant))
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,61 @@ def backend_of(path: str) -> str:
 
 def is_local(path: str) -> bool:
     return "://" not in str(path)
+
+
+# what a store kdstore made holds: its format attributes (written first), and in Zarr only these entries
+MARKER_ATTRS = ("format_version", "param_names", "views_per_image", "chunk_size")
+ZARR_ENTRIES = {"zarr.json", "images", "labels", "split", "sha256", "ids", "views", "teacher", "progress", "heads", "pca"}
+
+
+def not_a_kdstore_store(path: str | Path) -> str | None:
+    """None if `path` (local) is a store kdstore made, else why not: it holds kdstore's format attributes
+    and, as a Zarr folder, nothing a store does not hold."""
+    p = Path(path)
+    if backend_of(str(path)) == "hdf5":
+        if not p.is_file():
+            return "it is not a file"
+        try:
+            import h5py
+            with h5py.File(p, "r") as f:
+                names = set(f.attrs)
+        except Exception as e:  # noqa: BLE001 - unreadable: it cannot be shown to be a store
+            return f"it cannot be read as HDF5 ({_first_line(e)})"
+    else:
+        if not p.is_dir():
+            return "it is not a folder"
+        foreign = sorted(e.name for e in p.iterdir() if e.name not in ZARR_ENTRIES)
+        if foreign:
+            return f"it holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which a store does not"
+        try:
+            doc = json.loads((p / "zarr.json").read_text())
+            names = set(doc.get("attributes") or {})
+        except (OSError, ValueError, AttributeError):
+            return "it has no readable zarr.json"
+    if not all(a in names for a in MARKER_ATTRS):
+        return "it lacks kdstore's format attributes"
+    return None
+
+
+def remove_store(path: str | Path, protect: dict[str, Path]) -> None:
+    """Delete the local store at `path` for --overwrite: only a store kdstore made, never a folder
+    in `protect` ({what: path}: the current directory, the home folder, the input images) or one
+    that holds any of them."""
+    target = Path(path).absolute()
+    for what, p in protect.items():
+        for q in {Path(p).absolute(), Path(p).resolve()}:
+            if q == target or target in q.parents or q == target.resolve() or target.resolve() in q.parents:
+                raise StoreError(f"refusing to delete {path}: it "
+                                 + ("is " if q in (target, target.resolve()) else "holds ") + what
+                                 + "; choose another --out")
+    why = not_a_kdstore_store(path)
+    if why is not None:
+        raise StoreError(f"refusing to delete {path}: it is not a store kdstore made ({why}); choose another --out "
+                         "(kdstore deletes only stores it made)")
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
 
 
 class Store:
@@ -69,6 +125,12 @@ class Store:
         except Exception as e:  # noqa: BLE001 - any backend failure becomes one clear message
             raise StoreError(f"cannot open {path} as a {backend} store: {_first_line(e)}") from None
         check_attrs(attrs, path)
+        if backend == "hdf5":
+            links = _hdf5_links(root)
+            if links:
+                raise StoreError(f"{path} holds {'; '.join(links[:5])}: a store holds its own data, and kdstore "
+                                 "refuses links and virtual datasets, which can point at any other file; rebuild "
+                                 "the store or copy the data in")
         missing = [f.name for f in store.fields() if f.name not in store]
         if missing:
             raise StoreError(f"{path} lacks arrays {missing}; the store is damaged (rebuild it with --overwrite)")
@@ -86,13 +148,13 @@ class Store:
             import zarr
             root = zarr.open_group(path, mode="w")
         store = cls(root, backend, path, "w")
+        store.set_attrs(attrs)                 # first: whatever happens next, the folder says kdstore made it
         store._compression = _codec(backend, compression)
         store._image_compression = _codec(backend, compression, images=True)
         chunk, size = attrs["chunk_size"], sizes(attrs)
         for f in fields(attrs):
             store._create(f, resolve(f.dims, size), chunk, attrs)
         store._create_plain("progress/done", (store.num_chunks_for(attrs["num_images"], chunk),), "bool", 1)
-        store.set_attrs(attrs)
         return store
 
     # ---- attributes ----------------------------------------------------------------------
@@ -449,6 +511,25 @@ def read_problem(e: BaseException) -> tuple[str, str]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _hdf5_links(root) -> list[str]:
+    """Soft and external links and virtual datasets in an HDF5 file: kdstore writes none of them."""
+    import h5py
+    found: list[str] = []
+
+    def link(name: str, obj) -> None:
+        if isinstance(obj, h5py.ExternalLink):
+            found.append(f"{name}, an external link to {obj.filename}:{obj.path}")
+        elif isinstance(obj, h5py.SoftLink):
+            found.append(f"{name}, a soft link to {obj.path}")
+
+    def virtual(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            found.append(f"{name}, a virtual dataset")
+    root.visititems_links(link)
+    root.visititems(virtual)
+    return found
 
 
 def _zarr_exists(arr, key: str) -> bool:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from featurestore import views
 from featurestore.devices import Caps, caps_of
-from featurestore.schema import StoreError
+from featurestore.schema import StoreError, bad_target_rows
 from featurestore.store import Store
 from trainer.render_pool import RenderPool, RenderWorkerError
 
@@ -55,7 +55,8 @@ class Batch:
 
 
 class NonFiniteError(StoreError):
-    """A teacher target read from the store is NaN or infinite; the message names the store images."""
+    """A teacher target read from the store is NaN, infinite or constant (never written); the message
+    names the store images."""
 
 
 @dataclass
@@ -75,6 +76,9 @@ class StoreData:
         if not s.complete:
             raise StoreError(f"{path} is not complete ({int(s.done().sum())}/{s.num_chunks} chunks done, or its "
                              "heads not fitted); finish it with the same `featurestore build` command first")
+        if len(s.classes) < 2:
+            raise StoreError(f"{path} has {len(s.classes)} class ({', '.join(s.classes)}); a classifier needs at least "
+                             "two (one class would score macro-F1 1.0 and learn nothing)")
         if head is not None and head not in s.heads():
             raise StoreError(f"{path} has no {head!r} head; it has {s.heads()}")
         present = {f.name for f in s.fields()}
@@ -105,7 +109,7 @@ class StoreData:
             self.ram = {"images": s.read("images")}
             for name in self.names.values():
                 self.ram[name] = s.read(name)
-                _check_finite(s, name, self.ram[name], 0)
+                _check_targets(s, name, self.ram[name], 0)
 
     def bytes_needed(self) -> int:
         """Raw bytes of everything a run reads: images and every view of each needed target."""
@@ -126,7 +130,7 @@ class StoreData:
         targets = {}
         for name in self.names.values():
             targets[name] = self.store.read_view(name, c, k)
-            _check_finite(self.store, name, targets[name], a, k)
+            _check_targets(self.store, name, targets[name], a, k)
         if t is not None:                                       # decoded straight into shared memory
             return Chunk(self.store.read_chunk("images", c, t.numpy()), targets, t)
         return Chunk(self.store.read_chunk("images", c), targets)
@@ -146,14 +150,14 @@ def _shared_memory_fits(nbytes: int) -> bool:
     return shutil.disk_usage(_SHM).free >= nbytes
 
 
-def _check_finite(store: Store, name: str, x: np.ndarray, start: int, view: int | None = None) -> None:
-    """Teacher targets must be finite: a bad row stops the run naming the store images."""
-    bad = ~np.isfinite(x).reshape(len(x), -1).all(1)                         # per image
-    if bad.any():
-        where = (start + np.flatnonzero(bad))[:8].tolist()
-        raise NonFiniteError(f"{store.path}: {name} holds non-finite values for store images {where}"
-                         + (f" (view {view})" if view is not None else "") +
-                         f"; run `featurestore verify --fix {store.path}` and the build command again")
+def _check_targets(store: Store, name: str, x: np.ndarray, start: int, view: int | None = None) -> None:
+    """Teacher targets must be what a teacher writes (as `verify` checks them): a bad row stops the
+    run naming the store images. x: (n, ...) one view, or (n, K, ...) every view."""
+    for what, rows in bad_target_rows(x, lead=1 if view is not None else 2):
+        where = (start + np.flatnonzero(rows.reshape(len(x), -1).any(1)))[:8].tolist()
+        raise NonFiniteError(f"{store.path}: {name} holds {what} for store images {where}"
+                             + (f" (view {view})" if view is not None else "") +
+                             f"; run `featurestore verify --fix {store.path}` and the build command again")
 
 
 @dataclass
