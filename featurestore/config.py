@@ -17,6 +17,9 @@ class ConfigError(KdstoreError, ValueError):
     """A configuration file or flag is invalid; the message names the key and the problem."""
 
 
+MAX_VIEWS = 1024
+
+
 @dataclass
 class ViewPolicy:
     """How the K views of each image are drawn (see views.py for the contract)."""
@@ -37,8 +40,10 @@ class ViewPolicy:
     cutmix_share: float = 0.5                   # share of mixed views that are cutmix
 
     def validate(self) -> None:
-        if self.views < 1:
-            raise ConfigError(f"views.views must be >= 1, got {self.views}")
+        if not 1 <= self.views <= MAX_VIEWS:
+            raise ConfigError(f"views.views must be 1..{MAX_VIEWS}, got {self.views}: each view is one teacher pass "
+                              f"per image ({MAX_VIEWS} views of 10,000 images is about 10 million MedSigLIP passes, "
+                              "over a week on one H100), and an epoch of training reads one view per image")
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"views.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
@@ -129,6 +134,7 @@ class BuildConfig:
     manifest: str | None = None                 # CSV with columns path,label (empty label: unlabelled)
     unlabeled: str | None = None                # any tree of images without labels (teacher terms only)
     classes_file: str | None = None             # one class name per line, in index order
+    allow_outside_paths: bool = False           # manifest paths may be absolute or leave the manifest's folder
     out: str | None = None
     views: ViewPolicy = field(default_factory=ViewPolicy)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -155,7 +161,7 @@ class BuildConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that decide the store's content; a resumed build must match them."""
         d = to_dict(self)
-        for key in ("out", "workers", "device", "images", "manifest", "unlabeled"):
+        for key in ("out", "workers", "device", "images", "manifest", "unlabeled", "allow_outside_paths"):
             d.pop(key)
         d["teacher"].pop("batch_size")
         return d
@@ -206,11 +212,21 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping (safe_load: plain data, no tags that build objects); a problem is one line naming
+    the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: {problem} (not valid YAML for kdstore)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (YAML expected)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data

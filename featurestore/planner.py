@@ -34,7 +34,7 @@ def plan(cfg: BuildConfig, sample_images: int = 8) -> dict:
     if cfg.images is None and cfg.manifest is None:
         from .config import ConfigError
         raise ConfigError("give --images (an ImageFolder root) or --manifest (a CSV of path,label)")
-    listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled)
+    listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
     n, k = len(listing.sources), cfg.views.views
     unlabeled = sum(1 for s in listing.sources if s.label < 0)
     vcfg = vision_config(cfg.teacher.id, cfg.teacher.revision)

@@ -67,23 +67,38 @@ def read_classes_file(path: str | Path) -> list[str]:
 
 
 def discover(images: str | None, manifest: str | None = None, classes_file: str | None = None,
-             unlabeled: str | None = None) -> Listing:
+             unlabeled: str | None = None, allow_outside_paths: bool = False) -> Listing:
     """List the images; the class order is sorted() of the names unless a file sets it.
 
     `unlabeled` is any tree of images without classes; they come after the labelled ones with label -1.
+    A classifier needs two classes or more, and each file is one image: listed twice, it is refused.
     """
     explicit = read_classes_file(classes_file) if classes_file else None
     if manifest:
-        listing = _from_manifest(Path(manifest), Path(images) if images else None, explicit)
+        listing = _from_manifest(Path(manifest), Path(images) if images else None, explicit, allow_outside_paths)
     elif images is None:
         raise DatasetError("no image source given")
     else:
         listing = _from_folder(Path(images), explicit)
+    if len(listing.classes) < 2:
+        raise DatasetError(f"{manifest or images} has {len(listing.classes)} class ({', '.join(listing.classes)}); "
+                           "a classifier needs at least two (one class would score macro-F1 1.0 and learn nothing)")
     if unlabeled:
         extra, ignored = _unlabeled_tree(Path(unlabeled))
         listing.sources.extend(extra)
         listing.ignored.extend(ignored)
+    _refuse_repeats(listing.sources)
     return listing
+
+
+def _refuse_repeats(sources: list[Source]) -> None:
+    """One file, one image: the same file under two ids (labelled and unlabelled, say) is refused."""
+    seen: dict[str, Source] = {}
+    for s in sources:
+        first = seen.setdefault(s.path, s)
+        if first is not s:
+            raise DatasetError(f"{s.path} is listed twice, as {first.rel!r} and as {s.rel!r}; each image may be "
+                               "listed once (an image in --unlabeled must not be among the labelled ones)")
 
 
 def _image_files(root: Path, rel_to: Path, prefix: str = "") -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
@@ -131,15 +146,15 @@ def _from_folder(root: Path, explicit: list[str] | None) -> Listing:
     return Listing(classes, sources, ignored)
 
 
-def _from_manifest(path: Path, root: Path | None, explicit: list[str] | None) -> Listing:
+def _from_manifest(path: Path, root: Path | None, explicit: list[str] | None, allow_outside: bool) -> Listing:
     if not path.is_file():
         raise DatasetError(f"manifest not found: {path}")
-    base = root if root is not None else path.parent
+    base = (root if root is not None else path.parent).resolve()
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
             raise DatasetError(f"{path}: needs a header with columns path,label (got {reader.fieldnames})")
-        rows = [(line, r["path"], r["label"]) for line, r in enumerate(reader, start=2)]
+        rows = [(line, r["path"] or "", r["label"] or "") for line, r in enumerate(reader, start=2)]
     if not rows:
         raise DatasetError(f"{path}: no rows")
     names = sorted({label for _, _, label in rows if label.strip()})
@@ -147,16 +162,26 @@ def _from_manifest(path: Path, root: Path | None, explicit: list[str] | None) ->
     if not classes:
         raise DatasetError(f"{path}: no row has a label; at least one labelled image per class is needed")
     index = {n: i for i, n in enumerate(classes)}
-    sources = []
+    sources, first_row = [], {}
     for line, rel, label in rows:
+        if not rel.strip():
+            raise DatasetError(f"{path}:{line}: the path is empty")
+        p = (Path(rel) if Path(rel).is_absolute() else base / rel).resolve()
+        if not allow_outside and (Path(rel).is_absolute() or not p.is_relative_to(base)):
+            raise DatasetError(f"{path}:{line}: {rel!r} is outside {base}, the folder manifest paths are relative "
+                               "to; pass --allow-outside-paths to take images from elsewhere")
+        if str(p) in first_row:
+            line0, label0 = first_row[str(p)]
+            same = "with the same label" if label0 == label else f"with different labels ({label0!r} and {label!r})"
+            raise DatasetError(f"{path}: rows {line0} and {line} list the same image {rel!r} {same}; list each "
+                               "image once")
+        first_row[str(p)] = (line, label)
         if not label.strip():                      # an empty label: an unlabelled image
-            p = Path(rel) if Path(rel).is_absolute() else base / rel
-            sources.append(Source(str(p.resolve()), UNLABELED_PREFIX + rel, -1))
+            sources.append(Source(str(p), UNLABELED_PREFIX + rel, -1))
             continue
         if label not in index:
             raise DatasetError(f"{path}:{line}: unknown label {label!r} (classes: {classes})")
-        p = Path(rel) if Path(rel).is_absolute() else base / rel
-        sources.append(Source(str(p.resolve()), rel, index[label]))
+        sources.append(Source(str(p), rel, index[label]))
     empty = [c for c in classes if c not in names]
     if empty:
         raise DatasetError(f"{path}: no images for classes {empty}")
