@@ -1,26 +1,39 @@
-"""Store format version 2: which arrays exist, their dtypes, shapes and chunking.
+"""Store format version 2: the one table of fields, and the layout each field owns.
 
 N images, K views, P view params, C classes, D pooled width, g patch grid, d patch width (D, or
-fewer through a PCA basis), S stored image side. docs/store-format.md is the reference.
+fewer through a PCA basis), S stored image side. docs/store-format.md is the reference; creating a
+store, the direct shard reader, verify, slim, plan and the storage benchmark all read this table.
 
-Every array is chunked along N in whole chunks of `chunk_size` images ("store chunks"). Kinds:
+Every array is chunked along N in whole chunks of `chunk_size` images ("store chunks"; in Zarr one
+shard file each, the unit of resume and of a writer's ownership). Kinds:
 - "index": one value per image, written when the store is created (labels, split, ids, ...);
 - "image": per image, written by the teacher pass (the squashed images);
-- "view": per (image, view); one view index of one store chunk is one contiguous stored chunk, so
-  an epoch that uses one view per store chunk reads exactly 1/K of these bytes.
+- "view": per (image, view); one view index of one store chunk is one stored inner chunk, so an
+  epoch that uses one view per store chunk reads exactly 1/K of these bytes;
+- "progress": one flag per store chunk, set once all of the chunk's arrays are written.
+Rows larger than `INNER_CHUNK_BYTES` (the images) are stored in inner chunks of a few rows, so that
+a whole-chunk read decodes few frames and a row read few extra rows.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import KdstoreError
+from featurestore.errors import KdstoreError
 
 FORMAT_VERSION = 2
-UNLABELED = -1          # label of an image without a class
+NO_LABEL = -1           # the label of an unlabelled image
 SPLIT_HELD_OUT = -1     # split of a labelled validation image
 SPLIT_UNLABELED = -2    # split of an unlabelled image (never a fold, never validation)
+ROWS_PER_INNER_CHUNK = 8
+INNER_CHUNK_BYTES = 4096
+# attributes that say kdstore made a store (written before any array, so a store killed while being
+# created says it too)
+MARKER_ATTRS = ("format_version", "param_names", "views_per_image", "chunk_size")
+REQUIRED_ATTRS = ("format_version", "classes", "num_images", "views_per_image", "image_size",
+                  "chunk_size", "embed_dim", "patch_grid", "heads", "param_names", "teacher")
 
 
 class StoreError(KdstoreError, ValueError):
@@ -28,26 +41,59 @@ class StoreError(KdstoreError, ValueError):
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How one field is stored: the whole array, one store chunk, one stored (checksummed) chunk."""
+    shape: tuple[int, ...]
+    chunk: tuple[int, ...]
+    inner: tuple[int, ...]
+
+    @property
+    def sharded(self) -> bool:
+        return self.inner != self.chunk
+
+
+@dataclass(frozen=True)
 class Field:
     name: str
-    dtype: str
+    dtype: str                    # a numpy dtype, or "str"
     dims: tuple[str, ...]         # symbolic shape, resolved from the store's sizes
-    kind: str                     # index | image | view
+    kind: str                     # index | image | view | progress
+    codec: str = "arrays"         # arrays | images (read whole every epoch: a fast codec) | none
 
     @property
     def per_view(self) -> bool:
         return self.kind == "view"
 
+    @property
+    def fill(self):
+        """What an unwritten element reads as: NaN for floats (never mistaken for a target)."""
+        if self.dtype == "str":
+            return None
+        return {"f": float("nan"), "b": False}.get(np.dtype(self.dtype).kind, 0)
 
+    def layout(self, size: dict[str, int], chunk_size: int) -> Layout:
+        shape = tuple(int(d) if d.isdigit() else size[d] for d in self.dims)
+        if self.kind == "progress":
+            return Layout(shape, (1,), (1,))
+        chunk = (min(chunk_size, shape[0]),) + shape[1:]
+        if self.kind == "view":
+            inner = chunk[:1] + (1,) + shape[2:]                               # (chunk, 1 view, ...)
+        elif self.dtype != "str" and math.prod(shape[1:]) * np.dtype(self.dtype).itemsize > INNER_CHUNK_BYTES:
+            inner = (math.gcd(ROWS_PER_INNER_CHUNK, chunk_size),) + shape[1:]  # shards hold whole inner chunks
+        else:
+            inner = chunk
+        return Layout(shape, chunk, inner)
+
+
+PROGRESS = Field("progress/done", "bool", ("Nc",), "progress", "none")
 INDEX_FIELDS = ("labels", "split", "sha256", "ids", "views/params")
-TEACHER_FIELDS = ("teacher/pooled", "teacher/patches")          # plus teacher/logits/<head>
 
 
 def fields(attrs: dict) -> list[Field]:
-    """The arrays of a store with these attributes (slim stores list what they dropped)."""
+    """The data arrays of a store with these attributes (slim stores list what they dropped)."""
     dropped = set(attrs.get("dropped", ()))
     out = [
-        Field("images", "uint8", ("N", "S", "S", "3"), "image"),
+        Field("images", "uint8", ("N", "S", "S", "3"), "image", "images"),
         Field("labels", "int16", ("N",), "index"),
         Field("split", "int8", ("N",), "index"),
         Field("sha256", "uint8", ("N", "32"), "index"),
@@ -62,17 +108,14 @@ def fields(attrs: dict) -> list[Field]:
 
 
 def sizes(attrs: dict) -> dict[str, int]:
-    return {"N": attrs["num_images"], "K": attrs["views_per_image"], "P": len(attrs["param_names"]),
-            "C": len(attrs["classes"]), "D": attrs["embed_dim"], "g": attrs["patch_grid"],
-            "d": attrs.get("patch_dim") or attrs["embed_dim"], "S": attrs["image_size"]}
+    n, chunk = attrs["num_images"], attrs["chunk_size"]
+    return {"N": n, "K": attrs["views_per_image"], "P": len(attrs["param_names"]), "C": len(attrs["classes"]),
+            "D": attrs["embed_dim"], "g": attrs["patch_grid"], "d": attrs.get("patch_dim") or attrs["embed_dim"],
+            "S": attrs["image_size"], "Nc": num_chunks(n, chunk)}
 
 
-def resolve(dims: tuple[str, ...], size: dict[str, int]) -> tuple[int, ...]:
-    return tuple(int(d) if d.isdigit() else size[d] for d in dims)
-
-
-REQUIRED_ATTRS = ("format_version", "classes", "num_images", "views_per_image", "image_size",
-                  "chunk_size", "embed_dim", "patch_grid", "heads", "param_names", "teacher")
+def num_chunks(n: int, chunk_size: int) -> int:
+    return (n + chunk_size - 1) // chunk_size
 
 
 def check_attrs(attrs: dict, where: str) -> None:

@@ -1,11 +1,12 @@
-"""Direct reads of whole inner chunks from the shard files of a local Zarr v3 store.
+"""Direct reads of whole inner chunks from the shard files of a Zarr v3 store.
 
 A trainer epoch reads, per store chunk, the images (a few inner chunks) and one view of each teacher
 array (one inner chunk each). Through zarr each such read costs milliseconds of Python and event-loop
-hops, more than decoding the bytes. Here a read is: the shard's index (its crc32c checked), the
-inner chunks' bytes, each crc32c checked, the compressor undone with the codec zarr itself uses
-(numcodecs), and the bytes laid out as the inner chunk's array, in place in the caller's buffer if
-given.
+hops, more than decoding the bytes. Here a read is: the shard's index (read once per shard, its
+crc32c checked), the inner chunks' bytes as one byte range, each crc32c checked, the compressor
+undone with the codec zarr itself uses (numcodecs), and the bytes laid out as the inner chunk's
+array, in place in the caller's buffer if given. The bytes come from a `source` (`LocalFiles`: files
+on a disk), so the same reader serves any place that can return byte ranges of a key.
 
 Only the layouts kdstore writes are read here (sharding with the index at the end, or one chunk
 per file; codecs bytes -> zstd | blosc | none -> crc32c; default chunk keys); for any other layout
@@ -29,23 +30,46 @@ class ShardReadError(Exception):
     """This read cannot be served from the shard file directly (zarr will say why, or fill)."""
 
 
-class ShardReader:
-    """Inner chunks of one Zarr array on a local disk: sharded, or one chunk per file (a shard of
-    one inner chunk, without an index)."""
+class LocalFiles:
+    """Byte ranges of the files under one folder (an array's folder on a local disk)."""
 
-    def __init__(self, root: Path, shape: tuple[int, ...], shard: tuple[int, ...], inner: tuple[int, ...],
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def whole(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def tail(self, key: str, n: int) -> tuple[bytes, int]:
+        """The last n bytes of `key` (fewer if it is shorter) and its size."""
+        with open(self.root / key, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - n))
+            return f.read(n), size
+
+    def range(self, key: str, lo: int, hi: int) -> bytes:
+        with open(self.root / key, "rb") as f:
+            f.seek(lo)
+            return f.read(hi - lo)
+
+
+class ShardReader:
+    """Inner chunks of one Zarr array: sharded, or one chunk per file (a shard of one inner chunk,
+    without an index). The shard indexes are kept once read (the store is read-only while read)."""
+
+    def __init__(self, source, shape: tuple[int, ...], shard: tuple[int, ...], inner: tuple[int, ...],
                  dtype: np.dtype, compressor, key, sharded: bool = True):
-        self.root, self.shape, self.shard, self.inner, self.key = root, shape, shard, inner, key
+        self.source, self.shape, self.shard, self.inner, self.key = source, shape, shard, inner, key
         self.sharded = sharded
         self.dtype, self.compressor = dtype, compressor
         self.per_shard = tuple(s // i for s, i in zip(shard, inner))          # inner chunks per shard, per axis
         self.n_inner = math.prod(self.per_shard)
         self.index_bytes = self.n_inner * 16 + 4 if sharded else 0
+        self._indexes: dict[str, np.ndarray] = {}
 
     @classmethod
-    def of(cls, arr, directory: Path) -> ShardReader | None:
-        """A reader for zarr array `arr` stored under `directory`, or None for another layout."""
-        meta = arr.metadata.to_dict()
+    def of(cls, meta: dict, source) -> ShardReader | None:
+        """A reader for the array whose zarr.json is `meta`, its bytes in `source`, or None for
+        another layout."""
         if meta.get("zarr_format") != 3:
             return None
         try:
@@ -67,17 +91,20 @@ class ShardReader:
                 codecs, inner = meta["codecs"], shard
             if [c["name"] for c in (codecs[:1] + codecs[-1:])] != ["bytes", "crc32c"] or len(codecs) > 3:
                 return None
-            dtype = np.dtype(arr.dtype)
+            dtype = np.dtype(meta["data_type"])
             if dtype.kind not in "biuf" or (dtype.itemsize > 1 and (
                     codecs[0].get("configuration", {}).get("endian") != "little" or sys.byteorder != "little")):
                 return None
             compressor = _compressor(codecs[1]) if len(codecs) == 3 else None
+            separator = keys.get("configuration", {}).get("separator", "/")
         except (KeyError, TypeError, ValueError):
             return None
         if compressor is False or any(s % i for s, i in zip(shard, inner)):
             return None
-        return cls(directory, tuple(arr.shape), shard, inner, dtype, compressor, arr.metadata.encode_chunk_key,
-                   sharded)
+
+        def key(coords: tuple[int, ...]) -> str:
+            return separator.join(["c", *map(str, coords)])
+        return cls(source, tuple(meta["shape"]), shard, inner, dtype, compressor, key, sharded)
 
     def rows(self, shard: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
         """The first n rows of shard (shard, 0, ..., 0) of an array tiled by inner chunks along axis 0
@@ -110,38 +137,45 @@ class ShardReader:
         self._decode(body, out.reshape(-1).view(np.uint8))
         return out
 
+    def _index(self, key: str) -> np.ndarray:
+        """(n_inner, 2) offsets and sizes of a shard's inner chunks, its crc32c checked."""
+        index = self._indexes.get(key)
+        if index is None:
+            raw, size = self.source.tail(key, self.index_bytes)
+            if len(raw) < self.index_bytes:
+                raise ShardReadError(f"{key}: shorter than its index")
+            if _crc(np.frombuffer(raw, np.uint8)[:-4]) != raw[-4:]:
+                raise ShardReadError(f"{key}: index checksum")
+            index = np.frombuffer(raw, "<u8", count=2 * self.n_inner).reshape(-1, 2)
+            present = index[:, 0] != _MISSING
+            if (index[present].sum(1) > size - self.index_bytes).any():
+                raise ShardReadError(f"{key}: index points past the data")
+            self._indexes[key] = index
+        return index
+
     def _bodies(self, shard: int, first: int, count: int) -> list[np.ndarray]:
         """The stored bytes of inner chunks first..first+count-1, each crc32c checked and stripped."""
-        path = self.root / self.key((shard,) + (0,) * (len(self.shape) - 1))
+        key = self.key((shard,) + (0,) * (len(self.shape) - 1))
         try:
             if not self.sharded:                    # the file is the one chunk
-                chunk = np.frombuffer(path.read_bytes(), np.uint8)
+                chunk = np.frombuffer(self.source.whole(key), np.uint8)
                 if first != 0 or count != 1 or len(chunk) < 4 or _crc(chunk[:-4]) != chunk[-4:].tobytes():
-                    raise ShardReadError(f"{path}: checksum")
+                    raise ShardReadError(f"{key}: checksum")
                 return [chunk[:-4]]
-            with open(path, "rb") as f:
-                size = f.seek(0, 2)
-                if size < self.index_bytes:
-                    raise ShardReadError(f"{path}: shorter than its index")
-                f.seek(size - self.index_bytes)
-                raw = f.read(self.index_bytes)
-                if _crc(np.frombuffer(raw, np.uint8)[:-4]) != raw[-4:]:
-                    raise ShardReadError(f"{path}: index checksum")
-                index = np.frombuffer(raw, "<u8", count=2 * self.n_inner).reshape(-1, 2)[first:first + count]
-                if len(index) != count or (index == _MISSING).any():
-                    raise ShardReadError(f"{path}: inner chunk missing")
-                lo, hi = int(index[:, 0].min()), int((index[:, 0] + index[:, 1]).max())
-                if hi > size - self.index_bytes:
-                    raise ShardReadError(f"{path}: index points past the data")
-                f.seek(lo)
-                data = np.frombuffer(f.read(hi - lo), np.uint8)
-        except OSError as e:
+            index = self._index(key)[first:first + count]
+            if len(index) != count or (index == _MISSING).any():
+                raise ShardReadError(f"{key}: inner chunk missing")
+            lo, hi = int(index[:, 0].min()), int((index[:, 0] + index[:, 1]).max())
+            data = np.frombuffer(self.source.range(key, lo, hi), np.uint8)
+            if len(data) != hi - lo:
+                raise ShardReadError(f"{key}: shorter than its index says")
+        except (OSError, FileNotFoundError) as e:
             raise ShardReadError(str(e)) from None
         bodies = []
         for j, (offset, nbytes) in enumerate(index.tolist()):
             chunk = data[offset - lo:offset - lo + nbytes]
             if nbytes < 4 or _crc(chunk[:-4]) != chunk[-4:].tobytes():
-                raise ShardReadError(f"{path}: inner chunk {first + j} checksum")
+                raise ShardReadError(f"{key}: inner chunk {first + j} checksum")
             bodies.append(chunk[:-4])
         return bodies
 

@@ -1,0 +1,108 @@
+"""Writing a store: create it from the schema's table, write whole store chunks, mark them done.
+
+A store is created with its attributes first (the marker that kdstore made it, whatever happens
+next), then every array of the schema with the layout the schema gives it. Writers write whole store
+chunks (in Zarr, whole shards: two writers never touch one shard) and mark a chunk done only after
+all its arrays are written. `--overwrite` deletes only a store kdstore made (`remove_store`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurestore.backends import Backend, backend_class, is_local, open_backend
+from featurestore.reader import StoreReader, open_checked
+from featurestore.schema import PROGRESS, StoreError, fields, sizes
+
+
+class StoreWriter:
+    """A store open for writing; `reader` reads what it holds (through the same backend)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.path = backend.path
+        self.reader = StoreReader(backend)
+
+    @classmethod
+    def create(cls, path: str | Path, attrs: dict[str, Any], compression: str) -> StoreWriter:
+        """A new, empty store with every array of `attrs`' layout (written by the caller)."""
+        backend = open_backend(str(path), "w")
+        backend.set_attrs(attrs)
+        size, chunk = sizes(attrs), attrs["chunk_size"]
+        for f in fields(attrs) + [PROGRESS]:
+            backend.create(f, f.layout(size, chunk), compression, attrs.get("id_bytes", 256))
+        return cls(backend)
+
+    @classmethod
+    def open(cls, path: str | Path) -> StoreWriter:
+        """An existing store, to resume or repair it."""
+        return cls(open_checked(str(path), "r+"))
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.reader.attrs
+
+    def set_attrs(self, values: dict[str, Any]) -> None:
+        self.backend.set_attrs(values)
+        self.reader.refresh()
+
+    def write(self, name: str, start: int, value: np.ndarray) -> None:
+        """value into rows [start, start + len(value)) of array `name`, every chunk stored."""
+        self.backend.write(name, start, value)
+
+    def write_small(self, key: str, value: np.ndarray) -> None:
+        """A small array written whole (one checksummed chunk), replacing any previous one."""
+        self.backend.write_small(key, np.atleast_1d(value))       # a chunk (and its checksum) needs one dimension
+
+    def write_head(self, head: str, arrays: dict[str, np.ndarray]) -> None:
+        """heads/<head>/<name>: small arrays needed to recompute a head's logits."""
+        for name, value in arrays.items():
+            self.write_small(f"heads/{head}/{name}", np.asarray(value))
+
+    def mark_done(self, c: int, value: bool = True) -> None:
+        self.backend.write(PROGRESS.name, c, np.array([value]))
+
+    def reset_done(self, done: np.ndarray) -> None:
+        """Replace the progress array (one chunk per store chunk) with these values."""
+        self.backend.delete(PROGRESS.name)
+        self.backend.create(PROGRESS, PROGRESS.layout({"Nc": len(done)}, 1), "none", 0)
+        self.backend.write(PROGRESS.name, 0, done)
+
+    def flush(self) -> None:
+        self.backend.flush()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def not_a_kdstore_store(path: str | Path) -> str | None:
+    """None if `path` is a store kdstore made (its format attributes, and nothing a store does not
+    hold), else why not."""
+    return backend_class(path).not_made_by_kdstore(str(path))
+
+
+def remove_store(path: str | Path, protect: dict[str, Path]) -> None:
+    """Delete the store at `path` for --overwrite: only a store kdstore made, never a folder in
+    `protect` ({what: path}: the current directory, the home folder, the input images) or one that
+    holds any of them."""
+    if is_local(path):
+        target = Path(path).absolute()
+        for what, p in protect.items():
+            for q in {Path(p).absolute(), Path(p).resolve()}:
+                for t in {target, target.resolve()}:
+                    if q == t or t in q.parents:
+                        raise StoreError(f"refusing to delete {path}: it {'is' if q == t else 'holds'} {what}; "
+                                         "choose another --out")
+    why = not_a_kdstore_store(path)
+    if why is not None:
+        raise StoreError(f"refusing to delete {path}: it is not a store kdstore made ({why}); choose another --out "
+                         "(kdstore deletes only stores it made)")
+    backend_class(path).remove(str(path))
