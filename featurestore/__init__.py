@@ -1,7 +1,8 @@
 """featurestore: run a vision teacher once over augmented views and store its outputs.
 
-Python API (same names and defaults as the CLI): build, plan, slim, inspect, verify, demo_data.
+Python API (same names and defaults as the CLI): build, plan, slim, inspect, verify, demo_data,
+demo_teacher.
 """
-from .api import build, demo_data, inspect, plan, slim, verify
+from featurestore.api import build, demo_data, demo_teacher, inspect, plan, slim, verify
 
-__all__ = ["build", "plan", "slim", "inspect", "verify", "demo_data"]
+__all__ = ["build", "plan", "slim", "inspect", "verify", "demo_data", "demo_teacher"]

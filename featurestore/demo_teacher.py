@@ -1,8 +1,9 @@
 """`featurestore demo-teacher`: a small SigLIP vision tower that knows the demo classes.
 
-Trained on the CPU within a time budget on a synthetic corpus drawn from the demo generator with its
-own seed (disjoint from `demo-data`'s images), with the store's own view augmentation, as a
-classifier whose linear head is then dropped: what remains is a SiglipVisionModel whose pooled
+Trained on the CPU for a fixed number of seeded steps (so the same weights on a free machine and on
+a busy one) on a synthetic corpus drawn from the demo generator with its own seed (disjoint from
+`demo-data`'s images), with the store's own view augmentation, as a classifier whose linear head is
+then dropped: what remains is a SiglipVisionModel whose pooled
 embedding separates the classes, saved with save_pretrained plus a preprocessor config, exactly as a
 hub checkpoint is laid out, so `featurestore build --teacher <dir>` loads it like any other.
 """
@@ -19,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import views
-from .config import ViewPolicy
-from .demo import REFERENCE_CLASSES, make_image
+from featurestore import views
+from featurestore.config import ViewPolicy
+from featurestore.demo import REFERENCE_CLASSES, make_image
 
 SIZE, PATCH = 64, 8                   # 8 x 8 patch tokens
 TOWER = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
@@ -45,7 +46,7 @@ def corpus(n: int, seed: int, workers: int = 2) -> tuple[np.ndarray, np.ndarray]
     return images, np.arange(n) % len(REFERENCE_CLASSES)
 
 
-def train_demo_teacher(out: str | Path, images: int = 3000, seconds: float = 100.0, seed: int = 1000) -> str:
+def train_demo_teacher(out: str | Path, images: int = 3000, steps: int = 300, seed: int = 1000) -> str:
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     t_start = time.perf_counter()
@@ -59,22 +60,20 @@ def train_demo_teacher(out: str | Path, images: int = 3000, seconds: float = 100
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
     policy = ViewPolicy(views=2, seed=seed, mix_prob=0.0)
     sources = torch.from_numpy(x).permute(0, 3, 1, 2)                              # (n, 3, 2S, 2S) uint8
-    budget = seconds - (time.perf_counter() - t_start) - 5
-    step, batch, t0 = 0, 64, time.perf_counter()
-    bar = tqdm(desc="training the demo teacher", unit="step", disable=None, file=sys.stderr)
+    batch = 64
+    bar = tqdm(total=steps, desc="training the demo teacher", unit="step", disable=None, file=sys.stderr)
     model.train()
-    while time.perf_counter() - t0 < budget:
+    for step in range(steps):
         idx = torch.from_numpy(np.random.default_rng([seed, step]).integers(0, len(x), batch))
         p = torch.from_numpy(np.stack([views.sample_view(policy, int(i), 1 + step % 1000, np.zeros(0)) for i in idx]))
         pix = views.render(sources, idx, p, SIZE, "bicubic", None, (0.5,) * 3, (0.5,) * 3)
-        lr = 2e-3 * min(1.0, (step + 1) / 50) * max(0.05, 1 - (time.perf_counter() - t0) / budget)
+        lr = 2e-3 * min(1.0, (step + 1) / 50) * max(0.05, 1 - step / steps)
         for g in opt.param_groups:
             g["lr"] = lr
         loss = F.cross_entropy(head(model(pixel_values=pix).pooler_output), torch.from_numpy(y[idx.numpy()]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
@@ -88,7 +87,8 @@ def train_demo_teacher(out: str | Path, images: int = 3000, seconds: float = 100
     model.save_pretrained(out)
     SiglipImageProcessor(size={"height": SIZE, "width": SIZE}, resample=3, image_mean=[0.5] * 3,
                          image_std=[0.5] * 3).save_pretrained(out)
-    (out / "demo_teacher.json").write_text(json.dumps({"steps": step, "images": images, "seed": seed,
-                                                       "fresh_accuracy": acc, "seconds": time.perf_counter() - t_start}))
-    return (f"saved the demo teacher to {out}: {step} steps in {time.perf_counter() - t_start:.0f}s, accuracy of its "
+    record = {"steps": steps, "images": images, "seed": seed, "fresh_accuracy": acc,
+              "seconds": time.perf_counter() - t_start}
+    (out / "demo_teacher.json").write_text(json.dumps(record))
+    return (f"saved the demo teacher to {out}: {steps} steps in {time.perf_counter() - t_start:.0f}s, accuracy of its "
             f"training head on 500 fresh images {acc:.3f}")

@@ -8,26 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
+
+logger = logging.getLogger("kdstore")
 
 
 class KdstoreError(Exception):
     """An expected failure; str(error) is the whole message for the user."""
-
-
-def command_parser(prog: str, description: str, epilog: str):
-    """The top-level parser of a kdstore command, its subcommand table, and the parent parser that
-    gives every subcommand --debug."""
-    import argparse
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the traceback of a failure (also KDSTORE_DEBUG=1)")
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
-    return p, p.add_subparsers(dest="command", required=True), common
 
 
 def debug_wanted(flag: bool = False) -> bool:
@@ -82,16 +73,16 @@ def run_command(prog: str, fn: Callable[[], int], debug: bool = False,
         except KeyboardInterrupt as e:
             term = isinstance(e, Terminated)
             step = next_step() if next_step is not None else "finished work is kept; run the same command to continue"
-            print(f"{prog}: {'stopped by SIGTERM' if term else 'interrupted'}; {step}", file=sys.stderr)
+            logger.error(f"{prog}: {'stopped by SIGTERM' if term else 'interrupted'}; {step}")
             return 143 if term else 130
         except KdstoreError as e:
-            print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            logger.error(f"{prog}: error: {' '.join(str(e).split())}")
             return 2
         except OSError as e:
-            print(f"{prog}: error: {os_error_words(e)}", file=sys.stderr)
+            logger.error(f"{prog}: error: {os_error_words(e)}")
             return 2
         except Exception as e:  # noqa: BLE001 - a bug still ends in one line; --debug shows where
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            print(f"{prog}: internal error: {type(e).__name__}: {first} (run with --debug or KDSTORE_DEBUG=1 "
-                  "for the traceback)", file=sys.stderr)
+            logger.error(f"{prog}: internal error: {type(e).__name__}: {first} (run with --debug or KDSTORE_DEBUG=1 "
+                         "for the traceback)")
             return 1

@@ -1,4 +1,4 @@
-"""Teacher heads computed from the stored embeddings.
+"""Phase 4 of a build: teacher heads computed from the stored embeddings.
 
 probe: multinomial logistic regression on L2-normalised pooled embeddings, cross-fitted. Images of
 fold f are scored by the probe fitted on the other folds, so training-set logits are as honest as
@@ -15,6 +15,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
+
+from featurestore.config import BuildConfig
+from featurestore.log import logger
+from featurestore.schema import SPLIT_HELD_OUT
+from featurestore.writer import StoreWriter
 
 
 @dataclass
@@ -98,7 +103,7 @@ def probe_metrics(labels: np.ndarray, split: np.ndarray, view0_logits: np.ndarra
                   c: float, folds: int) -> dict:
     """Cross-validated (training folds) and held-out metrics on the canonical view; unlabelled excluded."""
     metrics = {"c": c, "folds": folds}
-    train, held = split >= 0, (split == -1) & (labels >= 0)
+    train, held = split >= 0, (split == SPLIT_HELD_OUT) & (labels >= 0)
     pred = view0_logits.argmax(-1)
     metrics |= _metrics("cv", labels[train], pred[train], num_classes)
     if held.any():
@@ -128,3 +133,39 @@ def zeroshot_metrics(view0_logits: np.ndarray, labels: np.ndarray, num_classes: 
     """Zero-shot head quality on the canonical view of every labelled image."""
     m = labels >= 0
     return _metrics("zeroshot", labels[m], view0_logits[m].argmax(-1), num_classes)
+
+
+def fit_heads(store: StoreWriter, cfg: BuildConfig) -> dict:
+    """The heads phase: a cross-fitted probe from at most probe.max_rows pooled rows, then scoring chunk
+    by chunk (memory stays bounded whatever N x K x D); returns the heads' metrics."""
+    r = store.reader
+    labels, split = r.read("labels").astype(np.int64), r.read("split")
+    c, k, n = len(r.classes), r.views_per_image, r.num_images
+    train = np.flatnonzero(split >= 0)
+    m = views_per_row(len(train), k, cfg.probe.max_rows)
+    logger.info(f"fitting the cross-fitted probe on {len(train)} labelled training images x {m} view(s)")
+    rows = []
+    for ch in range(r.num_chunks):
+        a, b = r.chunk_range(ch)
+        sel = train[(train >= a) & (train < b)] - a
+        if len(sel):
+            rows.append(np.stack([r.read_view("teacher/pooled", ch, v)[sel] for v in range(m)], 1))   # (s, m, D)
+    x = l2_normalize(np.concatenate(rows).reshape(len(train) * m, -1))
+    folds = sorted(int(f) for f in np.unique(split[train]))
+    probes = fit_probes(x, np.repeat(labels[train], m), np.repeat(split[train], m), folds, c, cfg.probe.c,
+                        cfg.probe.seed)
+    del x, rows
+    view0 = np.empty((n, c), np.float32)
+    zeroshot0 = np.empty((n, c), np.float32) if "zeroshot" in r.heads() else None
+    for ch in range(r.num_chunks):
+        a, b = r.chunk_range(ch)
+        logits = probes.score(r.read("teacher/pooled", a, b), split[a:b])                    # (chunk, K, C)
+        store.write("teacher/logits/probe", a, logits)
+        view0[a:b] = logits[:, 0]
+        if zeroshot0 is not None:
+            zeroshot0[a:b] = r.read_view("teacher/logits/zeroshot", ch, 0)
+    store.write_head("probe", probes.arrays())
+    metrics = {"probe": probe_metrics(labels, split, view0, c, cfg.probe.c, len(folds))}
+    if zeroshot0 is not None:
+        metrics["zeroshot"] = zeroshot_metrics(zeroshot0, labels, c)
+    return metrics

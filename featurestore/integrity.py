@@ -9,16 +9,16 @@ refitted; the build then repairs exactly those.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from . import views
-from .schema import INDEX_FIELDS, StoreError, bad_target_rows
-from .lock import FileLock
-from .store import ChunkError, Store, is_local
+from featurestore import views
+from featurestore.backends import is_local
+from featurestore.lock import FileLock
+from featurestore.reader import ChunkError, StoreReader
+from featurestore.schema import INDEX_FIELDS, NO_LABEL, PROGRESS, SPLIT_UNLABELED, StoreError, bad_target_rows
+from featurestore.writer import StoreWriter
 
 PASS_ARRAYS = ("images", "teacher/pooled", "teacher/patches", "teacher/logits/zeroshot")   # teacher pass
 TEACHER_OUTPUTS = ("teacher/pooled", "teacher/patches", "teacher/logits/zeroshot", "teacher/logits/probe")
@@ -40,26 +40,30 @@ class Problem:
         return f"{where}: {self.what}"
 
 
-_WORDS = {"checksum": "checksum mismatch (the bytes on disk were changed)", "missing": "missing (file deleted or never written)"}
+_WORDS = {"checksum": "checksum mismatch (the bytes on disk were changed)",
+          "missing": "missing (file deleted or never written)"}
 
 
 def check(path: str, fix: bool = False) -> tuple[list[Problem], list[str]]:
     """Open the store at `path` and verify it; with fix, mark what is damaged (see `fix`), holding the
     build lock as a build does, so that no build writes the store meanwhile. Returns the problems and
     what was marked. A store that cannot be opened raises StoreError."""
-    with FileLock(path, "build") if fix and is_local(path) else contextlib.nullcontext():
-        with Store.open(path, mode="r+" if fix else "r") as store:
-            problems = verify(store)
-            return problems, (fix_store(store, problems) if fix and problems else [])
+    if not fix:
+        with StoreReader.open(path) as store:
+            return verify(store), []
+    with FileLock(path, "build") if is_local(path) else contextlib.nullcontext(), StoreWriter.open(path) as writer:
+        problems = verify(writer.reader)
+        return problems, (fix_store(writer, problems) if problems else [])
 
 
-def verify(store: Store) -> list[Problem]:
-    """Every problem found; an empty list means the store is whole."""
-    problems: list[Problem] = _symlinks(store)
+def verify(store: StoreReader) -> list[Problem]:
+    """Every problem found; an empty list means the store is whole (links out of a store are refused
+    when it is opened, naming them)."""
+    problems: list[Problem] = []
     try:
         done = store.done()
     except ChunkError as e:
-        problems.append(Problem("progress/done", None, None, _describe(e)))
+        problems.append(Problem(PROGRESS.name, None, None, _describe(e)))
         done = np.ones(store.num_chunks, bool)
     waiting = np.flatnonzero(~done)
     if len(waiting):
@@ -91,27 +95,11 @@ def verify(store: Store) -> list[Problem]:
     return problems
 
 
-def _symlinks(store: Store) -> list[Problem]:
-    """Symbolic links inside a local Zarr store: kdstore writes none, and a reader would follow them."""
-    root = Path(store.path)
-    if store.backend != "zarr" or not root.is_dir():
-        return []
-    out = []
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(folder) / name
-            if p.is_symlink():
-                out.append(Problem(p.relative_to(root).as_posix(), None, None,
-                                   f"a symbolic link (to {os.readlink(p)}): a store holds its own files, and "
-                                   "every reader would follow it; rebuild the store or copy the data in"))
-    return out
-
-
 def _describe(e: ChunkError) -> str:
     return _WORDS.get(e.kind, e.text)
 
 
-def _check_chunk(store: Store, name: str, c: int) -> list[Problem]:
+def _check_chunk(store: StoreReader, name: str, c: int) -> list[Problem]:
     a, b = store.chunk_range(c)
 
     def problem(what: str) -> Problem:
@@ -133,7 +121,7 @@ def _check_chunk(store: Store, name: str, c: int) -> list[Problem]:
     return out
 
 
-def _param_problems(store: Store, params: np.ndarray, a: int, b: int) -> list[str]:
+def _param_problems(store: StoreReader, params: np.ndarray, a: int, b: int) -> list[str]:
     out = []
     if not np.allclose(params[:, 0], views.canonical_params()):
         out.append("view 0 is not canonical")
@@ -146,7 +134,7 @@ def _param_problems(store: Store, params: np.ndarray, a: int, b: int) -> list[st
     return out
 
 
-def _check_index(store: Store) -> list[Problem]:
+def _check_index(store: StoreReader) -> list[Problem]:
     """Whole-store checks of the index arrays (each read chunk by chunk first, so damage is named)."""
     try:
         labels, split, ids = store.read("labels"), store.read("split"), store.ids()
@@ -154,10 +142,11 @@ def _check_index(store: Store) -> list[Problem]:
         return []                                   # already reported by the chunk pass
     c, folds = len(store.classes), store.attrs["identity"]["probe"]["folds"]
     out = []
-    if labels.min() < -1 or labels.max() >= c:
-        out.append(Problem("labels", None, None, f"labels outside -1..{c - 1}"))
-    if split.min() < -2 or split.max() >= folds or ((labels < 0) != (split == -2)).any():
-        out.append(Problem("split", None, None, f"split values outside -2..{folds - 1} or not matching the labels"))
+    if labels.min() < NO_LABEL or labels.max() >= c:
+        out.append(Problem("labels", None, None, f"labels outside {NO_LABEL}..{c - 1}"))
+    if split.min() < SPLIT_UNLABELED or split.max() >= folds or ((labels < 0) != (split == SPLIT_UNLABELED)).any():
+        out.append(Problem("split", None, None, f"split values outside {SPLIT_UNLABELED}..{folds - 1} or not matching "
+                           "the labels"))
     if len(set(ids)) != len(ids):
         out.append(Problem("ids", None, None, "ids are repeated"))
     return out
@@ -167,7 +156,7 @@ def _listing(idx: np.ndarray) -> str:
     return ", ".join(map(str, idx[:8].tolist())) + (f" and {len(idx) - 8} more" if len(idx) > 8 else "")
 
 
-def fix_store(store: Store, problems: list[Problem]) -> list[str]:
+def fix_store(store: StoreWriter, problems: list[Problem]) -> list[str]:
     """Mark what the build command will recompute; returns what was done, one sentence each."""
     redo: set[int] = set()
     actions, refit, index = [], False, False
@@ -179,14 +168,15 @@ def fix_store(store: Store, problems: list[Problem]) -> list[str]:
         elif p.array in INDEX_FIELDS:
             index = True
         elif p.array.startswith("pca/"):
-            redo.update(range(store.num_chunks))
+            redo.update(range(store.reader.num_chunks))
             store.set_attrs({"patch_basis_fitted": False})
             actions.append("the patch basis will be fitted again and every chunk recomputed with it")
-        elif p.array == "progress/done" and p.chunk is None and "not done" not in p.what:
+        elif p.array == PROGRESS.name and p.chunk is None and "not done" not in p.what:
             actions.append(_rewrite_done(store, problems))
     if index:
         store.set_attrs({"rewrite_index": True})
-        actions.append("the index arrays (labels, split, ids, sha256, view params) will be rewritten from the image files")
+        actions.append("the index arrays (labels, split, ids, sha256, view params) will be rewritten from the image "
+                       "files")
         refit = True
     for c in sorted(redo):
         store.mark_done(c, False)
@@ -200,11 +190,12 @@ def fix_store(store: Store, problems: list[Problem]) -> list[str]:
     return actions
 
 
-def _rewrite_done(store: Store, problems: list[Problem]) -> str:
+def _rewrite_done(store: StoreWriter, problems: list[Problem]) -> str:
     """A damaged progress array: every chunk whose pass arrays are whole counts as done again."""
     bad = {p.chunk for p in problems if p.array in PASS_ARRAYS and p.chunk is not None}
-    done = np.array([c not in bad and not any(_check_chunk(store, f.name, c) for f in store.fields()
-                                              if f.name in PASS_ARRAYS) for c in range(store.num_chunks)])
+    r = store.reader
+    done = np.array([c not in bad and not any(_check_chunk(r, f.name, c) for f in r.fields()
+                                              if f.name in PASS_ARRAYS) for c in range(r.num_chunks)])
     store.reset_done(done)
     return f"progress/done rewritten: {int(done.sum())}/{len(done)} chunks done"
 

@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import KdstoreError
+from featurestore.errors import KdstoreError
 
 
 class LockedError(KdstoreError, RuntimeError):

@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import views
-from .config import BuildConfig, to_dict
-from .pca import Moments, fit_basis
-from .schema import FORMAT_VERSION, fields
-from .sources import BadImage, decode, discover, squash
-from .store import Store, backend_of
-from .teacher import flops_per_view, vision_config, zeroshot_logits
+from featurestore import views
+from featurestore.backends import backend_class
+from featurestore.config import BuildConfig
+from featurestore.options import ConfigError, to_dict
+from featurestore.pca import Moments, fit_basis
+from featurestore.schema import FORMAT_VERSION, SPLIT_HELD_OUT, fields
+from featurestore.sources import BadImage, decode, discover, squash
+from featurestore.teacher import flops_per_view, vision_config, zeroshot_logits
+from featurestore.writer import StoreWriter
 
 # dense tensor-core peak (TFLOP/s) in the dtype `--dtype auto` picks on each card
 GPUS = {"T4": (65.0, "float16"), "V100": (125.0, "float16"), "L4": (121.0, "bfloat16"),
@@ -32,7 +34,6 @@ UTILISATION = 0.4                     # assumed share of the peak a ViT forward 
 
 def plan(cfg: BuildConfig, sample_images: int = 8) -> dict:
     if cfg.images is None and cfg.manifest is None:
-        from .config import ConfigError
         raise ConfigError("give --images (an ImageFolder root) or --manifest (a CSV of path,label)")
     listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
     n, k = len(listing.sources), cfg.views.views
@@ -41,7 +42,7 @@ def plan(cfg: BuildConfig, sample_images: int = 8) -> dict:
     flops = flops_per_view(vcfg)
     out = {"num_images": n, "labelled": n - unlabeled, "unlabeled": unlabeled, "views_per_image": k, "views": n * k,
            "teacher": cfg.teacher.id, "teacher_image_size": vcfg.image_size, "embed_dim": vcfg.hidden_size,
-           "flops_per_view": flops, "backend": backend_of(cfg.out or "plan.zarr"),
+           "flops_per_view": flops, "backend": backend_class(cfg.out or "plan.zarr").kind,
            "gpu_estimates": {name: {"peak_tflops": peak, "dtype": dtype,
                                     "seconds": n * k * flops / (peak * 1e12 * UTILISATION)}
                              for name, (peak, dtype) in GPUS.items()},
@@ -55,7 +56,7 @@ def _measure(cfg: BuildConfig, listing, m: int, n: int, k: int) -> dict:
     """Run the teacher over 2 views of m sample images; write a store of the real layout and K (the
     teacher outputs of those views fill the other view slots: each view is its own stored chunk, so
     its bytes do not depend on its neighbours) and measure the stored bytes of each array."""
-    from .teacher import load_teacher
+    from featurestore.teacher import load_teacher
     teacher = load_teacher(cfg.teacher.id, cfg.teacher.revision, cfg.device, cfg.teacher.dtype)
     pick = np.sort(np.random.default_rng([cfg.views.seed, 7]).choice(len(listing.sources), m, replace=False))
     s, side = cfg.store.image_size, 2 * max(teacher.pre.size, cfg.store.image_size)
@@ -100,24 +101,25 @@ def _measure(cfg: BuildConfig, listing, m: int, n: int, k: int) -> dict:
             patches = torch.nn.functional.pad(patches, (0, dim - patches.shape[-1]))
         arrays["teacher/patches"] = per_view(patches.to(torch.float16))
     attrs = {"format_version": FORMAT_VERSION, "classes": listing.classes, "num_images": m, "views_per_image": k,
-             "image_size": s, "chunk_size": min(m, cfg.store.chunk_size), "embed_dim": pooled.shape[-1], "patch_grid": g, "patch_dim": dim,
+             "image_size": s, "chunk_size": min(m, cfg.store.chunk_size), "embed_dim": pooled.shape[-1],
+             "patch_grid": g, "patch_dim": dim,
              "heads": heads, "param_names": list(views.PARAM_NAMES), "teacher": to_dict(teacher.info),
              "config": to_dict(cfg), "id_bytes": max(len(x.rel.encode()) for x in listing.sources)}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / ("sample.h5" if backend_of(cfg.out or "") == "hdf5" else "sample.zarr")
-        store = Store.create(path, attrs, cfg.store.compression)
+        path = Path(tmp) / ("sample" + (".h5" if backend_class(cfg.out or "").kind == "hdf5" else ".zarr"))
+        store = StoreWriter.create(path, attrs, cfg.store.compression)
         for f in fields(attrs):
             if f.name in arrays:
                 store.write(f.name, 0, arrays[f.name])
         store.write("ids", 0, np.array([listing.sources[j].rel for j in pick[:m]], dtype=object))
         rng = np.random.default_rng(0)                             # what real labels, folds and digests look like
         store.write("labels", 0, rng.integers(0, c, m).astype(np.int16))
-        store.write("split", 0, rng.integers(-1, cfg.probe.folds, m).astype(np.int8))
+        store.write("split", 0, rng.integers(SPLIT_HELD_OUT, cfg.probe.folds, m).astype(np.int8))
         store.write("sha256", 0, rng.integers(0, 256, (m, 32)).astype(np.uint8))
         store.mark_done(0)
         store.flush()
+        stored = {f.name: store.backend.payload_bytes(f.name) for f in fields(attrs)}
         store.close()
-        stored = {f.name: _payload_bytes(path, f.name) for f in fields(attrs)}
         disk = _disk_bytes(path)
     per_view = {name: b / (m * k) for name, b in stored.items() if name in arrays and name != "images"}
     per_image = {name: b / m for name, b in stored.items() if name not in per_view}
@@ -128,15 +130,6 @@ def _measure(cfg: BuildConfig, listing, m: int, n: int, k: int) -> dict:
             "fields": field_bytes, "store_bytes": sum(field_bytes.values()) + overhead,
             "this_machine": {"device": str(teacher.device), "dtype": teacher.info.dtype,
                              "views_per_s": m * kv / seconds, "seconds": n * k * seconds / (m * kv)}}
-
-
-def _payload_bytes(path: Path, name: str) -> int:
-    """Bytes of an array's chunks alone (its metadata document is counted once, with the store's)."""
-    if path.is_file():
-        import h5py
-        with h5py.File(path, "r") as f:
-            return int(f[name].id.get_storage_size())
-    return sum(p.stat().st_size for p in (path / name).rglob("*") if p.is_file() and p.name != "zarr.json")
 
 
 def _disk_bytes(path: Path) -> int:
@@ -169,9 +162,11 @@ def format_plan(p: dict) -> str:
         lines += [f"          {'whole store':<28} {_size(p['store_bytes']):>10}",
                   f"per view  {_size(p['bytes_per_view'])} of teacher outputs and params, "
                   f"{_size(p['bytes_per_view_with_images'])} with the images"]
-    lines.append(f"teacher pass, estimated as FLOPs / ({100 * p['utilisation_assumed']:.0f}% of each card's dense peak):")
+    lines.append(f"teacher pass, estimated as FLOPs / ({100 * p['utilisation_assumed']:.0f}% of each card's dense "
+                 "peak):")
     for name, e in p["gpu_estimates"].items():
-        lines.append(f"          {name:<10} {e['peak_tflops']:>6.0f} TFLOP/s {e['dtype']:<9} {_duration(e['seconds']):>10}")
+        lines.append(f"          {name:<10} {e['peak_tflops']:>6.0f} TFLOP/s {e['dtype']:<9} "
+                     f"{_duration(e['seconds']):>10}")
     if "this_machine" in p:
         t = p["this_machine"]
         lines.append(f"          this machine ({t['device']}, {t['dtype']}): {t['views_per_s']:.2f} views/s measured "

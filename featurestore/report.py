@@ -3,34 +3,35 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .store import Store
+from featurestore.reader import StoreReader
+from featurestore.schema import SPLIT_HELD_OUT
 
 SHOW_SKIPPED = 20
 
 
-def summarize(store: Store) -> dict:
+def summarize(store: StoreReader) -> dict:
     a = store.attrs
     n, k = store.num_images, store.views_per_image
     labels, split = store.read("labels"), store.read("split")
     field_rows, per_view_bytes, total = [], 0, 0
     for f in store.fields():
-        arr = store[f.name]
         stored = store.stored_bytes(f.name)
         total += stored
         per_view_bytes += stored if f.per_view else 0
-        field_rows.append({"name": f.name, "shape": list(arr.shape), "dtype": f.dtype,
+        field_rows.append({"name": f.name, "shape": list(store.shape(f.name)), "dtype": f.dtype,
                            "stored_bytes": stored, "bytes_per_view": stored / max(n * k, 1)})
     skipped = a["report"]["skipped"]
     reasons = Counter(_reason_kind(s["reason"]) for s in skipped)
     metrics = a.get("metrics", {})
     done = store.done()
     return {
-        "path": store.path, "backend": store.backend, "format_version": a["format_version"],
+        "path": store.path, "backend": store.backend.kind, "format_version": a["format_version"],
         "complete": store.complete, "chunks_done": int(done.sum()), "num_chunks": int(len(done)),
         "num_images": n, "views_per_image": k, "image_size": a["image_size"], "chunk_size": a["chunk_size"],
         "classes": store.classes,
         "class_counts": [{"index": i, "name": c, "train": int(((labels == i) & (split >= 0)).sum()),
-                          "heldout": int(((labels == i) & (split == -1)).sum())} for i, c in enumerate(store.classes)],
+                          "heldout": int(((labels == i) & (split == SPLIT_HELD_OUT)).sum())}
+                         for i, c in enumerate(store.classes)],
         "unlabeled": int((labels < 0).sum()),
         "teacher": {"id": a["teacher"]["id"], "weights": a["teacher"]["weights"],
                     "revision": a["teacher"]["revision"], "dtype": a["teacher"]["dtype"],
@@ -66,8 +67,9 @@ def format_summary(s: dict) -> str:
         f"store      {s['path']}  ({s['backend']}, format {s['format_version']}, {state})",
         f"teacher    {s['teacher']['id']}  weights={s['teacher']['weights']}  revision={s['teacher']['revision']}"
         f"  dtype={s['teacher']['dtype']}  input={s['teacher']['image_size']}px  D={s['teacher']['embed_dim']}",
-        f"images     {s['num_images']} stored at {s['image_size']}x{s['image_size']}, {s['views_per_image']} views each,"
-        f" chunks of {s['chunk_size']}; {s['files_found']} files found, {s['skipped']['count']} skipped",
+        f"images     {s['num_images']} stored at {s['image_size']}x{s['image_size']}, "
+        f"{s['views_per_image']} views each, chunks of {s['chunk_size']}; {s['files_found']} files found, "
+        f"{s['skipped']['count']} skipped",
     ]
     if s["skipped"]["count"]:
         lines.append("skipped    " + ", ".join(f"{r}: {c}" for r, c in sorted(s["skipped"]["reasons"].items())))

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError
-from .schema import StoreError, fields
-from .store import Store, backend_of, is_local
+from featurestore.backends import backend_class, is_local
+from featurestore.log import logger
+from featurestore.options import ConfigError
+from featurestore.reader import StoreReader
+from featurestore.schema import StoreError, fields
+from featurestore.writer import StoreWriter
 
 ALWAYS = ("labels", "split", "ids", "sha256")
 
 
-def slim(src: str, dst: str, keep: list[str]) -> str:
-    from .integrity import verify
+def slim(src: str, dst: str, keep: list[str]) -> None:
+    from featurestore.integrity import verify
     keep = [k.strip() for k in keep if k.strip()]
     if is_local(dst) and Path(dst).exists():
         raise ConfigError(f"{dst} exists; slim writes a new store")
-    with Store.open(src) as s:
+    with StoreReader.open(src) as s:
         if not s.complete:
             raise StoreError(f"{src} is not complete; finish its build before slimming it")
         names = [f.name for f in s.fields()]
@@ -31,9 +34,9 @@ def slim(src: str, dst: str, keep: list[str]) -> str:
         dropped = [name for name in names if name not in keep and name not in ALWAYS]
         attrs = dict(s.attrs) | {"dropped": sorted(set(s.attrs.get("dropped", [])) | set(dropped)), "slimmed_from": src}
         compression = s.attrs.get("config", {}).get("store", {}).get("compression", "default")
-        if backend_of(dst) != s.backend:
+        if backend_class(dst).kind != s.backend.kind:
             compression = "default"
-        d = Store.create(dst, attrs | {"format_version": None}, compression)
+        d = StoreWriter.create(dst, attrs | {"format_version": None}, compression)
         try:
             for f in fields(attrs):
                 for c in range(s.num_chunks):
@@ -45,12 +48,12 @@ def slim(src: str, dst: str, keep: list[str]) -> str:
             d.set_attrs({"format_version": attrs["format_version"]})
             d.flush()
             before = sum(s.stored_bytes(f.name) for f in s.fields())
-            after = sum(d.stored_bytes(f.name) for f in d.fields())
+            after = sum(d.reader.stored_bytes(f.name) for f in d.reader.fields())
         finally:
             d.close()
-    with Store.open(dst) as d:
+    with StoreReader.open(dst) as d:
         problems = verify(d)
     if problems:
         raise StoreError(f"{dst} did not verify: {problems[0].line()} ({len(problems)} problem(s))")
-    return (f"wrote {dst}: kept {', '.join(f.name for f in fields(attrs))}; dropped {', '.join(dropped) or 'nothing'}; "
-            f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB; verified")
+    logger.info(f"wrote {dst}: kept {', '.join(f.name for f in fields(attrs))}; dropped "
+                f"{', '.join(dropped) or 'nothing'}; {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB; verified")

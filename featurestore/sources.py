@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import KdstoreError
+from featurestore.errors import KdstoreError
+from featurestore.schema import NO_LABEL
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 UNLABELED_PREFIX = "unlabeled:"     # ids of unlabelled images: this prefix + path relative to their root
@@ -119,7 +120,7 @@ def _unlabeled_tree(root: Path) -> tuple[list[Source], list[tuple[str, str]]]:
     found, ignored = _image_files(root, root, UNLABELED_PREFIX)
     if not found:
         raise DatasetError(f"{root} holds no image files (--unlabeled takes any tree of images)")
-    return [Source(str(p.resolve()), rel, -1) for p, rel in found], ignored
+    return [Source(str(p.resolve()), rel, NO_LABEL) for p, rel in found], ignored
 
 
 def _from_folder(root: Path, explicit: list[str] | None) -> Listing:
@@ -177,7 +178,7 @@ def _from_manifest(path: Path, root: Path | None, explicit: list[str] | None, al
                                "image once")
         first_row[str(p)] = (line, label)
         if not label.strip():                      # an empty label: an unlabelled image
-            sources.append(Source(str(p), UNLABELED_PREFIX + rel, -1))
+            sources.append(Source(str(p), UNLABELED_PREFIX + rel, NO_LABEL))
             continue
         if label not in index:
             raise DatasetError(f"{path}:{line}: unknown label {label!r} (classes: {classes})")

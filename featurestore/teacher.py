@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import devices, views
-from .errors import KdstoreError
+from featurestore import devices, views
+from featurestore.errors import KdstoreError
 
 RANDOM_ARCHS = {
     # vision and text towers share width; sizes follow the published configs

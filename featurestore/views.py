@@ -20,7 +20,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .devices import caps_of
+from featurestore.devices import caps_of
 
 PARAM_NAMES = (
     "y0", "x0", "y1", "x1",                 # crop box, normalised

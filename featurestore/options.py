@@ -1,0 +1,233 @@
+"""Options declared once: each config dataclass field carries its flag, help and choices (`opt`), and
+the command line, the YAML files and the Python API are all made from that one declaration.
+
+- `add_options(parser, Config)` adds every flagged field (nested ones too) with its help and the real
+  default; `options(Config)` maps each flag's name (dashes as underscores: the API's keyword) to its
+  dotted config key; `load_config(Config, yaml_path, values)` reads the YAML, puts the given values on
+  top, and builds the typed config. An unknown key, in YAML or as a keyword, is an error naming the
+  closest known one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from featurestore.errors import KdstoreError
+
+
+class ConfigError(KdstoreError, ValueError):
+    """A configuration file or flag is invalid; the message names the key and the problem."""
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,  # noqa: A002
+        choices: list[str] | None = None, negate: bool = False, parse: Callable[[str], Any] | None = None,
+        default_factory: Callable[[], Any] | None = None) -> Any:
+    """A config field. flag: its command-line flag ("--view-seed"; none: YAML only); negate: a
+    boolean whose flag turns it off ("--no-zeroshot"); parse: turns the flag's text into the value
+    (a YAML file of prompts, say), applied with the other flags, so its errors are the config's."""
+    meta = {"help": help, "flag": flag, "choices": choices, "negate": negate, "parse": parse}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str                  # dotted config key
+    dest: str                 # the flag's name with underscores: the API's keyword
+    flag: str
+    field: dataclasses.Field
+    hint: Any                 # the field's type
+
+    @property
+    def switch(self) -> bool:
+        return self.hint is bool
+
+
+def walk(cls: type, prefix: str = "") -> list[Option]:
+    """Every flagged field of `cls`, nested dataclasses included, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += walk(hint, f"{prefix}{f.name}.")
+        elif f.metadata.get("flag"):
+            flag = f.metadata["flag"]
+            dest = flag[len("--no-"):] if f.metadata.get("negate") else flag[2:]
+            out.append(Option(prefix + f.name, dest.replace("-", "_"), flag, f, _scalar(hint)))
+    return out
+
+
+def options(cls: type) -> dict[str, str]:
+    """{API keyword (a flag's dest): dotted config key}."""
+    return {o.dest: o.key for o in walk(cls)}
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """`--config` and one flag per flagged field of `cls`, its help ending in the real default."""
+    parser.add_argument("--config", help="YAML config (see configs/); the flags here override it")
+    defaults = cls()
+    for o in walk(cls):
+        if o.dest in skip:
+            continue
+        meta, value = o.field.metadata, _get(defaults, o.key)
+        text = meta["help"]
+        if value is not None and not o.switch and not isinstance(value, (dict, tuple)) and "(default:" not in text:
+            text = f"{text} (default: {value})"
+        kw: dict[str, Any] = {"dest": o.dest, "default": None, "help": text}
+        if o.switch:
+            kw["action"] = "store_false" if meta["negate"] else "store_true"
+        else:
+            kw["type"] = str if meta["parse"] else o.hint
+            if meta["choices"]:
+                kw["choices"] = meta["choices"]
+        parser.add_argument(o.flag, **kw)
+
+
+def values_of(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The values of `cls`'s flags in parsed arguments (None where a flag was not given)."""
+    return {o.dest: getattr(args, o.dest, None) for o in walk(cls)}
+
+
+def command_parser(prog: str, description: str, epilog: str):
+    """The top-level parser of a kdstore command, its subcommand table, and the parent parser that
+    gives every subcommand --debug."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of a failure (also KDSTORE_DEBUG=1)")
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
+    return p, p.add_subparsers(dest="command", required=True), common
+
+
+def load_config(cls: type, config_path: str | None, values: dict[str, Any]) -> Any:
+    """YAML (if given), then `values` (keywords or parsed flags; None: not given) on top, into `cls`."""
+    table = {o.dest: o for o in walk(cls)}
+    unknown = [k for k in values if k not in table]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], table, n=1)
+        raise ConfigError(f"unknown keyword {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else
+                                                             f"; known: {', '.join(sorted(table))}"))
+    base = load_yaml(config_path) if config_path else {}
+    top: dict[str, Any] = {}
+    for dest, value in values.items():
+        if value is None:
+            continue
+        o = table[dest]
+        if o.field.metadata["parse"] and isinstance(value, (str, Path)):
+            value = o.field.metadata["parse"](value)
+        node = top
+        *parents, leaf = o.key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(cls, merge(base, top))
+
+
+# ---- YAML and typed dataclasses ----------------------------------------------------------------
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping (safe_load: plain data, no tags that build objects); a problem is one line naming
+    the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: {problem} (not valid YAML for kdstore)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (YAML expected)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from `data`; unknown keys raise ConfigError with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown key {where + key!r}{hint}")
+        kwargs[key] = coerce(hints[key], value, where + key)
+    return cls(**kwargs)
+
+
+def coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value or {}, where + ".")
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {str(k): [v] if isinstance(v, str) else list(v or []) for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
+            raise ConfigError(f"{where} must be a list of {len(typing.get_args(hint))} numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if value is not None and not any(isinstance(value, t) for t in expected if isinstance(t, type)):
+        raise ConfigError(f"{where} expects {' or '.join(t.__name__ for t in expected)}, got {value!r}")
+    return value
+
+
+def config_diff(old, new, prefix=""):
+    """'key: stored X, now Y' for every setting that differs, nested keys dotted."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: stored {a!r}, now {b!r}")
+    return out
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `override` (e.g. CLI flags) onto `base` (e.g. YAML)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _get(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _scalar(hint: Any) -> Any:
+    """int, float, str or bool of an annotation such as `str | None`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is not dict and len(args) == 1 else hint
