@@ -1,7 +1,7 @@
 """trainer: train small students from a feature store, without the teacher.
 
-Python API (same names and defaults as the CLI): fit, sweep, eval.
+Python API (same names and defaults as the CLI): fit, sweep, eval, export.
 """
-from .api import eval, fit, sweep  # noqa: A004
+from trainer.api import eval, export, fit, sweep  # noqa: A004
 
-__all__ = ["fit", "sweep", "eval"]
+__all__ = ["fit", "sweep", "eval", "export"]

@@ -1,4 +1,5 @@
-"""The Python API: `trainer fit`, `sweep` and `eval` as functions, with the flags' names and defaults.
+"""The Python API: `trainer fit`, `sweep`, `eval` and `export` as functions, with the flags' names and
+defaults (the command line calls these same functions).
 
     import trainer
     run = trainer.fit(store="stores/derm.zarr", out="runs/shufflenet", student="shufflenet_v2_x1_0")
@@ -10,7 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from featurestore.api import config_from
+from featurestore import log
+from featurestore.options import load_config
+from trainer.config import FitConfig
+from trainer.recipes import DEFAULT_RECIPES
 
 
 @dataclass
@@ -25,24 +29,28 @@ class Run:
 
 def fit(*, config: str | None = None, resume: bool = False, progress: bool = True, **kwargs) -> Run:
     """`trainer fit`; returns the finished run."""
-    from trainer.cli import FLAGS
-    from trainer.config import FitConfig
     from trainer.training import fit as run_fit
-    out = run_fit(config_from(FitConfig, FLAGS, kwargs, config), resume=resume, progress=progress)
+    log.enable()
+    out = run_fit(load_config(FitConfig, config, kwargs), resume=resume, progress=progress)
     return Run(out, json.loads((out / "summary.json").read_text()))
 
 
-def sweep(*, recipes: str | list[str] = "labels,kd,kd+features,kd-only", seeds: int = 3, search: int = 0,
+def sweep(*, recipes: str | list[str] = DEFAULT_RECIPES, seeds: int = 3, search: int = 0,
           eval_images: str | None = None, config: str | None = None, **kwargs):
     """`trainer sweep`; returns its result (path, summary as in sweep.json, table)."""
-    from trainer.cli import FLAGS
-    from trainer.config import FitConfig
     from trainer.sweeper import sweep as run_sweep
+    log.enable()
     names = recipes.split(",") if isinstance(recipes, str) else list(recipes)
-    return run_sweep(config_from(FitConfig, FLAGS, kwargs, config), names, seeds, search, eval_images)
+    return run_sweep(load_config(FitConfig, config, kwargs), names, seeds, search, eval_images)
 
 
 def eval(*, model: str, images: str, batch_size: int = 64, workers: int = 2, on_bad_image: str = "skip") -> dict:  # noqa: A001
     """`trainer eval`: the grader's preprocessing and macro-F1 (scikit-learn) on an ImageFolder."""
     from trainer.evaluate import evaluate
     return evaluate(model, images, batch_size, workers, on_bad_image)
+
+
+def export(*, run: str, format: str = "torchscript", max_mb: float = 25.0) -> Path:  # noqa: A002
+    """`trainer export`: a finished run's best student again, as TorchScript or ONNX."""
+    from trainer.exporter import export_run
+    return export_run(Path(run), format, max_mb)

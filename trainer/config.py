@@ -1,20 +1,25 @@
-"""Typed run configuration (YAML under configs/, flags override, unknown keys are errors)."""
+"""Typed run configuration (YAML under configs/, flags override, unknown keys are errors); each field
+declares its flag and help once (featurestore/options.py makes the command line and the API)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from featurestore.config import ConfigError
+from featurestore.options import ConfigError, opt, to_dict
 from trainer.losses import LossWeights
+from trainer.students import available
+
+HEADS = ["probe", "zeroshot"]
+PRECISIONS = ["auto", "no", "bf16", "fp16"]
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    ema: float = 0.0                    # EMA decay per step; 0 disables
+    epochs: int = opt(30, "passes over the training images (one stored view each)", flag="--epochs")
+    batch_size: int = opt(64, "samples per step (per process)", flag="--batch-size")
+    lr: float = opt(2e-3, "peak AdamW learning rate", flag="--lr")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases and norms)", flag="--weight-decay")
+    warmup_epochs: float = opt(1.0, "linear warm-up length, then cosine decay", flag="--warmup-epochs")
+    ema: float = opt(0.0, "EMA decay per step (0: off); the EMA weights are exported", flag="--ema")
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -27,34 +32,43 @@ class OptimConfig:
 
 @dataclass
 class FitConfig:
-    store: str | None = None
-    out: str | None = None
-    student: str = "shufflenet_v2_x1_0"
-    pretrained: bool = False
-    image_size: int = 224               # the grader feeds 224 x 224
-    head: str = "probe"                 # teacher head whose logits KD uses: probe | zeroshot
-    seed: int = 0
-    loss: LossWeights = field(default_factory=LossWeights)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    unlabeled: bool = True              # unlabelled store images train the teacher terms (when any is on)
-    device: str = "auto"                # auto: cuda, then mps, then cpu
-    mixed_precision: str = "auto"       # auto (bf16 where native, fp16 on older GPUs and mps, none on CPU) | no | bf16 | fp16
-    cpu: bool = False                   # train on the CPU even when a GPU is present
-    channels_last: bool = False
-    compile: bool = False
-    train_on_all: bool = False          # also train on the held-out images (final model, no validation)
-    max_mb: float = 25.0
-    ram_budget_gb: float = 2.0          # read everything a run needs into RAM below this size, else stream
-    buffer_chunks: int = 8              # shuffle window (whole chunks) of the epoch plan
-    loader_workers: int = 0             # CPU training: processes rendering views beside training (0: in the loop)
-    onnx: bool = False                  # also export ONNX at the end
+    store: str | None = opt(None, "featurestore store (.zarr or .h5)", flag="--store")
+    out: str | None = opt(None, "run directory (checkpoints, metrics.jsonl, student.pt, plots)", flag="--out")
+    student: str = opt("shufflenet_v2_x1_0", "one of " + ", ".join(available()), flag="--student")
+    pretrained: bool = opt(False, "start from ImageNet weights (downloaded once, then taken from the local cache; "
+                           "default: random initialisation)", flag="--pretrained")
+    image_size: int = opt(224, "training resolution (the grader uses 224)", flag="--image-size")
+    head: str = opt("probe", "teacher head whose logits KD follows", flag="--head", choices=HEADS)
+    seed: int = opt(0, "seed of the student's weights and of the data order", flag="--seed")
+    loss: LossWeights = opt(default_factory=LossWeights)
+    optim: OptimConfig = opt(default_factory=OptimConfig)
+    unlabeled: bool = opt(True, "ignore the store's unlabelled images (default: they train the teacher terms)",
+                          flag="--no-unlabeled", negate=True)
+    device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps", flag="--device")
+    mixed_precision: str = opt("auto", "autocast dtype (auto: bf16 where the GPU has it natively, fp16 on older GPUs "
+                               "and mps, none on CPU)", flag="--mixed-precision", choices=PRECISIONS)
+    cpu: bool = opt(False, "train on the CPU even if a GPU is present", flag="--cpu")
+    channels_last: bool = opt(False, "channels_last memory format (default: off)", flag="--channels-last")
+    compile: bool = opt(False, "torch.compile the training model (default: off)", flag="--compile")
+    train_on_all: bool = opt(False, "train on held-out images too (final model; no validation; default: off)",
+                             flag="--train-on-all")
+    max_mb: float = opt(25.0, "refuse to export a student.pt larger than this", flag="--max-mb")
+    ram_budget_gb: float = opt(2.0, "read everything the run needs into RAM when it fits, else stream chunks (same "
+                               "batches either way)", flag="--ram-budget-gb")
+    buffer_chunks: int = opt(8, "shuffle window in whole chunks (memory ~ 2 windows)", flag="--buffer-chunks")
+    loader_workers: int = opt(0, "training on a CPU: processes that render the views beside the training loop (one "
+                              "core each; 0 renders them in the loop). Same batches either way",
+                              flag="--loader-workers")
+    log_every: int = opt(50, "steps between reads of the loss on the host (a read waits for the device; the loss "
+                         "is checked for finiteness there)", flag="--log-every")
+    onnx: bool = opt(False, "also export student.onnx (default: off)", flag="--onnx")
 
     def validate(self) -> None:
         if not self.store or not self.out:
             raise ConfigError("give --store (a featurestore store) and --out (the run directory)")
-        if self.head not in ("probe", "zeroshot"):
+        if self.head not in HEADS:
             raise ConfigError(f"head must be probe|zeroshot, got {self.head!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be auto|no|bf16|fp16, got {self.mixed_precision!r}")
         if self.loader_workers < 0:
             raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers}")
@@ -62,16 +76,14 @@ class FitConfig:
             raise ConfigError(f"buffer_chunks must be >= 1, got {self.buffer_chunks}")
         if self.image_size < 32:
             raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
-        if self.loss.temperature <= 0:
-            raise ConfigError("loss.temperature must be > 0")
-        if self.loss.kd_gate not in ("none", "correct", "confidence"):
-            raise ConfigError(f"loss.kd_gate must be none|correct|confidence, got {self.loss.kd_gate!r}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
+        self.loss.validate()
         self.optim.validate()
 
     def identity(self) -> dict:
         """Settings a resumed run must share with the interrupted one."""
-        from featurestore.config import to_dict
         d = to_dict(self)
-        for key in ("out", "cpu", "device", "ram_budget_gb", "onnx", "max_mb", "loader_workers"):
+        for key in ("out", "cpu", "device", "ram_budget_gb", "onnx", "max_mb", "loader_workers", "log_every"):
             d.pop(key)
         return d

@@ -17,8 +17,8 @@ from PIL import Image
 from torchvision import datasets, transforms
 
 from featurestore.errors import KdstoreError
-from trainer.loader import IMAGENET_MEAN, IMAGENET_STD
 from trainer.metrics import classification
+from trainer.students import IMAGENET_MEAN, IMAGENET_STD
 
 
 class EvalError(KdstoreError, ValueError):
@@ -50,7 +50,8 @@ class GraderFolder(torch.utils.data.Dataset):
                 img = Image.open(f).convert("RGB")          # what torchvision's pil_loader does
             return self.transform(img), label, ""
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            return torch.zeros(0), label, f"{Path(path).relative_to(self.root).as_posix()}: {str(e) or type(e).__name__}"
+            where = Path(path).relative_to(self.root).as_posix()
+            return torch.zeros(0), label, f"{where}: {str(e) or type(e).__name__}"
 
 
 def _no_load(path: str):

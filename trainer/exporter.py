@@ -1,4 +1,5 @@
-"""Export: TorchScript `student.pt` (what the grader loads), optional ONNX, and a sidecar JSON."""
+"""Export: TorchScript `student.pt` (what the grader loads), optional ONNX, and a sidecar JSON; and
+`trainer export`, which exports a finished run's best student again without the store."""
 from __future__ import annotations
 
 import io
@@ -8,19 +9,52 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from featurestore.errors import KdstoreError
+from featurestore.options import ConfigError
+from trainer.checkpoints import load as load_checkpoint
 from trainer.checkpoints import write_bytes_atomic, write_text_atomic
+from trainer.run_folder import BEST
+from trainer.students import IMAGENET_MEAN as GRADER_MEAN
+from trainer.students import IMAGENET_STD as GRADER_STD
+from trainer.students import create_student, spec_of
 
 
 class ExportError(KdstoreError, RuntimeError):
     """The export failed a check (size budget, numerical agreement)."""
 
 
-def export_torchscript(student: nn.Module, path: Path, sidecar: dict, max_mb: float = 25.0) -> Path:
-    """Script (or trace, where scripting fails) the student; refuse files over max_mb (10^6 bytes)."""
+class Renormalize(nn.Module):
+    """Input normalised with the grader's mean/std -> normalised with the student's own."""
+
+    def __init__(self, student: nn.Module, mean, std):
+        super().__init__()
+        self.student = student
+        own_mean, own_std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        grader_mean, grader_std = torch.tensor(GRADER_MEAN).view(1, 3, 1, 1), torch.tensor(GRADER_STD).view(1, 3, 1, 1)
+        self.register_buffer("scale", grader_std / own_std)                     # x * scale + shift
+        self.register_buffer("shift", (grader_mean - own_mean) / own_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x * self.scale + self.shift)
+
+
+def for_the_grader(student: nn.Module, mean, std) -> nn.Module:
+    """The student as the grader feeds it (ImageNet mean/std): itself, or behind a Renormalize where its
+    own normalisation differs."""
     student = student.eval().cpu().float()
+    if tuple(mean) == GRADER_MEAN and tuple(std) == GRADER_STD:
+        return student
+    return Renormalize(student, mean, std).eval()
+
+
+def export_torchscript(student: nn.Module, path: Path, sidecar: dict, max_mb: float = 25.0,
+                       mean=GRADER_MEAN, std=GRADER_STD) -> Path:
+    """Script (or trace, where scripting fails) the student, taking input as the grader normalises it
+    (mean/std: the student's own); refuse files over max_mb (10^6 bytes)."""
+    student = for_the_grader(student, mean, std)
     bad = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ExportError(f"the student has non-finite weights ({', '.join(bad[:3])}); nothing exported")
@@ -35,7 +69,8 @@ def export_torchscript(student: nn.Module, path: Path, sidecar: dict, max_mb: fl
         for shape in (example, torch.randn(1, 3, size + 32, size + 32)):
             ref, got = student(shape), scripted(shape)
             if not torch.allclose(ref, got, atol=1e-4, rtol=1e-4):
-                raise ExportError(f"TorchScript output differs from the eager model (max {float((ref - got).abs().max()):.2e})")
+                worst = float((ref - got).abs().max())
+                raise ExportError(f"TorchScript output differs from the eager model (max {worst:.2e})")
     path = Path(path)
     buf = io.BytesIO()
     torch.jit.save(scripted, buf)
@@ -44,15 +79,16 @@ def export_torchscript(student: nn.Module, path: Path, sidecar: dict, max_mb: fl
         raise ExportError(f"{path.name} would be {mb:.2f} MB, over the budget of {max_mb} MB (--max-mb); "
                           "choose a smaller student")
     write_bytes_atomic(buf.getbuffer(), path)
-    write_text_atomic(json.dumps(sidecar | {"format": "torchscript", "size_mb": mb}, indent=2), path.with_suffix(".json"))
+    sidecar = sidecar | {"mean": list(GRADER_MEAN), "std": list(GRADER_STD), "format": "torchscript", "size_mb": mb}
+    write_text_atomic(json.dumps(sidecar, indent=2), path.with_suffix(".json"))
     return path
 
 
-def export_onnx(student: nn.Module, path: Path, size: int) -> Path:
-    """ONNX with a dynamic batch axis, checked against onnxruntime."""
+def export_onnx(student: nn.Module, path: Path, size: int, mean=GRADER_MEAN, std=GRADER_STD) -> Path:
+    """ONNX with a dynamic batch axis, input as the grader normalises it, checked against onnxruntime."""
     import onnxruntime as ort
 
-    student = student.eval().cpu().float()
+    student = for_the_grader(student, mean, std)
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     buf = io.BytesIO()
     torch.onnx.export(student, (x,), buf, input_names=["input"], output_names=["logits"],
@@ -65,3 +101,19 @@ def export_onnx(student: nn.Module, path: Path, size: int) -> Path:
         raise ExportError(f"ONNX output differs from the eager model (max {np.abs(ref - got).max():.2e})")
     write_bytes_atomic(buf.getbuffer(), Path(path))
     return Path(path)
+
+
+def export_run(run: Path, fmt: str, max_mb: float) -> Path:
+    best, sidecar_path, config = run / BEST, run / "student.json", run / "config.yaml"
+    for p in (best, sidecar_path, config):
+        if not p.is_file():
+            raise ConfigError(f"{run} is not a finished run ({p.name} is missing)")
+    sidecar = json.loads(sidecar_path.read_text())
+    cfg = yaml.safe_load(config.read_text())
+    student = create_student(cfg["student"], len(sidecar["classes"]))
+    student.load_state_dict(load_checkpoint(best)["student"])
+    spec = spec_of(cfg["student"])
+    if fmt == "onnx":
+        return export_onnx(student, run / "student.onnx", sidecar["input_size"][-1], spec.mean, spec.std)
+    keep = {k: v for k, v in sidecar.items() if k not in ("format", "size_mb", "mean", "std")}
+    return export_torchscript(student, run / "student.pt", keep, max_mb, spec.mean, spec.std)

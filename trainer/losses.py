@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featurestore.options import ConfigError, opt
+
 
 def soft_cross_entropy(s: torch.Tensor, q: torch.Tensor, label_smoothing: float = 0.0,
                        labelled: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,7 +62,8 @@ def _pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tenso
     return 1 - F.cosine_similarity(a, b, dim=dim, eps=1e-8)
 
 
-def dist_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, beta: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
+def dist_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, beta: float = 1.0,
+              gamma: float = 1.0) -> torch.Tensor:
     """Huang et al. 2022, "Knowledge Distillation from A Stronger Teacher" (DIST):
 
     with p = softmax(./T): inter = 1/B sum_i (1 - pearson(p_s[i, :], p_t[i, :])),
@@ -102,22 +105,34 @@ class PatchProjector(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)                               # (B, g, g, d)
 
 
+GATES = ["none", "correct", "confidence"]
+
+
 @dataclass
 class LossWeights:
-    ce: float = 1.0
-    kd: float = 1.0
-    dist: float = 0.0
-    pooled: float = 0.5
-    patches: float = 0.0
-    temperature: float = 2.0
-    label_smoothing: float = 0.1
-    kd_gate: str = "confidence"  # confidence: every view's KD weighted by teacher_confidence | correct: KD on a
-                                 # labelled view only where the teacher's top class is its label | none
+    ce: float = opt(1.0, "weight of cross-entropy on the labels", flag="--w-ce")
+    kd: float = opt(1.0, "weight of Hinton KD on the teacher logits", flag="--w-kd")
+    dist: float = opt(0.0, "weight of the DIST loss", flag="--w-dist")
+    pooled: float = opt(0.5, "weight of the pooled-embedding cosine loss", flag="--w-pooled")
+    patches: float = opt(0.0, "weight of the patch-grid cosine loss", flag="--w-patches")
+    temperature: float = opt(2.0, "KD/DIST temperature T", flag="--temperature")
+    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy term", flag="--label-smoothing")
+    kd_gate: str = opt("confidence", "which views KD trusts: all (none); labelled ones only where the teacher's top "
+                       "class is the label (correct); each weighted by the teacher's probability of the view's "
+                       "label, or of its own top class when unlabelled (confidence)", flag="--kd-gate",
+                       choices=GATES)
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0")
+        if self.kd_gate not in GATES:
+            raise ConfigError(f"loss.kd_gate must be none|correct|confidence, got {self.kd_gate!r}")
 
 
 def total_loss(w: LossWeights, logits, targets, labelled, teacher_logits, pooled_pred=None, pooled_t=None,
-               patches_pred=None, patches_t=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the enabled terms; returns the total and each term's value for logging.
+               patches_pred=None, patches_t=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the enabled terms; returns the total and each term (detached, on the device: reading
+    one on the host waits for the device, so the caller reads them only when it logs).
 
     labelled (B,) bool: which samples carry a label (the cross-entropy sees only those)."""
     parts: dict[str, torch.Tensor] = {}
@@ -137,4 +152,4 @@ def total_loss(w: LossWeights, logits, targets, labelled, teacher_logits, pooled
     if w.patches:
         parts["patches"] = cosine_loss(patches_pred, patches_t)
     total = sum(getattr(w, k) * v for k, v in parts.items())
-    return total, {k: float(v.detach()) for k, v in parts.items()}
+    return total, {k: v.detach() for k, v in parts.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from featurestore.config import ConfigError
+from featurestore.options import ConfigError
 from trainer.config import FitConfig
 
 TEACHER_TERMS = ("kd", "dist", "pooled", "patches")
@@ -31,6 +31,7 @@ RECIPES: dict[str, Recipe] = {
     "kd-only": Recipe("KD + pooled (+ patches), no cross-entropy", False, ("kd", "pooled", "patches")),
     "base": Recipe("the fit config as given (the defaults, or --config and flags)", True, None),
 }
+DEFAULT_RECIPES = ",".join(RECIPES)
 
 
 def apply(spec: str, base: FitConfig, has_patches: bool) -> FitConfig:

@@ -11,6 +11,7 @@ or fails stops the epoch with its error.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import traceback
@@ -21,9 +22,10 @@ import torch
 import torch.multiprocessing as mp
 
 from featurestore import views
+from featurestore.errors import KdstoreError
 
 
-class RenderWorkerError(RuntimeError):
+class RenderWorkerError(KdstoreError, RuntimeError):
     """A render worker failed or died; the message carries its error."""
 
 
@@ -137,10 +139,8 @@ class RenderPool:
 
     def close(self) -> None:
         for q in self.tasks:
-            try:
+            with contextlib.suppress(ValueError, OSError):
                 q.put(None)
-            except (ValueError, OSError):
-                pass
         for p in self.procs:
             p.join(timeout=5)
             if p.is_alive():

@@ -1,13 +1,16 @@
-"""Student registry: a plain dict from name to constructor, plus any timm model as `timm:<name>`.
+"""Student registry: a plain dict from name to its entry, plus any timm model as `timm:<name>`.
 
-Every student is wrapped as `Student`: forward_features(x) -> (B, F, h, w) map, pool -> (B, F'), head -> (B, C),
-so the feature losses can reach the pooled vector and the last map. forward(x) returns logits only.
+Each entry (`StudentSpec`, as timm's pretrained_cfg) declares what the model expects: its input size,
+the mean/std its weights were trained with, and the width F of its feature map and pooled vector.
+Every student is wrapped as `Student`: forward_features(x) -> (B, F, h, w) map, pool -> (B, F), head ->
+(B, C), so the feature losses can reach the pooled vector and the last map. forward(x) returns logits.
 """
 from __future__ import annotations
 
 import http.client
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,11 +76,29 @@ def _fresh_linear(old: nn.Linear, num_classes: int) -> nn.Linear:
     return nn.Linear(old.in_features, num_classes)
 
 
-TORCHVISION: dict[str, Callable] = {
-    **{n: _shufflenet(n) for n in ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0")},
-    **{n: _mobilenet_v3(n) for n in ("mobilenet_v3_small", "mobilenet_v3_large")},
-    "efficientnet_b0": _efficientnet("efficientnet_b0"),
-    **{n: _regnet(n) for n in ("regnet_y_400mf", "regnet_y_800mf")},
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    make: Callable                                  # (num_classes, weights) -> Student
+    features: int                                   # F: channels of the feature map and width of the pooled vector
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN   # what its (pretrained) weights expect
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+TORCHVISION: dict[str, StudentSpec] = {
+    "shufflenet_v2_x0_5": StudentSpec(_shufflenet("shufflenet_v2_x0_5"), 1024),
+    "shufflenet_v2_x1_0": StudentSpec(_shufflenet("shufflenet_v2_x1_0"), 1024),
+    "shufflenet_v2_x1_5": StudentSpec(_shufflenet("shufflenet_v2_x1_5"), 1024),
+    "shufflenet_v2_x2_0": StudentSpec(_shufflenet("shufflenet_v2_x2_0"), 2048),
+    "mobilenet_v3_small": StudentSpec(_mobilenet_v3("mobilenet_v3_small"), 576),
+    "mobilenet_v3_large": StudentSpec(_mobilenet_v3("mobilenet_v3_large"), 960),
+    "efficientnet_b0": StudentSpec(_efficientnet("efficientnet_b0"), 1280),
+    "regnet_y_400mf": StudentSpec(_regnet("regnet_y_400mf"), 440),
+    "regnet_y_800mf": StudentSpec(_regnet("regnet_y_800mf"), 784),
 }
 
 
@@ -101,11 +122,16 @@ class TimmStudent(nn.Module):
         return self.model(x)
 
 
-def _timm(name: str, num_classes: int, pretrained: bool) -> TimmStudent:
+def _timm_check(name: str) -> None:
     import timm
     if name not in timm.list_models():
         close = timm.list_models(f"*{name}*")[:5]
         raise StudentError(f"unknown timm model {name!r}" + (f"; similar: {close}" if close else ""))
+
+
+def _timm(name: str, num_classes: int, pretrained: bool) -> TimmStudent:
+    import timm
+    _timm_check(name)
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
     except Exception as e:  # noqa: BLE001 - download failures become one clear message
@@ -118,19 +144,32 @@ def available() -> list[str]:
     return sorted(TORCHVISION) + ["timm:<any timm model name>"]
 
 
+def spec_of(name: str) -> StudentSpec:
+    """The registry entry of a student; for timm:<name>, made from timm's own pretrained_cfg."""
+    if name.startswith("timm:"):
+        import timm
+        _timm_check(name[5:])
+        model = timm.create_model(name[5:], pretrained=False, num_classes=0)
+        cfg = model.pretrained_cfg
+        return StudentSpec(lambda c, w: _timm(name[5:], c, w), model.num_features, int(cfg["input_size"][-1]),
+                           tuple(cfg["mean"]), tuple(cfg["std"]))
+    if name not in TORCHVISION:
+        raise StudentError(f"unknown student {name!r}; choose one of {available()}")
+    return TORCHVISION[name]
+
+
 def create_student(name: str, num_classes: int, pretrained: bool = False) -> Student | TimmStudent:
     """A student with a fresh `num_classes` head. pretrained: ImageNet weights as torchvision loads
     them, from the torch hub cache ($TORCH_HOME/hub/checkpoints) or downloaded into it once."""
     if name.startswith("timm:"):
         return _timm(name[5:], num_classes, pretrained)
-    if name not in TORCHVISION:
-        raise StudentError(f"unknown student {name!r}; choose one of {available()}")
+    spec = spec_of(name)
     if not pretrained:
-        return TORCHVISION[name](num_classes, None)
+        return spec.make(num_classes, None)
     weights = torchvision.models.get_model_weights(name).DEFAULT
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
-        return TORCHVISION[name](num_classes, weights)
+        return spec.make(num_classes, weights)
     except (OSError, http.client.HTTPException) as e:         # no network, refused, interrupted download
         raise StudentError(f"ImageNet weights for {name} are not in the local cache ({cache}) and could not be "
                            f"downloaded ({_reason(e)}); run once with network access, copy {cache.name} there, "

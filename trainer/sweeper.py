@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from featurestore.config import ConfigError
-from featurestore.store import Store
+from featurestore.options import ConfigError
+from featurestore.reader import StoreReader
 from trainer import recipes as recipes_mod
 from trainer.config import FitConfig
+from trainer.tables import md_table
 
 
 @dataclass
@@ -37,7 +38,7 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     out = Path(base.out)
-    with Store.open(base.store) as s:
+    with StoreReader.open(base.store) as s:
         has_patches = "teacher/patches" in {f.name for f in s.fields()}
         teacher = s.attrs.get("metrics", {}).get("probe", {}).get("val_macro_f1")
     specs = {name: recipes_mod.apply(name, base, has_patches) for name in recipes}     # checks every name first
@@ -45,7 +46,8 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
         specs["search"] = _search(base, has_patches, search, out)
     rows = []
     for name, cfg in specs.items():
-        runs = [_run(dataclasses.replace(cfg, seed=base.seed + j, out=str(out / "runs" / f"{_slug(name)}-s{base.seed + j}")),
+        runs = [_run(dataclasses.replace(cfg, seed=base.seed + j,
+                                         out=str(out / "runs" / f"{_slug(name)}-s{base.seed + j}")),
                      eval_images) for j in range(seeds)]
         f1 = [r["val_macro_f1"] for r in runs]
         row = {"name": name, "val_macro_f1_mean": statistics.fmean(f1),
@@ -56,7 +58,8 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
                "optim": dataclasses.asdict(cfg.optim)}
         if eval_images:
             e = [r["eval_macro_f1"] for r in runs]
-            row |= {"eval_macro_f1_mean": statistics.fmean(e), "eval_macro_f1_std": statistics.stdev(e) if len(e) > 1 else 0.0}
+            row |= {"eval_macro_f1_mean": statistics.fmean(e),
+                    "eval_macro_f1_std": statistics.stdev(e) if len(e) > 1 else 0.0}
         rows.append(row)
         print(f"sweep: {name}: held-out macro-F1 {row['val_macro_f1_mean']:.4f} +- {row['val_macro_f1_std']:.4f} "
               f"over {seeds} seed(s)", file=sys.stderr, flush=True)
@@ -75,7 +78,8 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
 
 def _run(cfg: FitConfig, eval_images: str | None) -> dict:
     """Fit (or reuse, or resume) one run; returns its seed, held-out macro-F1, seconds, eval macro-F1."""
-    from trainer.training import FAILED, fit
+    from trainer.run_folder import FAILED
+    from trainer.training import fit
     run = Path(cfg.out)
     record = run / "sweep_run.json"
     if not record.is_file():
@@ -128,12 +132,13 @@ def _search(base: FitConfig, has_patches: bool, trials: int, out: Path) -> FitCo
 
 
 def format_table(summary: dict) -> str:
-    from trainer.cli import md_table
     fresh = summary.get("eval_images")
-    header = ["recipe", "held-out macro-F1 (mean +- std)", "seeds", "s/run"] + (["fresh-image macro-F1"] if fresh else [])
+    header = ["recipe", "held-out macro-F1 (mean +- std)", "seeds", "s/run"]
+    header += ["fresh-image macro-F1"] if fresh else []
     rows = []
     if summary.get("teacher_probe_val_macro_f1") is not None:
-        rows.append(["teacher probe", f"{summary['teacher_probe_val_macro_f1']:.3f}", "-", "-"] + (["-"] if fresh else []))
+        teacher = f"{summary['teacher_probe_val_macro_f1']:.3f}"
+        rows.append(["teacher probe", teacher, "-", "-"] + (["-"] if fresh else []))
     for r in summary["recipes"]:
         mark = " (best)" if r["name"] == summary["best"] else ""
         row = [r["name"] + mark, f"{r['val_macro_f1_mean']:.3f} +- {r['val_macro_f1_std']:.3f}", len(r["seeds"]),
