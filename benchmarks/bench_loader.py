@@ -21,7 +21,9 @@ from torchvision import datasets, transforms
 from benchmarks.common import build_store, copy_gbps
 from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
-from trainer.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, StoreData
+from trainer.data import StoreData
+from trainer.loader import Loader, LoaderConfig
+from trainer.students import IMAGENET_MEAN, IMAGENET_STD
 
 ROUNDS = 3
 
@@ -31,7 +33,11 @@ def _rate(make_iter, first: int, epochs: int) -> float:
     t0, n = time.perf_counter(), 0
     for e in range(first, first + epochs):
         for batch in make_iter(e, e == first + epochs - 1):
-            n += len(batch[1]) if isinstance(batch, (list, tuple)) else len(batch.labels)
+            if isinstance(batch, (list, tuple)):
+                n += len(batch[1])
+            else:
+                n += len(batch.labels)
+                batch.release()                           # as the training loop does: its buffer is reused
     return n / (time.perf_counter() - t0)
 
 
@@ -44,12 +50,12 @@ def run(profile: dict) -> dict:
                                 teacher=TeacherConfig(id="random:tiny"), views=ViewPolicy(views=8, mix_prob=0.2),
                                 store=StoreLayout(image_size=256, chunk_size=64, patch_grid=4)))
         data = StoreData(str(store), "probe", need_pooled=True, need_patches=True, ram_budget_gb=0)   # streaming
-        loader = Loader(data, np.arange(data.n), batch, size, seed=0, device=torch.device("cpu"), train=True,
-                        workers=workers)
+        loader = Loader(data, np.arange(data.n), 0, torch.device("cpu"), LoaderConfig(batch, size, workers=workers))
         ram_data = StoreData(str(store), "probe", need_pooled=True, need_patches=True, ram_budget_gb=100)
-        ram_loader = Loader(ram_data, np.arange(data.n), batch, size, seed=0, device=torch.device("cpu"), train=True,
-                            workers=workers)
-        tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.35, 1.0)), transforms.RandomHorizontalFlip(),
+        ram_loader = Loader(ram_data, np.arange(data.n), 0, torch.device("cpu"),
+                            LoaderConfig(batch, size, workers=workers))
+        tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.35, 1.0)),
+                                 transforms.RandomHorizontalFlip(),
                                  transforms.ColorJitter(0.2, 0.2, 0.2, 0.02), transforms.ToTensor(),
                                  transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         folder = torch.utils.data.DataLoader(datasets.ImageFolder(str(images), transform=tf), batch_size=batch,
@@ -73,11 +79,16 @@ def run(profile: dict) -> dict:
     ratios = [o / p for o, p in zip(ours, plain)]
     return {"images": int(data.n), "batch": batch, "size": size, "workers_plain": workers, "streaming": True,
             "epochs_per_round": epochs,
-            "ours_render_threads": loader.threads, "ours_render_workers": loader.workers, "ours_samples_per_s": ours, "plain_samples_per_s": plain,
+            "ours_render_threads": loader.cfg.threads, "ours_render_workers": loader.workers,
+            "ours_samples_per_s": ours, "plain_samples_per_s": plain,
             "in_ram_samples_per_s": in_ram, "chunks": int(data.num_chunks),
             "ratios": ratios, "speedup_vs_plain": statistics.median(ratios), "copy_gbps": gbps,
             "bytes_moved_per_sample": moved, "bound_samples_per_s": bound,
             "fraction_of_bound": statistics.median(ours) / bound}
+
+
+def _median(r: dict, key: str) -> float:
+    return statistics.median(r[f"{key}_samples_per_s"])
 
 
 def rows(r: dict) -> list[list]:
@@ -88,12 +99,13 @@ def rows(r: dict) -> list[list]:
          f"{statistics.median(r['ours_samples_per_s']):.0f} samples/s (median of {len(r['ratios'])})",
          f"{r['speedup_vs_plain']:.1f}x ImageFolder (median of per-round ratios "
          f"{', '.join(f'{x:.1f}' for x in r['ratios'])}), {100 * r['fraction_of_bound']:.1f}% of bound"],
-        [f"loader: trainer Loader with the store in RAM (same batches)",
+        ["loader: trainer Loader with the store in RAM (same batches)",
          f"{statistics.median(r['in_ram_samples_per_s']):.0f} samples/s",
-         f"{statistics.median(r['in_ram_samples_per_s']) / statistics.median(r['plain_samples_per_s']):.1f}x ImageFolder; "
-         f"streaming is {statistics.median(r['ours_samples_per_s']) / statistics.median(r['in_ram_samples_per_s']):.2f}x of it"],
+         f"{_median(r, 'in_ram') / _median(r, 'plain'):.1f}x ImageFolder; "
+         f"streaming is {_median(r, 'ours') / _median(r, 'in_ram'):.2f}x of it"],
         [f"loader: ImageFolder JPEG + RandomResizedCrop/Flip/ColorJitter ({r['workers_plain']} workers)",
          f"{statistics.median(r['plain_samples_per_s']):.0f} samples/s", "1.0x"],
-        [f"loader: memory-bandwidth bound ({r['copy_gbps']:.1f} GB/s copy, {r['bytes_moved_per_sample'] / 1e3:.0f} kB/sample)",
+        [f"loader: memory-bandwidth bound ({r['copy_gbps']:.1f} GB/s copy, "
+         f"{r['bytes_moved_per_sample'] / 1e3:.0f} kB/sample)",
          f"{r['bound_samples_per_s']:.0f} samples/s", "bound"],
     ]

@@ -23,11 +23,12 @@ TOWER = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_
 
 
 def _wide_teacher(out: Path) -> Path:
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
     import torch
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
     torch.manual_seed(0)
     SiglipVisionModel(SiglipVisionConfig(**TOWER)).save_pretrained(out)
-    SiglipImageProcessor(size={"height": 112, "width": 112}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 112, "width": 112}, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3).save_pretrained(out)
     return out
 
 
@@ -73,8 +74,8 @@ def run(profile: dict) -> dict:
             build = _measure([py, "-m", "featurestore", "build", "--images", str(images), "--out", str(store),
                               "--teacher", str(teacher), "--views", "32", "--patch-grid", "8", "--image-size", "256",
                               "--chunk-size", "64", "--workers", str(profile["workers"]), "--no-zeroshot"])
-            from featurestore.store import Store
-            with Store.open(store) as s:
+            from featurestore.reader import StoreReader
+            with StoreReader.open(store) as s:
                 fields = {f.name: s.stored_bytes(f.name) for f in s.fields()}
             row = {"n": n, "store_bytes": _disk(store), "fields": fields, "build": build}
             for mode, budget in (("streaming", "0"), ("in_ram", "1000")):

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from featurestore.backends import hdf5_codec, zarr_codec
 from featurestore.demo import write_demo_data
-from featurestore.schema import FORMAT_VERSION
+from featurestore.schema import FORMAT_VERSION, fields, sizes
 from featurestore.sources import decode, squash
-from featurestore.store import Store, _codec
 from featurestore.views import PARAM_NAMES
+from featurestore.writer import StoreWriter
 
 D, C, K, CHUNK = 1152, 10, 8, 32
 TIMED = ("images", "teacher/pooled", "teacher/patches")
@@ -44,26 +45,29 @@ def _arrays(n: int, grid: int, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class _Unchecked:
-    """The store's layout for the timed arrays, written with zarr / h5py directly and no checksum."""
+    """The store's layout for the timed arrays (the schema's own: store chunks, inner chunks, codecs),
+    written with zarr / h5py directly and no checksum."""
 
-    def __init__(self, path: Path, arrays: dict[str, np.ndarray], codec: str):
-        self.path, self.backend = path, "hdf5" if path.suffix == ".h5" else "zarr"
-        if self.backend == "hdf5":
+    def __init__(self, path: Path, attrs: dict, codec: str):
+        self.path, self.hdf5 = path, path.suffix == ".h5"
+        if self.hdf5:
             import h5py
             self.root = h5py.File(path, "w")
         else:
             import zarr
             self.root = zarr.open_group(path, mode="w")
-        comp = _codec(self.backend, codec)
-        for name in TIMED:
-            arr = arrays[name]
-            shard = (CHUNK,) + arr.shape[1:]
-            inner = (CHUNK, 1) + arr.shape[2:] if name != "images" else (1,) + arr.shape[1:]
-            if self.backend == "hdf5":
-                self.root.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=inner,
+        for f in fields(attrs):
+            if f.name not in TIMED:
+                continue
+            lay = f.layout(sizes(attrs), attrs["chunk_size"])
+            if self.hdf5:
+                comp = hdf5_codec(codec, f.codec)
+                self.root.create_dataset(f.name, shape=lay.shape, dtype=f.dtype, chunks=lay.inner,
                                          **({"compression": comp} if comp else {}))
             else:
-                self.root.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=inner, shards=shard,
+                comp = zarr_codec(codec, f.codec)
+                self.root.create_array(f.name, shape=lay.shape, dtype=f.dtype, chunks=lay.inner,
+                                       shards=lay.chunk if lay.sharded else None,
                                        compressors=[comp] if comp else None, fill_value=0)
 
     def write(self, name, start, value):
@@ -73,7 +77,7 @@ class _Unchecked:
         return np.asarray(self.root[name][a:b] if name == "images" else self.root[name][a:b, k])
 
     def close(self):
-        if self.backend == "hdf5":
+        if self.hdf5:
             self.root.close()
 
 
@@ -89,8 +93,9 @@ def _time_layout(store, arrays: dict[str, np.ndarray], n: int) -> tuple[float, f
     for a in range(0, n, CHUNK):
         k = (a // CHUNK) % K
         for name in TIMED:
-            if isinstance(store, Store):
-                x = store.read("images", a, a + CHUNK) if name == "images" else store.read_view(name, a // CHUNK, k)
+            if isinstance(store, StoreWriter):
+                r = store.reader
+                x = r.read("images", a, a + CHUNK) if name == "images" else r.read_view(name, a // CHUNK, k)
             else:
                 x = store.read_chunk(name, a, a + CHUNK, k)
             read += x.nbytes
@@ -106,15 +111,15 @@ def run(profile: dict) -> dict:
         per_field = []
         for grid in (0, 4, 8, 16):
             path = Path(tmp) / f"g{grid}.zarr"
-            s = Store.create(path, _attrs(n, grid), "zstd")
+            s = StoreWriter.create(path, _attrs(n, grid), "zstd")
             for name, arr in _arrays(n, grid, images).items():
                 s.write(name, 0, arr)
-            for f in s.fields():
-                if f.per_view and (grid == 0 or f.name == "teacher/patches") and f.name in s:
+            r = s.reader
+            for f in r.fields():
+                if f.per_view and (grid == 0 or f.name == "teacher/patches"):
                     name = f.name if f.name != "teacher/patches" else f"teacher/patches g={grid}"
-                    raw = s[f.name].nbytes / (n * K)
-                    per_field.append({"field": name, "raw_bytes_per_view": raw,
-                                      "zstd_bytes_per_view": s.stored_bytes(f.name) / (n * K)})
+                    per_field.append({"field": name, "raw_bytes_per_view": r.nbytes(f.name) / (n * K),
+                                      "zstd_bytes_per_view": r.stored_bytes(f.name) / (n * K)})
             s.close()
             shutil.rmtree(path)
         arrays = _arrays(n, 8, images)
@@ -124,9 +129,10 @@ def run(profile: dict) -> dict:
             row = {"backend": "zarr" if suffix == ".zarr" else "hdf5", "codec": codec}
             for checked in (True, False):
                 path = Path(tmp) / f"c{codec}{int(checked)}{suffix}"
-                store = Store.create(path, _attrs(n, 8), codec) if checked else _Unchecked(path, arrays, codec)
+                attrs = _attrs(n, 8)
+                store = StoreWriter.create(path, attrs, codec) if checked else _Unchecked(path, attrs, codec)
                 write, read = _time_layout(store, arrays, n)
-                size = sum((store.stored_bytes(name) if checked else _size(path, name)) for name in TIMED)
+                size = sum((store.reader.stored_bytes(name) if checked else _size(path, name)) for name in TIMED)
                 store.close()
                 key = "checked" if checked else "unchecked"
                 row |= {f"{key}_write_mb_s": write, f"{key}_read_mb_s": read, f"{key}_size_mb": size / 1e6}

@@ -89,5 +89,6 @@ def rows(r: dict) -> list[list]:
         ["teacher: plain transformers loop (processor + fp32, 1 view/call)", f"{r['plain']['views_per_s']:.3f} views/s",
          "1.00x"],
         [f"teacher: arithmetic bound ({r['flops_per_view'] / 1e12:.3f} TFLOP/view at {r['matmul_tflops']:.2f} "
-         f"TFLOP/s {r['matmul_dtype'].replace('torch.', '')} matmul)", f"{r['bound_views_per_s']:.3f} views/s", "bound"],
+         f"TFLOP/s {r['matmul_dtype'].replace('torch.', '')} matmul)", f"{r['bound_views_per_s']:.3f} views/s",
+         "bound"],
     ]

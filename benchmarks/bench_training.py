@@ -15,7 +15,8 @@ from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPol
 from featurestore.demo import write_demo_data
 from featurestore.devices import pick_device
 from featurestore.teacher import load_teacher
-from trainer.loader import Loader, StoreData
+from trainer.data import StoreData
+from trainer.loader import Loader, LoaderConfig
 from trainer.losses import LossWeights, total_loss
 from trainer.students import create_student
 
@@ -43,8 +44,8 @@ def run(profile: dict) -> dict:
                                 teacher=TeacherConfig(id="random:tiny"), views=ViewPolicy(views=4),
                                 store=StoreLayout(image_size=256, chunk_size=64)))
         data = StoreData(str(store), "probe", need_pooled=False, need_patches=False)
-        loader = Loader(data, np.arange(data.n), batch, 224, 0, device, train=True,
-                        threads=2 if device.type != "cpu" else 0)
+        loader = Loader(data, np.arange(data.n), 0, device,
+                        LoaderConfig(batch, 224, threads=2 if device.type != "cpu" else 0))
         student = create_student(profile["student"], len(data.classes)).to(device).train()
         step = _step_fn(student, torch.optim.AdamW(student.parameters(), lr=1e-3))
         it = loader.epoch(0)
@@ -54,6 +55,7 @@ def run(profile: dict) -> dict:
         for _, b in zip(range(steps), it):
             step(b.pixels, b.targets, b.logits)
             n += len(b.labels)
+            b.release()
         if device.type == "cuda":
             torch.cuda.synchronize()
         store_rate = n / (time.perf_counter() - t0)
@@ -81,7 +83,8 @@ def run(profile: dict) -> dict:
                 torch.cuda.synchronize()
             t_total += time.perf_counter() - t0
         online_rate = online_steps * batch / t_total
-    return {"student": profile["student"], "batch": batch, "device": str(device), "teacher_arch": profile["teacher_arch"],
+    return {"student": profile["student"], "batch": batch, "device": str(device),
+            "teacher_arch": profile["teacher_arch"],
             "store_samples_per_s": store_rate, "online_samples_per_s": online_rate,
             "online_teacher_share": t_teacher / t_total, "online_steps": online_steps,
             "speedup": store_rate / online_rate}

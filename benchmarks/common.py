@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from featurestore.config import to_dict
+from featurestore.options import to_dict
 
 RESULTS = Path(__file__).parent / "results"
 

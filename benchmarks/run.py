@@ -19,7 +19,8 @@ from benchmarks.common import machine, md_table, write_results
 PROFILES = {
     # a few minutes on a 2-core CPU: the teacher is the full MedSigLIP-448 architecture, so few views
     "cpu": {"teacher_arch": "medsiglip-448", "teacher_images": 10, "teacher_views": 2, "teacher_batch": 8,
-            "plain_images": 4, "plain_views": 2, "plain_batch": 4, "workers": 2, "loader_per_class": 60, "loader_epochs": 2,
+            "plain_images": 4, "plain_views": 2, "plain_batch": 4, "workers": 2, "loader_per_class": 60,
+            "loader_epochs": 2,
             "student": "shufflenet_v2_x1_0", "train_batch": 8, "train_steps": 12, "online_steps": 1,
             "storage_images": 128,
             "scale_sizes": [250, 1000], "scale_student": "shufflenet_v2_x0_5", "scale_image_size": 224},
@@ -27,7 +28,8 @@ PROFILES = {
     # (the heads fit on random-teacher embeddings, slow to converge and not what is measured, uses 1,600 rows)
     "gpu": {"teacher_arch": "medsiglip-448", "teacher_images": 200, "teacher_views": 16, "teacher_batch": 128,
             "probe_rows": 1600,
-            "plain_images": 64, "plain_views": 4, "plain_batch": 32, "workers": 12, "loader_per_class": 100, "loader_epochs": 3,
+            "plain_images": 64, "plain_views": 4, "plain_batch": 32, "workers": 12, "loader_per_class": 100,
+            "loader_epochs": 3,
             "student": "shufflenet_v2_x1_0", "train_batch": 128, "train_steps": 20, "online_steps": 5,
             "storage_images": 512,
             "scale_sizes": [1000, 4000], "scale_student": "shufflenet_v2_x1_0", "scale_image_size": 224},
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             payload["results"][name] = BENCHES[name].run(profile)
             rows += BENCHES[name].rows(payload["results"][name])
-        except Exception:                       # one broken benchmark must not cost the others' figures
+        except Exception:  # noqa: BLE001 - one broken benchmark must not cost the others' figures
             failed += 1
             payload["failed"][name] = traceback.format_exc()
             print(payload["failed"][name], file=sys.stderr, flush=True)

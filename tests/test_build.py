@@ -1,11 +1,10 @@
 """featurestore build end to end: resume after SIGKILL, multi-process, refusals, locks, CLI output."""
 from __future__ import annotations
 
-import fcntl
 import json
-import socket
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from conftest import REPO, SMALL, run_cli, run_module
 
 from benchmarks.common import DONE_LINE
-from conftest import REPO, SMALL, run_cli, run_module
-from featurestore.store import Store
+from featurestore.reader import StoreReader
 
 
 def assert_same_store(a: Path, b: Path) -> None:
-    with Store.open(a) as x, Store.open(b) as y:
+    with StoreReader.open(a) as x, StoreReader.open(b) as y:
         assert x.complete and y.complete
         assert x.ids() == y.ids()
         for f in x.fields():
@@ -39,7 +38,7 @@ def done_count(path: Path) -> int:
     return -1
 
 
-SLOW = [a for a in SMALL] + ["--views", "8", "--chunk-size", "4", "--workers", "2"]   # 15 chunks, decoding workers
+SLOW = [*SMALL, "--views", "8", "--chunk-size", "4", "--workers", "2"]   # 15 chunks, decoding workers
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
@@ -78,7 +77,7 @@ def test_two_process_build_equals_one_process(tmp_path, demo_images):
     r = run_module("featurestore", "build", "--images", demo_images, "--out", one, *SMALL, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     views, pass_s, total_s, load_s, heads_s = DONE_LINE.search(r.stderr).groups()   # the benchmarks read this line
-    with Store.open(one) as s:
+    with StoreReader.open(one) as s:
         assert int(views) == s.num_images * s.views_per_image
     assert 0 < float(pass_s) <= float(total_s) and float(load_s) + float(heads_s) < float(total_s)
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -164,7 +163,7 @@ def test_classes_file_sets_the_order(tmp_path, demo_images):
     (tmp_path / "classes.txt").write_text("\n".join(order))
     out = tmp_path / "s.zarr"
     assert run_cli("build", "--images", demo_images, "--out", out, *SMALL, "--classes", tmp_path / "classes.txt") == 0
-    with Store.open(out) as s:
+    with StoreReader.open(out) as s:
         assert s.classes == order
         ids, labels = s.ids(), s.read("labels")
         assert all(order[label] == i.split("/")[0] for i, label in zip(ids, labels))
@@ -191,13 +190,14 @@ def test_missing_store_is_a_clear_error(tmp_path, capsys):
 
 def test_manifest_source(tmp_path, demo_images, unlabeled_images):
     """A manifest row with an empty label is an unlabelled image."""
-    rows = ["path,label"] + [f"{p.relative_to(demo_images)},{p.parent.name}" for p in sorted(demo_images.rglob("*")) if p.is_file()]
+    files = [p for p in sorted(demo_images.rglob("*")) if p.is_file()]
+    rows = ["path,label"] + [f"{p.relative_to(demo_images)},{p.parent.name}" for p in files]
     rows += [f"{p}," for p in sorted(unlabeled_images.iterdir())[:3]]
     (tmp_path / "m.csv").write_text("\n".join(rows))
     out = tmp_path / "m.zarr"
     assert run_cli("build", "--manifest", tmp_path / "m.csv", "--images", demo_images, "--out", out, *SMALL,
                    "--allow-outside-paths") == 0                        # the unlabelled rows are absolute paths
-    with Store.open(out) as s:
+    with StoreReader.open(out) as s:
         assert s.num_images == 63 and s.classes[1].startswith("10. Warts") and s.attrs["num_unlabeled"] == 3
         labels, split = s.read("labels"), s.read("split")
         assert ((labels == -1) == (split == -2)).all() and (labels == -1).sum() == 3
@@ -207,8 +207,8 @@ def test_hdf5_and_zarr_builds_hold_the_same_arrays(tmp_path, demo_images, unlabe
     out = tmp_path / "s.h5"
     assert run_cli("build", "--images", demo_images, "--unlabeled", unlabeled_images, "--out", out, *SMALL) == 0
     assert_same_store(small_store, out)
-    with Store.open(out) as s:
-        assert s.backend == "hdf5" and s.ids()[0].endswith((".jpg", ".png"))
+    with StoreReader.open(out) as s:
+        assert s.backend.kind == "hdf5" and s.ids()[0].endswith((".jpg", ".png"))
 
 
 def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path, demo_images):

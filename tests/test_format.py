@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
-from featurestore.store import Store
+
+from featurestore.reader import StoreReader
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v2"
 FLAGS = ["--teacher", "random:tiny", "--views", "3", "--image-size", "32", "--chunk-size", "4", "--patch-grid", "2",
@@ -26,7 +26,7 @@ def test_a_store_written_before_opens_and_the_same_build_gives_the_same_arrays(t
     new = tmp_path / f"new{suffix}"
     assert run_cli("build", "--images", FIXTURE / "images", "--unlabeled", FIXTURE / "unlabelled", "--out", new,
                    *FLAGS) == 0
-    with Store.open(old) as a, Store.open(new) as b:
+    with StoreReader.open(old) as a, StoreReader.open(new) as b:
         assert a.complete and b.complete and a.ids() == b.ids() and a.classes == b.classes
         assert a.num_images == 14 and a.num_chunks == 4 and a.attrs["num_unlabeled"] == 2
         assert [f.name for f in a.fields()] == [f.name for f in b.fields()]

@@ -7,7 +7,7 @@ from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
 from featurestore.heads import apply_linear, cross_fit_probe, fit_linear, l2_normalize
-from featurestore.store import Store
+from featurestore.reader import StoreReader
 
 
 def test_cross_fitting_does_not_leak_on_memorisable_noise():
@@ -29,7 +29,7 @@ def test_cross_fitting_does_not_leak_on_memorisable_noise():
 
 def test_stored_logits_come_from_the_right_fold_probe(small_store):
     """Built chunk by chunk from at most probe.max_rows rows, the stored probe equals a refit by hand."""
-    with Store.open(small_store) as s:
+    with StoreReader.open(small_store) as s:
         pooled = s.read("teacher/pooled").astype(np.float32)
         logits, split, labels = s.read("teacher/logits/probe"), s.read("split"), s.read("labels")
         h = s.head_arrays("probe")
@@ -67,7 +67,7 @@ def test_fit_linear_matches_sklearn_pipeline():
 
 def test_tiny_dataset_one_image_per_class():
     """Folds stay balanced across classes, and probes that saw few classes still score everything."""
-    from featurestore.builder import assign
+    from featurestore.index import assign
     labels = np.arange(10)
     split, _ = assign(labels, folds=5, val_fraction=0.1, seed=0)
     assert (split >= 0).all() and np.bincount(split, minlength=5).tolist() == [2] * 5
@@ -81,7 +81,7 @@ def test_tiny_dataset_one_image_per_class():
 def test_unlabelled_images_never_reach_the_fit_or_the_metrics():
     """Adding unlabelled rows (label -1, split -2) with any embeddings changes neither the probes nor
     the metrics; they are scored by the probe fitted on all folds."""
-    from featurestore.builder import assign
+    from featurestore.index import assign
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(4), 12)
     split, _ = assign(labels, folds=3, val_fraction=0.2, seed=0)

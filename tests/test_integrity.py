@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
-
 from conftest import SMALL, run_cli
-from featurestore.store import Store
 from test_build import assert_same_store
+
+from featurestore.reader import StoreReader
+from featurestore.writer import StoreWriter
 from trainer import cli as tcli
 
 FIT = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu", "--epochs", "1",
@@ -163,7 +163,7 @@ def test_a_full_disk_ends_in_one_line_and_resumes_to_the_same_store(tmp_path, st
             return real(path, value, *a, **kw)
         monkeypatch.setattr(local, "_put", put)
     else:
-        real = Store.write
+        real = StoreWriter.write
 
         def write(self, name, start, value):
             if name == "teacher/pooled":
@@ -171,13 +171,13 @@ def test_a_full_disk_ends_in_one_line_and_resumes_to_the_same_store(tmp_path, st
                 if writes["n"] > 4:
                     raise OSError(errno.ENOSPC, "Can't write data (file write failed: errno = 28)")
             return real(self, name, start, value)
-        monkeypatch.setattr(Store, "write", write)
+        monkeypatch.setattr(StoreWriter, "write", write)
     args = ["build", "--images", demo_images, "--unlabeled", unlabeled_images, "--out", out, *SMALL]
     assert run_cli(*args) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == (f"featurestore build: error: no space left on device while writing {out}; free space and "
                        "run the same command to resume")
-    with Store.open(out) as s:
+    with StoreReader.open(out) as s:
         assert 1 <= int(s.done().sum()) < s.num_chunks
     monkeypatch.undo()
     assert run_cli(*args) == 0

@@ -7,8 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import (LossWeights, cosine_loss, dist_loss, kd_loss, soft_cross_entropy, teacher_confidence,
-                            total_loss)
+from trainer.losses import (
+    LossWeights,
+    cosine_loss,
+    dist_loss,
+    kd_loss,
+    soft_cross_entropy,
+    teacher_confidence,
+    total_loss,
+)
 
 
 def test_kd_matches_hand_computation():
@@ -102,7 +109,7 @@ def test_kd_confidence_weights_each_view_by_what_the_teacher_gives_its_label():
     w = LossWeights(ce=0.0, kd=1.0, pooled=0.0, patches=0.0, kd_gate="confidence", temperature=2.0)
     _, parts = total_loss(w, s, q, labelled, t)
     kl = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), reduction="none", log_target=True).sum(-1)
-    assert parts["kd"] == pytest.approx(float((kl * want).mean() * 4), rel=1e-5)     # a weighted mean over all
+    assert parts["kd"].item() == pytest.approx(float((kl * want).mean() * 4), rel=1e-5)     # a weighted mean over all
 
 
 def test_kd_gate_drops_labelled_views_the_teacher_gets_wrong():
@@ -113,4 +120,4 @@ def test_kd_gate_drops_labelled_views_the_teacher_gets_wrong():
     w = LossWeights(ce=0.0, kd=1.0, pooled=0.0, patches=0.0, kd_gate="correct")
     _, parts = total_loss(w, s, q * labelled[:, None], labelled, t)
     keep = torch.tensor([True, False, True, False])                              # right, wrong, unlabelled, wrong
-    assert parts["kd"] == pytest.approx(kd_loss(s[keep], t[keep], w.temperature).item())
+    assert parts["kd"].item() == pytest.approx(kd_loss(s[keep], t[keep], w.temperature).item())

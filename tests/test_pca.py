@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL, run_cli
-from featurestore.builder import PCA_KEYS, PCA_VIEWS_PER_IMAGE
+
+from featurestore.teacher_pass import PCA_KEYS, PCA_VIEWS_PER_IMAGE
 from featurestore.pca import Moments, PatchBasis, fit_basis
-from featurestore.store import Store
+from featurestore.reader import StoreReader
 from featurestore.views import COL, MIX_NONE
 
 
@@ -37,8 +37,8 @@ def test_a_pca_store_holds_the_projection_of_the_full_width_patches(tmp_path, de
     assert run_cli("build", "--images", demo_images, "--out", full, *SMALL) == 0
     assert run_cli("build", "--images", demo_images, "--out", small, *SMALL, "--patch-dim", "12",
                    "--pca-images", "20") == 0
-    with Store.open(full) as f, Store.open(small) as s:
-        assert s["teacher/patches"].shape[-1] == 12 and s.attrs["patch_dim"] == 12
+    with StoreReader.open(full) as f, StoreReader.open(small) as s:
+        assert s.shape("teacher/patches")[-1] == 12 and s.attrs["patch_dim"] == 12
         basis = PatchBasis(**{name: s.small(key) for name, key in PCA_KEYS.items()})
         b = basis.basis.astype(np.float64)
         np.testing.assert_allclose(b @ b.T, np.eye(12), atol=1e-5)

@@ -19,10 +19,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, SMALL, run_cli
 
-from conftest import REPO, SMALL, run_cli, run_module
 from featurestore.demo import write_demo_data
-from featurestore.store import Store
+from featurestore.reader import StoreReader
+from featurestore.writer import StoreWriter
 from trainer import cli as tcli
 
 FIT = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu"]
@@ -81,7 +82,8 @@ def test_a_payload_checkpoint_does_not_run_on_resume_export_or_sweep(tmp_path, r
                        "--seeds", "1") == 2
     assert "last.pt: refused" in last_line(capsys.readouterr().err)
     assert not marker.exists()
-    with pytest.raises(Exception):                    # the oracle: a plain pickle load would have run it
+    import pickle
+    with pytest.raises(pickle.UnpicklingError):       # the oracle: a plain pickle load would have run it
         torch.load(bad / "checkpoints" / "best.pt", weights_only=True)
     torch.load(bad / "checkpoints" / "best.pt", weights_only=False)
     assert marker.is_dir()
@@ -148,7 +150,7 @@ def test_overwrite_rebuilds_a_store_and_an_empty_folder_needs_none(tmp_path, sma
     store = tmp_path / "s.zarr"
     shutil.copytree(small_store, store)
     assert run_cli("build", "--images", demo_images, "--out", store, *SMALL, "--views", "2", "--overwrite") == 0
-    with Store.open(store) as s:
+    with StoreReader.open(store) as s:
         assert s.views_per_image == 2 and s.complete
     empty = tmp_path / "empty.zarr"
     empty.mkdir()
@@ -160,9 +162,9 @@ def test_overwrite_rebuilds_a_store_and_an_empty_folder_needs_none(tmp_path, sma
 def test_all_zero_teacher_targets_are_refused_by_verify_and_fit_alike(tmp_path, small_store, ram_gb, capsys):
     store = tmp_path / "zero.zarr"
     shutil.copytree(small_store, store)
-    with Store.open(store, mode="r+") as s:
-        s.write("teacher/pooled", 0, np.zeros(s["teacher/pooled"].shape, np.float16))
-        n = s.num_chunks
+    with StoreWriter.open(store) as s:
+        s.write("teacher/pooled", 0, np.zeros(s.reader.shape("teacher/pooled"), np.float16))
+        n = s.reader.num_chunks
     assert run_cli("verify", store) == 1
     err = capsys.readouterr().err.splitlines()
     zero = [line for line in err if "teacher/pooled chunk" in line and "constant values" in line]
@@ -194,7 +196,8 @@ def test_an_hdf5_external_link_or_virtual_dataset_is_refused(tmp_path, demo_imag
                 f.create_virtual_dataset("teacher/pooled", layout)
         assert run_cli("verify", bad) == 1
         err = capsys.readouterr().err
-        assert ("teacher/pooled, an external link to" if kind == "external" else "teacher/pooled, a virtual dataset") in err
+        named = "teacher/pooled, an external link to" if kind == "external" else "teacher/pooled, a virtual dataset"
+        assert named in err
         assert run_trainer("fit", "--store", bad, "--out", tmp_path / f"r-{kind}", *FIT, "--epochs", "1") == 2
         assert "refuses links and virtual datasets" in last_line(capsys.readouterr().err)
 
@@ -207,7 +210,7 @@ def test_a_symbolic_link_inside_a_zarr_store_is_named_by_verify(tmp_path, small_
     chunk.unlink()
     chunk.symlink_to(tmp_path / "elsewhere")
     assert run_cli("verify", store) == 1
-    assert "a symbolic link (to " in capsys.readouterr().err
+    assert "teacher/pooled/c/" in (err := capsys.readouterr().err) and ", a symbolic link to " in err
 
 
 def test_one_class_is_refused_by_build_and_by_fit(tmp_path, demo_images, small_store, capsys):
@@ -245,7 +248,7 @@ def test_manifest_rows_that_conflict_or_leave_the_folder_are_named(tmp_path, dem
         line = last_line(capsys.readouterr().err)
         assert f"{path!r} is outside {demo_images.parent}" in line and "--allow-outside-paths" in line
     assert run_cli(*args, "--allow-outside-paths") == 0
-    with Store.open(tmp_path / "b.zarr") as s:
+    with StoreReader.open(tmp_path / "b.zarr") as s:
         assert str(outside) in s.ids()
 
 
@@ -320,7 +323,7 @@ def test_a_full_disk_in_fit_ends_in_one_line_and_resume_equals_an_uninterrupted_
     assert line.startswith("trainer fit: error: no space left on device while writing ")
     assert line.endswith("; free space and run the same command with --resume")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-    assert not [p for p in out.rglob("*.tmp")]
+    assert not list(out.rglob("*.tmp"))
     assert run_trainer("fit", "--out", out, *args, "--resume") == 0
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (ref, out))
     for key in a["model"]:
@@ -385,7 +388,7 @@ def test_sigterm_stops_a_build_in_one_line_and_the_same_command_resumes(tmp_path
     assert last_line(err) == ("featurestore build: stopped by SIGTERM; finished chunks are kept; run the same "
                               "command to continue")
     assert not Path(str(out) + ".lock").exists()
-    with Store.open(out) as s:
+    with StoreReader.open(out) as s:
         assert 2 <= int(s.done().sum()) < s.num_chunks
     assert run_cli("build", "--images", demo_images, "--out", out, *slow) == 0
     from test_build import assert_same_store

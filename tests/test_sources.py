@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import SMALL, run_cli
-from featurestore.config import BuildConfig, ConfigError, from_dict
-from featurestore.sources import DatasetError, decode, discover, squash
-from featurestore.store import Store
+from PIL import Image
 from test_views import smooth_image
+
+from featurestore.config import BuildConfig
+from featurestore.options import ConfigError, from_dict
+from featurestore.reader import StoreReader
+from featurestore.sources import DatasetError, decode, discover, squash
 
 
 def _jpeg_bytes(arr, **kw) -> bytes:
@@ -87,7 +88,7 @@ def test_build_skips_bad_files_and_reports_each(tmp_path, capsys):
     cfg.write_text("max_pixels: 5000000\n")
     out = tmp_path / "s.zarr"
     assert run_cli("build", "--config", cfg, "--images", tmp_path / "imgs", "--out", out, *SMALL) == 0
-    with Store.open(out) as s:
+    with StoreReader.open(out) as s:
         report = s.attrs["report"]
         skipped = {r["id"]: r["reason"] for r in report["skipped"]}
         for rel, what in expect.items():
@@ -116,7 +117,7 @@ def test_extreme_aspect_ratios_are_noted_in_the_report(tmp_path, capsys):
     Image.fromarray(np.full((10, 1000, 3), 128, np.uint8)).save(root / "a" / "strip.png")     # 100:1
     out = tmp_path / "s.zarr"
     assert run_cli("build", "--images", root, "--out", out, *SMALL) == 0
-    with Store.open(out) as s:
+    with StoreReader.open(out) as s:
         notes = s.attrs["report"]["notes"]
         assert notes == [{"id": "a/strip.png", "note": "extreme aspect 1000x10 squashed to a square"}]
         assert s.attrs["report"]["converted"]["extreme aspect"] == 1

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from featurestore.reader import StoreReader
 from featurestore.schema import FORMAT_VERSION, StoreError
-from featurestore.store import Store
 from featurestore.views import PARAM_NAMES
+from featurestore.writer import StoreWriter
 
 
 def _attrs(n, k, chunk, grid, **kw):
@@ -29,12 +30,12 @@ def _seeded(name, shape, dtype, i):
     return rng.standard_normal(shape).astype(dtype)
 
 
-def write_seeded(store: Store) -> dict[str, np.ndarray]:
-    written = {}
-    for c in range(store.num_chunks):       # write whole chunks, as the builder does
-        a, b = store.chunk_range(c)
-        for f in store.fields():
-            shape = store[f.name].shape[1:]
+def write_seeded(store: StoreWriter) -> dict[str, np.ndarray]:
+    written, r = {}, store.reader
+    for c in range(r.num_chunks):           # write whole chunks, as the builder does
+        a, b = r.chunk_range(c)
+        for f in r.fields():
+            shape = r.shape(f.name)[1:]
             block = np.stack([_seeded(f.name, shape, f.dtype, i) for i in range(a, b)])
             store.write(f.name, a, block)
             written.setdefault(f.name, []).append(block)
@@ -47,11 +48,11 @@ def write_seeded(store: Store) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("grid", [0, 2])
 def test_round_trip_across_chunks(tmp_path, suffix, compression, grid):
     n, k, chunk = 23, 3, 5                   # 5 chunks, the last one partial (3 images)
-    store = Store.create(tmp_path / f"s{suffix}", _attrs(n, k, chunk, grid), compression)
+    store = StoreWriter.create(tmp_path / f"s{suffix}", _attrs(n, k, chunk, grid), compression)
     written = write_seeded(store)
     store.close()
 
-    with Store.open(tmp_path / f"s{suffix}") as r:
+    with StoreReader.open(tmp_path / f"s{suffix}") as r:
         assert r.num_images == n and r.num_chunks == 5 and r.chunk_range(4) == (20, 23)
         assert r.done().all()
         assert r.ids() == [f"cls/img_{i}.jpg" for i in range(n)]
@@ -75,32 +76,37 @@ def test_round_trip_across_chunks(tmp_path, suffix, compression, grid):
 def test_one_view_of_one_chunk_is_one_stored_chunk(tmp_path):
     """Zarr: per-view arrays are sharded by store chunk with inner chunks (chunk, 1 view, ...); HDF5 alike;
     and every chunk carries a checksum (crc32c after the compressor; fletcher32)."""
-    z = Store.create(tmp_path / "s.zarr", _attrs(23, 3, 5, 2, image_size=40), "zstd")
+    import h5py
+    import zarr
+    StoreWriter.create(tmp_path / "s.zarr", _attrs(23, 3, 5, 2, image_size=40), "zstd").close()
+    z = zarr.open_group(tmp_path / "s.zarr", mode="r")
     arr = z["teacher/patches"]
     assert arr.shards == (5, 3, 2, 2, 12) and arr.chunks == (5, 1, 2, 2, 12)
     names = [type(c).__name__ for c in arr.metadata.codecs[0].codecs]
     assert names == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
     assert z["images"].chunks == (1, 40, 40, 3) and z["images"].shards == (5, 40, 40, 3)   # gcd(5, 8) images
-    z8 = Store.create(tmp_path / "s8.zarr", _attrs(40, 3, 12, 2, image_size=40), "zstd")
+    StoreWriter.create(tmp_path / "s8.zarr", _attrs(40, 3, 12, 2, image_size=40), "zstd").close()
+    z8 = zarr.open_group(tmp_path / "s8.zarr", mode="r")
     assert z8["images"].chunks == (4, 40, 40, 3) and z8["images"].shards == (12, 40, 40, 3)
     for name in ("labels", "split", "ids", "sha256", "progress/done"):
         assert "Crc32cCodec" in [type(c).__name__ for c in z[name].metadata.codecs], name
-    h = Store.create(tmp_path / "s.h5", _attrs(23, 3, 5, 2), "lzf")
-    assert h["teacher/patches"].chunks == (5, 1, 2, 2, 12) and h["views/params"].chunks == (5, 1, len(PARAM_NAMES))
-    for f in h.fields():
-        assert h[f.name].fletcher32, f.name
-    assert h["progress/done"].fletcher32
+    StoreWriter.create(tmp_path / "s.h5", _attrs(23, 3, 5, 2), "lzf").close()
+    with h5py.File(tmp_path / "s.h5", "r") as h:
+        assert h["teacher/patches"].chunks == (5, 1, 2, 2, 12) and h["views/params"].chunks == (5, 1, len(PARAM_NAMES))
+        for name in ("images", "labels", "split", "sha256", "ids", "views/params", "teacher/pooled", "teacher/patches",
+                     "teacher/logits/probe", "teacher/logits/zeroshot", "progress/done"):
+            assert h[name].fletcher32, name
 
 
 def test_hdf5_attributes_are_native_scalars(tmp_path):
     import h5py
     path = tmp_path / "s.h5"
-    Store.create(path, _attrs(4, 1, 2, 0, complete=True), "none").close()
+    StoreWriter.create(path, _attrs(4, 1, 2, 0, complete=True), "none").close()
     with h5py.File(path, "r") as f:
         assert f.attrs["chunk_size"] == 2 and isinstance(f.attrs["chunk_size"], np.integer)
         assert f.attrs["complete"] == np.True_ and f.attrs["format_version"] == FORMAT_VERSION
         assert json.loads(f.attrs["classes"]) == [f"c{i}" for i in range(5)]      # lists stay JSON
-    with Store.open(path) as s:
+    with StoreReader.open(path) as s:
         assert s.attrs["chunk_size"] == 2 and s.attrs["complete"] is True and s.attrs["teacher"] == {"id": "x"}
 
 
@@ -111,30 +117,30 @@ def test_hdf5_attributes_are_native_scalars(tmp_path):
         r"`featurestore build`")])
 def test_other_format_versions_are_refused_with_what_to_do(tmp_path, suffix, version, message):
     path = tmp_path / f"s{suffix}"
-    store = Store.create(path, _attrs(4, 1, 2, 0), "none")
+    store = StoreWriter.create(path, _attrs(4, 1, 2, 0), "none")
     store.set_attrs({"format_version": version})
     store.close()
     with pytest.raises(StoreError, match=message):
-        Store.open(path)
+        StoreReader.open(path)
 
 
 def test_open_missing_and_foreign(tmp_path):
     with pytest.raises(StoreError, match="store not found"):
-        Store.open(tmp_path / "nope.zarr")
+        StoreReader.open(tmp_path / "nope.zarr")
     import zarr
     zarr.open_group(tmp_path / "other.zarr", mode="w")
     with pytest.raises(StoreError, match="not a kdstore store"):
-        Store.open(tmp_path / "other.zarr")
+        StoreReader.open(tmp_path / "other.zarr")
 
 
 def test_open_reports_missing_array(tmp_path):
     path = tmp_path / "s.h5"
-    Store.create(path, _attrs(4, 1, 2, 0), "none").close()
+    StoreWriter.create(path, _attrs(4, 1, 2, 0), "none").close()
     import h5py
     with h5py.File(path, "r+") as f:
         del f["teacher/pooled"]
     with pytest.raises(StoreError, match="teacher/pooled"):
-        Store.open(path)
+        StoreReader.open(path)
 
 
 @pytest.mark.parametrize("compression", ["default", "zstd", "none", "blosc", "lz4"])
@@ -143,12 +149,12 @@ def test_direct_shard_reads_equal_what_was_written(tmp_path, monkeypatch, compre
     """A trainer's reads (a store chunk's images, one view of a per-view array) come straight from the
     chunk files, never through zarr, and equal what was written: every codec, a partial last chunk,
     images unsharded (small rows), in inner chunks of one image (gcd(5, 8)) and of eight."""
-    store = Store.create(tmp_path / "s.zarr", _attrs(n, 3, chunk, 2, image_size=side), compression)
+    store = StoreWriter.create(tmp_path / "s.zarr", _attrs(n, 3, chunk, 2, image_size=side), compression)
     written = write_seeded(store)
     store.close()
-    r = Store.open(tmp_path / "s.zarr")
+    r = StoreReader.open(tmp_path / "s.zarr")
     per_view = [f.name for f in r.fields() if f.per_view]
-    assert all(r._shard_reader(name) is not None for name in ["images", *per_view])
+    assert all(r.backend.direct(name) is not None for name in ["images", *per_view])
 
     def no_zarr(*a, **k):
         raise AssertionError("read through zarr")
@@ -169,7 +175,9 @@ def test_direct_shard_reads_equal_what_was_written(tmp_path, monkeypatch, compre
 def test_default_zarr_compression_is_zstd_and_lz4_for_images(tmp_path):
     """Images, read whole every epoch, take blosc-lz4 (decodes several times faster than zstd); the
     teacher arrays, read one view in K, take zstd."""
-    s = Store.create(tmp_path / "s.zarr", _attrs(40, 2, 16, 2, image_size=40), "default")
+    import zarr
+    StoreWriter.create(tmp_path / "s.zarr", _attrs(40, 2, 16, 2, image_size=40), "default").close()
+    s = zarr.open_group(tmp_path / "s.zarr", mode="r")
     images = s["images"].metadata.codecs[0].codecs
     assert [type(c).__name__ for c in images] == ["BytesCodec", "BloscCodec", "Crc32cCodec"]
     assert images[1].cname.value == "lz4"
@@ -181,9 +189,10 @@ def test_direct_reads_leave_damage_and_gaps_to_zarr(tmp_path):
     """What the direct path cannot serve, zarr answers as before: a flipped byte fails its checksum,
     a deleted shard is missing (both named), a view never written reads as NaN (the fill)."""
     import zarr
-    from featurestore.store import ChunkError
+
+    from featurestore.reader import ChunkError
     path = tmp_path / "s.zarr"
-    store = Store.create(path, _attrs(23, 3, 5, 2), "default")
+    store = StoreWriter.create(path, _attrs(23, 3, 5, 2), "default")
     written = write_seeded(store)
     store.close()
     pooled = zarr.open_array(path / "teacher/pooled", mode="r+", config={"write_empty_chunks": False})
@@ -196,7 +205,7 @@ def test_direct_reads_leave_damage_and_gaps_to_zarr(tmp_path):
     data[20] ^= 0xFF
     f.write_bytes(bytes(data))
 
-    r = Store.open(path)
+    r = StoreReader.open(path)
     assert np.isnan(r.read_view("teacher/pooled", 1, 1)).all()
     assert np.array_equal(r.read_view("teacher/pooled", 1, 2), written["teacher/pooled"][5:10, 2])
     with pytest.raises(ChunkError, match=r"teacher/patches chunk 2 \(images 10..14\) is missing") as e:

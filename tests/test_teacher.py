@@ -4,15 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO, SMALL, run_cli
-from featurestore.builder import decode_side
-from featurestore import views
-from featurestore.sources import decode
-from featurestore.store import Store
-from featurestore.teacher import TeacherError, _access_message, load_teacher, random_config
+from PIL import Image
 from test_views import smooth_image
+
+from featurestore import views
+from featurestore.scan import decode_side
+from featurestore.reader import StoreReader
+from featurestore.sources import decode
+from featurestore.teacher import TeacherError, _access_message, load_teacher, random_config
 
 
 def _normalise(x, pre):
@@ -55,7 +55,7 @@ def test_zeroshot_logits_equal_siglip_logits_per_image(hf_store, demo_images, ti
     model = SiglipModel.from_pretrained(tiny_siglip_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_siglip_dir)
     teacher = load_teacher(str(tiny_siglip_dir), device="cpu")
-    with Store.open(hf_store) as s:
+    with StoreReader.open(hf_store) as s:
         prompts = [group[0] for group in s.attrs["prompts"]]          # one prompt per class here
         assert prompts[1] == "a photo of Warts Molluscum and other Viral Infections"
         ids, n = s.ids()[:6], 6
@@ -93,7 +93,7 @@ def test_prompt_files_average_normalised_text_embeddings(tmp_path, demo_images, 
                    "--prompts", tmp_path / "prompts.yaml") == 0
     model = SiglipModel.from_pretrained(tiny_siglip_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_siglip_dir)
-    with Store.open(out) as s:
+    with StoreReader.open(out) as s:
         prompts, heads = s.attrs["prompts"], s.head_arrays("zeroshot")
         pooled, logits = s.read("teacher/pooled", 0, 4)[:, 0], s.read("teacher/logits/zeroshot", 0, 4)[:, 0]
     assert prompts[0] == ["a red itchy rash", "dry scaly skin"] and len(prompts[2]) == 3
@@ -130,8 +130,9 @@ def test_class_names_are_cleaned_for_prompts():
 
 
 def test_reference_config_ships_prompts_for_the_ten_classes():
-    from featurestore.config import BuildConfig, from_dict, load_yaml
+    from featurestore.config import BuildConfig
     from featurestore.demo import REFERENCE_CLASSES
+    from featurestore.options import from_dict, load_yaml
     from featurestore.sources import class_display_name
     cfg = from_dict(BuildConfig, load_yaml(REPO / "configs" / "medsiglip-448.yaml") | {"images": "x", "out": "y"})
     cfg.validate()
@@ -143,7 +144,7 @@ def test_reference_config_ships_prompts_for_the_ten_classes():
 def test_vision_only_checkpoint_gives_probe_head_alone(tmp_path, demo_images, tiny_vision_dir):
     out = tmp_path / "v.zarr"
     assert run_cli("build", "--images", demo_images, "--out", out, *SMALL, "--teacher", tiny_vision_dir) == 0
-    with Store.open(out) as s:
+    with StoreReader.open(out) as s:
         assert s.heads() == ["probe"] and "teacher/logits/zeroshot" not in s
         assert s.attrs["teacher"]["has_text"] is False
 

@@ -176,8 +176,9 @@ def test_batched_and_per_view_colour_paths_agree():
     params = torch.from_numpy(params_for(policy(views=5), 4, 4)[:, 1:].reshape(16, -1))
     index = torch.arange(4).repeat_interleave(4)
     partner = params[:, COL["mix_partner"]].long()
-    per_view = views.render(imgs, index, params, 24, partner_index=partner, mean=(0.5,) * 3, std=(0.2,) * 3, batched=False)
-    batched = views.render(imgs, index, params, 24, partner_index=partner, mean=(0.5,) * 3, std=(0.2,) * 3, batched=True)
+    norm = {"mean": (0.5,) * 3, "std": (0.2,) * 3}
+    per_view = views.render(imgs, index, params, 24, partner_index=partner, batched=False, **norm)
+    batched = views.render(imgs, index, params, 24, partner_index=partner, batched=True, **norm)
     torch.testing.assert_close(per_view, batched)
 
 

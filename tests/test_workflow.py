@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL, run_cli
+
 from featurestore import devices
 from featurestore.devices import Caps
-from featurestore.store import Store
+from featurestore.reader import StoreReader
 from trainer import cli as tcli
 
 FIT = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu", "--epochs", "1"]
@@ -50,11 +50,12 @@ def test_auto_device_picks_cuda_then_mps_then_cpu(monkeypatch):
 def test_the_gpu_loader_branch_gives_the_cpu_branch_batches(small_store):
     """Sources stacked and moved as one tensor with the batched colour kernel (the GPU branch), run on
     the CPU, give the batches of the per-view CPU branch."""
-    from trainer.loader import Loader, StoreData
+    from trainer.data import StoreData
+    from trainer.loader import Loader, LoaderConfig
     data = StoreData(str(small_store), "probe", True, True)
     idx = np.flatnonzero(data.split != -1)
-    cpu = Loader(data, idx, 8, 40, 3, torch.device("cpu"), True)
-    gpu = Loader(data, idx, 8, 40, 3, torch.device("cpu"), True, caps=Caps("cuda", (8, 0)))
+    cpu = Loader(data, idx, 3, torch.device("cpu"), LoaderConfig(8, 40))
+    gpu = Loader(data, idx, 3, torch.device("cpu"), LoaderConfig(8, 40), caps=Caps("cuda", (8, 0)))
     for a, b in zip(cpu.epoch(1), gpu.epoch(1)):
         torch.testing.assert_close(a.pixels, b.pixels)
         torch.testing.assert_close(a.targets, b.targets, rtol=0, atol=0)
@@ -98,7 +99,7 @@ def test_plan_predicts_the_store_that_the_same_flags_build(tmp_path, demo_images
     assert p["num_images"] == 80 and p["unlabeled"] == 20 and p["views"] == 480 and p["views_per_image"] == 6
     actual = _disk(out)
     assert abs(p["store_bytes"] - actual) / actual < 0.05, (p["store_bytes"], actual)
-    with Store.open(out) as s:
+    with StoreReader.open(out) as s:
         for name in ("images", "teacher/pooled", "teacher/patches"):
             assert abs(p["fields"][name] - s.stored_bytes(name)) / s.stored_bytes(name) < 0.05, name
         per_view = sum(s.stored_bytes(f.name) for f in s.fields() if f.per_view) / (80 * 6)
@@ -115,6 +116,7 @@ def test_plan_counts_the_flops_torch_counts(tiny_siglip_dir):
     as matrix products, so that it is counted)."""
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import SiglipVisionModel
+
     from featurestore.teacher import eager, flops_per_view, random_config, vision_config
     for spec in (str(tiny_siglip_dir), "random:tiny"):
         vcfg = vision_config(spec)
@@ -130,8 +132,8 @@ def test_slim_keeps_what_it_is_told_verifies_and_trains(tmp_path, small_store, c
     dst = tmp_path / "slim.zarr"
     keep = "images,views/params,teacher/pooled,teacher/logits/probe"
     assert run_cli("slim", small_store, dst, "--fields", keep) == 0
-    assert "verified" in capsys.readouterr().out
-    with Store.open(small_store) as s, Store.open(dst) as d:
+    assert "verified" in capsys.readouterr().err
+    with StoreReader.open(small_store) as s, StoreReader.open(dst) as d:
         assert {f.name for f in d.fields()} == set(keep.split(",")) | {"labels", "split", "ids", "sha256"}
         assert sorted(d.attrs["dropped"]) == ["teacher/logits/zeroshot", "teacher/patches"]
         assert d.heads() == ["probe"] and d.small_keys() == s.small_keys()
@@ -146,7 +148,8 @@ def test_slim_keeps_what_it_is_told_verifies_and_trains(tmp_path, small_store, c
     run = tmp_path / "run"
     assert tcli.main([str(a) for a in ("fit", "--store", dst, "--out", run, *FIT, "--w-patches", "0")]) == 0
     assert (run / "student.pt").is_file()
-    assert tcli.main([str(a) for a in ("fit", "--store", dst, "--out", tmp_path / "r2", *FIT, "--w-patches", "0.5")]) == 2
+    assert tcli.main([str(a) for a in ("fit", "--store", dst, "--out", tmp_path / "r2", *FIT,
+                                       "--w-patches", "0.5")]) == 2
     assert "stores no patch grid" in capsys.readouterr().err
     assert run_cli("slim", small_store, tmp_path / "x.zarr", "--fields", "images,teacher/nope") == 2
     assert "has no arrays ['teacher/nope']" in capsys.readouterr().err
@@ -155,8 +158,8 @@ def test_slim_keeps_what_it_is_told_verifies_and_trains(tmp_path, small_store, c
 def test_slim_to_hdf5_for_a_single_file(tmp_path, small_store):
     dst = tmp_path / "slim.h5"
     assert run_cli("slim", small_store, dst, "--fields", "images,views/params,teacher/logits/probe") == 0
-    with Store.open(dst) as d:
-        assert d.backend == "hdf5" and "teacher/pooled" in d.attrs["dropped"]
+    with StoreReader.open(dst) as d:
+        assert d.backend.kind == "hdf5" and "teacher/pooled" in d.attrs["dropped"]
 
 
 def test_python_api_build_inspect_verify_slim(tmp_path, demo_images):
@@ -169,7 +172,7 @@ def test_python_api_build_inspect_verify_slim(tmp_path, demo_images):
     assert featurestore.verify(str(tmp_path / "api.zarr")) == []
     slim = featurestore.slim(str(tmp_path / "api.zarr"), str(tmp_path / "api-slim.zarr"), ["images", "views/params"])
     assert "teacher/pooled" in slim.attrs["dropped"]
-    from featurestore.config import ConfigError
+    from featurestore.options import ConfigError
     with pytest.raises(ConfigError, match="unknown keyword 'patchgrid'.*did you mean 'patch_grid'"):
         featurestore.build(images=str(demo_images), out=str(tmp_path / "x.zarr"), patchgrid=2)
 
@@ -184,7 +187,8 @@ def test_notebooks_run_on_the_demo_data(tmp_path):
     try:
         for name in ("build_on_a_gpu_box.ipynb", "train_on_a_laptop.ipynb"):
             nb = nbformat.read(repo / "examples" / name, as_version=4)
-            NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+            NotebookClient(nb, timeout=600, kernel_name="python3",
+                           resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
         for key in env:
             os.environ.pop(key, None)
