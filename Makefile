@@ -39,7 +39,7 @@ demo: demo-data
 
 demo-data: env
 	rm -rf $(DEMO)
-	$(PY) -m featurestore demo-teacher $(DEMO)/teacher --seconds 80
+	$(PY) -m featurestore demo-teacher $(DEMO)/teacher --steps 240
 	$(PY) -m featurestore demo-data $(DEMO)/labelled --per-class 14 --seed 0
 	$(PY) -m featurestore demo-data $(DEMO)/unlabelled --per-class 40 --seed 2 --flat
 	$(PY) -m featurestore demo-data $(DEMO)/fresh --per-class 20 --seed 1
@@ -52,8 +52,10 @@ demo-sweep: demo-data
 	$(PY) -m trainer sweep --config $(STUDENT) --store $(DEMO)/sweep-store.zarr --out $(DEMO)/sweep --epochs 30 \
 		--recipes labels,base:labelled,base --seeds 3 --eval-images $(DEMO)/fresh
 
+# two test processes of one thread each: a 2-core machine kept busy without oversubscription
 test: env
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
+	$(VENV)/bin/ruff check .
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --durations=15
 
 bench: env
 	$(PY) -m benchmarks.run --profile cpu

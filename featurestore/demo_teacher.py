@@ -52,7 +52,7 @@ def train_demo_teacher(out: str | Path, images: int = 3000, steps: int = 300, se
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     x, y = corpus(images, seed)
-    xv, yv = corpus(500, seed + 1)
+    xv, yv = corpus(min(500, images), seed + 1)
     config = SiglipVisionConfig(**TOWER, image_size=SIZE, patch_size=PATCH)
     model = SiglipVisionModel(config)
     head = torch.nn.Linear(config.hidden_size, len(REFERENCE_CLASSES))
@@ -91,4 +91,4 @@ def train_demo_teacher(out: str | Path, images: int = 3000, steps: int = 300, se
               "seconds": time.perf_counter() - t_start}
     (out / "demo_teacher.json").write_text(json.dumps(record))
     return (f"saved the demo teacher to {out}: {steps} steps in {time.perf_counter() - t_start:.0f}s, accuracy of its "
-            f"training head on 500 fresh images {acc:.3f}")
+            f"training head on {len(xv)} fresh images {acc:.3f}")

@@ -30,6 +30,33 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
+PALETTE = [(220, 40, 40), (40, 180, 40), (40, 60, 220), (230, 200, 30), (200, 40, 200), (30, 200, 210),
+           (250, 130, 20), (120, 60, 20), (250, 250, 250), (20, 20, 20)]
+
+
+def write_easy_data(root: Path, per_class: int, seed: int, flat: bool = False) -> Path:
+    """An ImageFolder (the demo's class names) whose classes a small CNN tells apart in a few epochs: a
+    disc of one colour per class, at a random place and size, on noisy gray; for tests that check the
+    pipeline learns, far from any bar."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from featurestore.demo import REFERENCE_CLASSES
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(REFERENCE_CLASSES):
+        folder = root if flat else root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            side = int(rng.integers(64, 129))
+            base = np.clip(128 + rng.normal(0, 20, (side, side, 3)), 0, 255).astype(np.uint8)
+            img = Image.fromarray(base)
+            r = side * rng.uniform(0.25, 0.4)
+            cx, cy = side * rng.uniform(0.35, 0.65, size=2)
+            ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=PALETTE[c])
+            img.save(folder / f"{'u' if flat else 'img'}_{c}_{j}.{'png' if j % 2 else 'jpg'}")
+    return root
+
+
 @pytest.fixture(scope="session")
 def demo_images(tmp_path_factory) -> Path:
     return write_demo_data(tmp_path_factory.mktemp("demo") / "images", per_class=6, seed=0)
@@ -46,6 +73,25 @@ def small_store(tmp_path_factory, demo_images, unlabeled_images) -> Path:
     out = tmp_path_factory.mktemp("stores") / "small.zarr"
     assert run_cli("build", "--images", demo_images, "--unlabeled", unlabeled_images, "--out", out, *SMALL) == 0
     return out
+
+
+# 15 chunks of 4 images, 8 views: a build slow enough to be stopped part way
+SLOW = [*SMALL, "--views", "8", "--chunk-size", "4"]
+
+
+@pytest.fixture(scope="session")
+def slow_reference(tmp_path_factory, demo_images):
+    """suffix -> an uninterrupted build with the SLOW flags, made once (the number of decoding workers
+    changes nothing in a store)."""
+    made: dict[str, Path] = {}
+
+    def get(suffix: str) -> Path:
+        if suffix not in made:
+            out = tmp_path_factory.mktemp("slow") / f"ref{suffix}"
+            assert run_cli("build", "--images", demo_images, "--out", out, *SLOW, "--workers", "0") == 0
+            made[suffix] = out
+        return made[suffix]
+    return get
 
 
 def tiny_siglip_config():

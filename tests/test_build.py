@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import REPO, SMALL, run_cli, run_module
+from conftest import REPO, SLOW, SMALL, run_cli, run_module
 
 from benchmarks.common import DONE_LINE
 from featurestore.reader import StoreReader
@@ -38,16 +38,13 @@ def done_count(path: Path) -> int:
     return -1
 
 
-SLOW = [*SMALL, "--views", "8", "--chunk-size", "4", "--workers", "2"]   # 15 chunks, decoding workers
-
-
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path, demo_images, suffix):
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, demo_images, slow_reference, suffix):
     """Killed with its decoding workers alive, the same command run at once resumes (the lock is the
     build's own, not its workers'), and the result equals an uninterrupted build."""
-    ref, out = tmp_path / f"ref{suffix}", tmp_path / f"killed{suffix}"
-    assert run_cli("build", "--images", demo_images, "--out", ref, *SLOW) == 0
-    cmd = [sys.executable, "-m", "featurestore", "build", "--images", str(demo_images), "--out", str(out), *SLOW]
+    ref, out = slow_reference(suffix), tmp_path / f"killed{suffix}"
+    cmd = [sys.executable, "-m", "featurestore", "build", "--images", str(demo_images), "--out", str(out), *SLOW,
+           "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -63,7 +60,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, demo_images, suffix
     assert any(w.is_running() for w in workers), "the decoding workers were not alive at the kill"
     if suffix == ".zarr":
         assert 2 <= done_count(out) < 15
-    rc = run_cli("build", "--images", demo_images, "--out", out, *SLOW)          # at once
+    rc = run_cli("build", "--images", demo_images, "--out", out, *SLOW, "--workers", "0")       # at once
     assert rc == 0
     assert_same_store(ref, out)
     gone, alive = psutil.wait_procs(workers, timeout=30)                           # orphans notice and leave
@@ -169,18 +166,23 @@ def test_classes_file_sets_the_order(tmp_path, demo_images):
         assert all(order[label] == i.split("/")[0] for i, label in zip(ids, labels))
 
 
-def test_cli_help_explains_flags():
-    r = run_module("featurestore", "build", "--help")
-    assert r.returncode == 0
-    for flag in ("--teacher", "--views", "--patch-grid", "--on-bad-image", "--classes", "--overwrite"):
-        assert flag in r.stdout
-    text = " ".join(r.stdout.split())
-    assert "(view 0 is the whole image) (default: 8)" in text and "(default: google/medsiglip-448)" in text
-    assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
-    assert "skip the text tower (default: the zero-shot head is stored when the model has one)" in text
-    r = run_module("trainer", "fit", "--help")
-    text = " ".join(r.stdout.split())
-    assert r.returncode == 0 and "(default: shufflenet_v2_x1_0)" in text and "(default: 30)" in text
+def test_cli_help_explains_flags(capsys):
+    from featurestore.cli import main as featurestore_main
+    from trainer.cli import main as trainer_main
+    for main, argv in ((featurestore_main, ["build", "--help"]), (trainer_main, ["fit", "--help"])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        text = " ".join(out.split())
+        assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+        if argv[0] == "build":
+            for flag in ("--teacher", "--views", "--patch-grid", "--on-bad-image", "--classes", "--overwrite"):
+                assert flag in out
+            assert "(view 0 is the whole image) (default: 8)" in text and "(default: google/medsiglip-448)" in text
+            assert "skip the text tower (default: the zero-shot head is stored when the model has one)" in text
+        else:
+            assert "(default: shufflenet_v2_x1_0)" in text and "(default: 30)" in text
 
 
 def test_missing_store_is_a_clear_error(tmp_path, capsys):

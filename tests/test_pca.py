@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import SMALL, run_cli
 
-from featurestore.teacher_pass import PCA_KEYS, PCA_VIEWS_PER_IMAGE
 from featurestore.pca import Moments, PatchBasis, fit_basis
 from featurestore.reader import StoreReader
+from featurestore.teacher_pass import PCA_KEYS, PCA_VIEWS_PER_IMAGE
 from featurestore.views import COL, MIX_NONE
 
 

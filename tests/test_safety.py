@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SMALL, run_cli
+from conftest import REPO, SLOW, SMALL, run_cli
 
 from featurestore.demo import write_demo_data
 from featurestore.reader import StoreReader
@@ -310,11 +310,18 @@ def disk_of(folder: Path, size: int, monkeypatch):
         monkeypatch.undo()
 
 
-def test_a_full_disk_in_fit_ends_in_one_line_and_resume_equals_an_uninterrupted_run(tmp_path, small_store, capsys,
-                                                                                    monkeypatch):
-    args = ["--store", small_store, *FIT, "--epochs", "3", "--no-unlabeled"]
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_store) -> tuple[list[str], Path]:
+    """The fit flags the interrupted runs below use, and the run they give when nothing stops them."""
+    args = ["--store", str(small_store), *FIT, "--epochs", "5", "--no-unlabeled"]
+    ref = tmp_path_factory.mktemp("reference") / "run"
     assert run_trainer("fit", "--out", ref, *args) == 0
+    return args, ref
+
+
+def test_a_full_disk_in_fit_ends_in_one_line_and_resume_equals_an_uninterrupted_run(tmp_path, reference, capsys,
+                                                                                    monkeypatch):
+    args, ref = reference
     epoch_one = sum(p.stat().st_size for p in (ref / "checkpoints").iterdir()) + 16384
     out = tmp_path / "disk" / "run"
     with disk_of(out.parent, int(1.4 * epoch_one), monkeypatch):         # epoch 1 fits, epoch 2 does not
@@ -343,11 +350,37 @@ def test_a_full_disk_before_the_first_epoch_leaves_a_folder_the_same_command_sta
     assert (out / "student.pt").is_file()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_fit_in_one_line_that_says_exactly_what_to_run(tmp_path, small_store, sig):
-    args = ["--store", str(small_store), *FIT, "--epochs", "6", "--no-unlabeled"]
-    ref = tmp_path / "ref"
-    assert run_trainer("fit", "--out", ref, *args) == 0
+@contextlib.contextmanager
+def signal_when(ready, sig: int):
+    """Send `sig` to this process as soon as ready() holds, while the block runs a command in it; a
+    signal that comes late finds it ignored, never pytest."""
+    import threading
+    fired, stop = threading.Event(), threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if ready():
+                fired.set()
+                os.kill(os.getpid(), sig)
+                return
+            time.sleep(0.002)
+    old = signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_IGN)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield fired
+    finally:
+        stop.set()
+        watcher.join()
+        signal.signal(sig, signal.SIG_IGN)
+        time.sleep(0.05)                                  # a signal in flight lands on SIG_IGN
+        signal.signal(sig, old)
+
+
+def test_sigterm_stops_fit_in_one_line_that_says_exactly_what_to_run(tmp_path, reference):
+    """A real SIGTERM to a real process (as `timeout` or `docker stop` send it): exit 143, one line with
+    the exact command that continues the run, and that command equals never stopping."""
+    args, ref = reference
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "fit", "--out", str(out), *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -356,12 +389,11 @@ def test_a_signal_stops_fit_in_one_line_that_says_exactly_what_to_run(tmp_path, 
         if (out / "metrics.jsonl").is_file():
             break
         time.sleep(0.005)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
+    assert proc.returncode == 143, err
     line = last_line(err)
-    word = "stopped by SIGTERM" if sig == signal.SIGTERM else "interrupted"
-    assert line.startswith(f"trainer fit: {word}; ") and "to continue, run: trainer fit " in line, line
+    assert line.startswith("trainer fit: stopped by SIGTERM; ") and "to continue, run: trainer fit " in line, line
     assert not Path(str(out) + ".lock").exists()
     command = shlex.split(line.split("to continue, run: ", 1)[1])
     assert command[-1] == "--resume"
@@ -371,26 +403,34 @@ def test_a_signal_stops_fit_in_one_line_that_says_exactly_what_to_run(tmp_path, 
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
-def test_sigterm_stops_a_build_in_one_line_and_the_same_command_resumes(tmp_path, demo_images):
-    slow = [*SMALL, "--views", "8", "--chunk-size", "4", "--workers", "2"]
-    ref, out = tmp_path / "ref.zarr", tmp_path / "s.zarr"
-    assert run_cli("build", "--images", demo_images, "--out", ref, *slow) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "featurestore", "build", "--images", str(demo_images), "--out",
-                             str(out), *slow], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((out / "progress" / "done").glob("c/*"))) >= 2:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    assert last_line(err) == ("featurestore build: stopped by SIGTERM; finished chunks are kept; run the same "
-                              "command to continue")
+def test_ctrl_c_stops_fit_likewise(tmp_path, reference, capsys):
+    args, ref = reference
+    out = tmp_path / "run"
+    with signal_when(lambda: (out / "metrics.jsonl").is_file(), signal.SIGINT) as fired:
+        assert run_trainer("fit", "--out", out, *args) == 130
+    assert fired.is_set()
+    line = last_line(capsys.readouterr().err)
+    assert line.startswith("trainer fit: interrupted; ") and "to continue, run: trainer fit " in line, line
+    assert not Path(str(out) + ".lock").exists()
+    assert run_trainer(*shlex.split(line.split("to continue, run: ", 1)[1])[1:]) == 0
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (ref, out))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_sigterm_stops_a_build_in_one_line_and_the_same_command_resumes(tmp_path, demo_images, slow_reference,
+                                                                         capsys):
+    ref, out = slow_reference(".zarr"), tmp_path / "s.zarr"
+    args = ["build", "--images", demo_images, "--out", out, *SLOW, "--workers", "0"]
+    with signal_when(lambda: len(list((out / "progress" / "done").glob("c/*"))) >= 2, signal.SIGTERM) as fired:
+        assert run_cli(*args) == 143
+    assert fired.is_set()
+    assert last_line(capsys.readouterr().err) == ("featurestore build: stopped by SIGTERM; finished chunks are kept; "
+                                                  "run the same command to continue")
     assert not Path(str(out) + ".lock").exists()
     with StoreReader.open(out) as s:
         assert 2 <= int(s.done().sum()) < s.num_chunks
-    assert run_cli("build", "--images", demo_images, "--out", out, *slow) == 0
+    assert run_cli(*args) == 0
     from test_build import assert_same_store
     assert_same_store(ref, out)
 

@@ -9,8 +9,8 @@ from PIL import Image
 from test_views import smooth_image
 
 from featurestore import views
-from featurestore.scan import decode_side
 from featurestore.reader import StoreReader
+from featurestore.scan import decode_side
 from featurestore.sources import decode
 from featurestore.teacher import TeacherError, _access_message, load_teacher, random_config
 

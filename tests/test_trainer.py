@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cli, run_module
+from conftest import REPO, run_cli, write_easy_data
 from sklearn.metrics import accuracy_score, f1_score
 
 from featurestore import views
@@ -24,6 +24,7 @@ from trainer.loader import Loader, LoaderConfig
 from trainer.students import IMAGENET_MEAN, IMAGENET_STD
 
 FAST = ["--student", "shufflenet_v2_x0_5", "--image-size", "64", "--batch-size", "16", "--cpu"]
+TINY = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu"]   # on small_store
 
 
 def run_trainer(*args) -> int:
@@ -32,10 +33,10 @@ def run_trainer(*args) -> int:
 
 @pytest.fixture(scope="module")
 def learn_store(tmp_path_factory) -> Path:
-    """300 demo images and 40 unlabelled ones, 4 views, mixing on: enough to learn from in seconds."""
+    """300 easy images and 40 unlabelled ones, 4 views, mixing on: learnt far above chance in seconds."""
     root = tmp_path_factory.mktemp("learn")
-    images = write_demo_data(root / "images", per_class=30, seed=3)
-    more = write_demo_data(root / "more", per_class=4, seed=4, flat=True)
+    images = write_easy_data(root / "images", per_class=30, seed=3)
+    more = write_easy_data(root / "more", per_class=4, seed=4, flat=True)
     out = root / "s.zarr"
     assert run_cli("build", "--images", images, "--unlabeled", more, "--out", out, "--teacher", "random:tiny",
                    "--views", "4", "--image-size", "96", "--chunk-size", "16", "--patch-grid", "2", "--workers", "0",
@@ -47,7 +48,7 @@ def learn_store(tmp_path_factory) -> Path:
 def trained_run(tmp_path_factory, learn_store) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
     assert run_trainer("fit", "--store", learn_store, "--out", out, "--student", "shufflenet_v2_x0_5",
-                       "--image-size", "96", "--batch-size", "16", "--epochs", "14", "--lr", "3e-3", "--cpu",
+                       "--image-size", "64", "--batch-size", "16", "--epochs", "8", "--lr", "3e-3", "--cpu",
                        "--w-kd", "0.3", "--w-pooled", "0.1", "--w-patches", "0.1", "--ema", "0.9",
                        "--no-unlabeled") == 0
     return out
@@ -187,13 +188,12 @@ def test_an_epoch_reads_each_chunk_once_and_one_view_of_it(learn_store, monkeypa
     assert sum(len(b.index) for b in batches) == len(loader.indices) == plan.images      # every image, once
 
 
-@pytest.mark.parametrize("ram_gb", [8.0, 0.0])
-def test_worker_processes_render_the_same_batches(learn_store, ram_gb):
-    """Views rendered in worker processes equal those rendered on threads, batch for batch, streamed or
-    in RAM, across epochs that read ahead; the workers stay up between epochs."""
-    _, threads = _loader(learn_store, ram_gb=ram_gb, buffer_chunks=2)
-    data, procs = _loader(learn_store, ram_gb=ram_gb, buffer_chunks=2, workers=2)
-    assert procs.workers == 2 and data.in_memory == (ram_gb > 0)
+def test_worker_processes_render_the_same_batches(learn_store):
+    """Views rendered in worker processes equal those rendered in the loop, batch for batch, streamed,
+    across epochs that read ahead; the workers stay up between epochs (streamed equals in RAM: above)."""
+    _, threads = _loader(learn_store, ram_gb=0.0, buffer_chunks=2)
+    data, procs = _loader(learn_store, ram_gb=0.0, buffer_chunks=2, workers=2)
+    assert procs.workers == 2 and not data.in_memory
     try:
         pids = None
         for epoch in (0, 1, 2):
@@ -264,11 +264,11 @@ def test_ranks_share_every_image_once_and_take_the_same_number_of_steps(learn_st
         assert max(sizes) <= 8 and max(sizes) - min(sizes) <= 1
 
 
-def test_resume_equals_uninterrupted(tmp_path, learn_store):
+def test_resume_equals_uninterrupted(tmp_path, small_store):
     """Killed during a streamed epoch (unlabelled images in the mix), resumed: equal to never stopping.
     The killed run renders in a worker process, which exits with it; the other two render in the loop."""
     import psutil
-    args = ["--store", learn_store, *FAST, "--epochs", "4", "--ema", "0.9", "--w-dist", "0.5", "--channels-last",
+    args = ["--store", small_store, *TINY, "--epochs", "4", "--ema", "0.9", "--w-dist", "0.5", "--channels-last",
             "--ram-budget-gb", "0", "--buffer-chunks", "2"]
     ref = tmp_path / "ref"
     assert run_trainer("fit", "--out", ref, *args) == 0
@@ -318,19 +318,20 @@ def test_resume_refusal_names_old_and_new_values(tmp_path, learn_store, capsys):
 
 def test_end_to_end_learns_well_above_chance(trained_run):
     summary = json.loads((trained_run / "summary.json").read_text())
-    # chance is 0.1 with 10 classes; the random teacher adds little, the labels and views do the work
-    assert summary["val_macro_f1"] > 0.25, summary
+    # chance is 0.1 with 10 classes; the classes differ by colour, which a student learns in a few epochs
+    # (0.95 here on 2 cores): a wiring fault (labels, views or targets misaligned) falls to chance
+    assert summary["val_macro_f1"] > 0.6, summary
     assert summary["size_mb"] < 25
     for name in ("curves.png", "confusion.png", "per_class_f1.png", "metrics.jsonl", "config.yaml", "student.json"):
         assert (trained_run / name).is_file(), name
     rows = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 14 and {"train_ce", "train_kd", "train_pooled", "train_patches"} <= set(rows[0])
+    assert len(rows) == 8 and {"train_ce", "train_kd", "train_pooled", "train_patches"} <= set(rows[0])
 
 
 def test_export_loads_in_a_fresh_process_and_matches(trained_run, tmp_path):
     from trainer.students import create_student
     sidecar = json.loads((trained_run / "student.json").read_text())
-    assert sidecar["classes"][1].startswith("10. Warts") and sidecar["input_size"] == [3, 96, 96]
+    assert sidecar["classes"][1].startswith("10. Warts") and sidecar["input_size"] == [3, 64, 64]
     assert sidecar["mean"] == pytest.approx(list(IMAGENET_MEAN)) and sidecar["std"] == pytest.approx(list(IMAGENET_STD))
     student = create_student("shufflenet_v2_x0_5", 10)
     student.load_state_dict(torch.load(trained_run / "checkpoints" / "best.pt", weights_only=False)["student"])
@@ -353,7 +354,7 @@ def test_onnx_export_matches_onnxruntime(trained_run):
     assert run_trainer("export", "--run", trained_run, "--format", "onnx") == 0
     session = ort.InferenceSession(str(trained_run / "student.onnx"), providers=["CPUExecutionProvider"])
     m = torch.jit.load(str(trained_run / "student.pt"))
-    x = torch.randn(5, 3, 96, 96)
+    x = torch.randn(5, 3, 64, 64)
     got = session.run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, m(x).detach().numpy(), atol=1e-4, rtol=1e-3)
 
@@ -365,14 +366,13 @@ def test_export_refuses_over_budget(trained_run, capsys):
     assert (trained_run / "student.pt").is_file()          # the previous export is kept
 
 
-def test_eval_matches_sklearn_on_the_grader_pipeline(trained_run, tmp_path):
+def test_eval_matches_sklearn_on_the_grader_pipeline(trained_run, tmp_path, capsys):
     from PIL import Image
     from torchvision import transforms
     images = write_demo_data(tmp_path / "val", per_class=3, seed=9)
-    r = run_module("trainer", "eval", "--model", trained_run / "student.pt", "--images", images, "--json",
-                   "--workers", "0")
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)
+    assert run_trainer("eval", "--model", trained_run / "student.pt", "--images", images, "--json",
+                       "--workers", "0") == 0
+    got = json.loads(capsys.readouterr().out)
     # the oracle: the grader's own steps, written out, then scikit-learn
     classes = sorted(p.name for p in images.iterdir())
     tf = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor(),
@@ -495,9 +495,9 @@ def test_eval_skips_and_names_unreadable_files(trained_run, tmp_path, capsys):
     assert err.count("\n") == 1 and "cannot read" in err and ("truncated.jpg" in err or "notes.jpg" in err)
 
 
-def test_sweep_compares_recipes_and_keeps_the_best_run(tmp_path, learn_store):
+def test_sweep_compares_recipes_and_keeps_the_best_run(tmp_path, small_store):
     out = tmp_path / "sweep"
-    assert run_trainer("sweep", "--store", learn_store, "--out", out, *FAST, "--epochs", "1",
+    assert run_trainer("sweep", "--store", small_store, "--out", out, *TINY, "--epochs", "1",
                        "--recipes", "labels,kd+features:labelled,kd-only", "--seeds", "2") == 0
     s = json.loads((out / "sweep.json").read_text())
     assert [r["name"] for r in s["recipes"]] == ["labels", "kd+features:labelled", "kd-only"]
@@ -514,14 +514,14 @@ def test_sweep_compares_recipes_and_keeps_the_best_run(tmp_path, learn_store):
     assert (out / "student.pt").read_bytes() == (Path(s["best_run"]) / "student.pt").read_bytes()
     assert (out / "sweep.png").is_file() and "(best)" in (out / "sweep.md").read_text()
     mtime = (out / "runs" / "labels-s0" / "student.pt").stat().st_mtime
-    assert run_trainer("sweep", "--store", learn_store, "--out", out, *FAST, "--epochs", "1",   # finished runs reused
+    assert run_trainer("sweep", "--store", small_store, "--out", out, *TINY, "--epochs", "1",   # finished runs reused
                        "--recipes", "labels", "--seeds", "1") == 0
     assert (out / "runs" / "labels-s0" / "student.pt").stat().st_mtime == mtime
 
 
-def test_sweep_search_tunes_with_optuna_and_adds_the_best_trial(tmp_path, learn_store):
+def test_sweep_search_tunes_with_optuna_and_adds_the_best_trial(tmp_path, small_store):
     out = tmp_path / "search"
-    assert run_trainer("sweep", "--store", learn_store, "--out", out, *FAST, "--epochs", "1", "--recipes", "labels",
+    assert run_trainer("sweep", "--store", small_store, "--out", out, *TINY, "--epochs", "1", "--recipes", "labels",
                        "--seeds", "1", "--search", "2") == 0
     s = json.loads((out / "sweep.json").read_text())
     search = next(r for r in s["recipes"] if r["name"] == "search")

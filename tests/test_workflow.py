@@ -194,3 +194,22 @@ def test_notebooks_run_on_the_demo_data(tmp_path):
             os.environ.pop(key, None)
     assert (tmp_path / "demo.zarr").is_dir() and (tmp_path / "run" / "student.pt").is_file()
     shutil.rmtree(tmp_path / "demo.zarr")
+
+
+def test_the_demo_teacher_is_the_same_on_a_free_and_a_busy_machine(tmp_path):
+    """A fixed number of seeded steps, not a time budget: the same weights whatever else the machine does."""
+    import subprocess
+    import sys
+
+    from featurestore.demo_teacher import train_demo_teacher
+    train_demo_teacher(tmp_path / "free", images=100, steps=5, seed=3)
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        train_demo_teacher(tmp_path / "busy", images=100, steps=5, seed=3)
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("free", "busy")]
+    assert weights[0] == weights[1]
+    assert json.loads((tmp_path / "busy" / "demo_teacher.json").read_text())["steps"] == 5
