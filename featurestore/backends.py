@@ -42,6 +42,7 @@ def open_backend(path: str | Path, mode: str) -> Backend:
 class Backend(Protocol):
     kind: str                  # zarr | hdf5
     checksum: str              # the per-chunk checksum this backend writes
+    one_writer: bool           # one process writes it (HDF5: one file); else each rank writes its own chunks
     path: str
     mode: str
 
@@ -68,7 +69,7 @@ class Backend(Protocol):
 
 
 class ZarrBackend:
-    kind, checksum = "zarr", "crc32c"
+    kind, checksum, one_writer = "zarr", "crc32c", False
 
     def __init__(self, path: str, mode: str):
         import zarr
@@ -218,7 +219,7 @@ class ZarrBackend:
 
 
 class Hdf5Backend:
-    kind, checksum = "hdf5", "fletcher32"
+    kind, checksum, one_writer = "hdf5", "fletcher32", True
 
     def __init__(self, path: str, mode: str):
         import h5py

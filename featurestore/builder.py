@@ -24,7 +24,7 @@ from typing import TypeVar
 import numpy as np
 
 from featurestore import views
-from featurestore.backends import Hdf5Backend, backend_class, is_local
+from featurestore.backends import backend_class, is_local
 from featurestore.config import BuildConfig
 from featurestore.heads import fit_heads
 from featurestore.index import make_index, write_index
@@ -46,7 +46,7 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> dict:
     """Build, resume or repair the store at cfg.out; returns phase timings (seconds) and view counts."""
     cfg.validate()
     rank = Rank.from_env()
-    if rank.world > 1 and backend_class(cfg.out) is Hdf5Backend:
+    if rank.world > 1 and backend_class(cfg.out).one_writer:
         raise ConfigError("multi-process builds need the Zarr backend (one HDF5 file has one writer); use a .zarr path")
     try:
         with build_lock(cfg.out, rank), disk_errors(cfg.out):
