@@ -13,7 +13,7 @@ import traceback
 
 import torch
 
-from benchmarks import bench_loader, bench_scale, bench_storage, bench_teacher, bench_training
+from benchmarks import bench_loader, bench_remote, bench_scale, bench_storage, bench_teacher, bench_training
 from benchmarks.common import machine, md_table, write_results
 
 PROFILES = {
@@ -22,7 +22,7 @@ PROFILES = {
             "plain_images": 4, "plain_views": 2, "plain_batch": 4, "workers": 2, "loader_per_class": 60,
             "loader_epochs": 2,
             "student": "shufflenet_v2_x1_0", "train_batch": 8, "train_steps": 12, "online_steps": 1,
-            "storage_images": 128,
+            "storage_images": 128, "remote_per_class": 64,
             "scale_sizes": [250, 1000], "scale_student": "shufflenet_v2_x0_5", "scale_image_size": 224},
     # full size, for a lent GPU (H100/H200)
     # (the heads fit on random-teacher embeddings, slow to converge and not what is measured, uses 1,600 rows)
@@ -31,13 +31,13 @@ PROFILES = {
             "plain_images": 64, "plain_views": 4, "plain_batch": 32, "workers": 12, "loader_per_class": 100,
             "loader_epochs": 3,
             "student": "shufflenet_v2_x1_0", "train_batch": 128, "train_steps": 20, "online_steps": 5,
-            "storage_images": 512,
+            "storage_images": 512, "remote_per_class": 128,
             "scale_sizes": [1000, 4000], "scale_student": "shufflenet_v2_x1_0", "scale_image_size": 224},
 }
 BENCHES = {"teacher": bench_teacher, "loader": bench_loader, "training": bench_training, "storage": bench_storage,
-           "scale": bench_scale}
+           "remote": bench_remote, "scale": bench_scale}
 # scale measures the trainer's memory on the laptop side (N = 1,000 builds a 4.5 GB store): run it by name
-DEFAULT = {"cpu": "teacher,loader,training,storage,scale", "gpu": "teacher,loader,training,storage"}
+DEFAULT = {"cpu": "teacher,loader,training,storage,remote,scale", "gpu": "teacher,loader,training,storage"}
 
 
 def main(argv: list[str] | None = None) -> int:

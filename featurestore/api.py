@@ -25,7 +25,7 @@ def build(*, config: str | None = None, overwrite: bool = False, **kwargs) -> St
     log.enable()
     cfg = load_config(BuildConfig, config, kwargs)
     run_build(cfg, overwrite=overwrite)
-    return StoreReader.open(cfg.out)
+    return StoreReader.open(cfg.out, cfg.storage_options)
 
 
 def plan(*, config: str | None = None, sample_images: int = 8, **kwargs) -> dict:
@@ -35,25 +35,25 @@ def plan(*, config: str | None = None, sample_images: int = 8, **kwargs) -> dict
     return run_plan(load_config(BuildConfig, config, kwargs), sample_images)
 
 
-def slim(src: str, dst: str, fields: list[str] | str) -> StoreReader:
+def slim(src: str, dst: str, fields: list[str] | str, storage_options: dict | None = None) -> StoreReader:
     """`featurestore slim`; returns the verified copy, open for reading."""
     from featurestore.slimming import slim as run_slim
     log.enable()
-    run_slim(src, dst, fields.split(",") if isinstance(fields, str) else list(fields))
-    return StoreReader.open(dst)
+    run_slim(src, dst, fields.split(",") if isinstance(fields, str) else list(fields), storage_options)
+    return StoreReader.open(dst, storage_options)
 
 
-def inspect(store: str) -> dict:
+def inspect(store: str, storage_options: dict | None = None) -> dict:
     """`featurestore inspect --json`."""
     from featurestore.report import summarize
-    with StoreReader.open(store) as s:
+    with StoreReader.open(store, storage_options) as s:
         return summarize(s)
 
 
-def verify(store: str, fix: bool = False) -> list[str]:
+def verify(store: str, fix: bool = False, storage_options: dict | None = None) -> list[str]:
     """`featurestore verify [--fix]`: one line per problem (empty: the store is whole)."""
     from featurestore.integrity import check
-    return [p.line() for p in check(store, fix)[0]]
+    return [p.line() for p in check(store, fix, storage_options)[0]]
 
 
 def demo_data(out: str, per_class: int = 40, seed: int = 0, flat: bool = False) -> Path:

@@ -3,23 +3,29 @@ writer use, so that nothing else branches on the backend.
 
 - `ZarrBackend`: Zarr v3 on a local disk; each store chunk of an array is one shard file with inner
   chunks as the schema lays them out, crc32c after the compressor; direct shard reads (shards.py).
-- `Hdf5Backend`: one HDF5 file; chunks as the schema's inner chunks, fletcher32.
+- `RemoteZarr`: the same layout on object storage or any fsspec URL (s3://, gs://, ...), through
+  zarr's FsspecStore; direct shard reads of byte ranges through fsspec. Endpoint, credentials and
+  options come from the usual places (AWS_ENDPOINT_URL, profiles) and from `storage_options`.
+- `Hdf5Backend`: one HDF5 file on a local disk; chunks as the schema's inner chunks, fletcher32.
 
 A backend is opened for reading ("r"), appending ("r+") or created anew ("w"). Reads and writes
 take and return numpy arrays; a backend's own exceptions travel up, and the reader turns them into
-one StoreError naming the array and chunk.
+one StoreError naming the array and chunk. A finished Zarr store carries consolidated metadata
+(`seal`), so opening it is one read of its root document, not one per array.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from featurestore.schema import MARKER_ATTRS, Field, Layout
-from featurestore.shards import LocalFiles, ShardReader
+from featurestore.schema import MARKER_ATTRS, Field, Layout, StoreError
+from featurestore.shards import FsspecFiles, LocalFiles, ShardReader
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 SMALL_GROUPS = ("heads", "pca")              # small arrays: a head's weights, the patch basis
@@ -27,16 +33,23 @@ _JSON_ATTRS = "json_attributes"              # HDF5: names of the attributes sto
 
 
 def is_local(path: str | Path) -> bool:
-    return "://" not in str(path)
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def local_path(path: str | Path) -> str:
+    """A local path without a file:// prefix."""
+    return str(path)[len("file://"):] if str(path).startswith("file://") else str(path)
 
 
 def backend_class(path: str | Path) -> type[Backend]:
-    return Hdf5Backend if str(path).lower().endswith(HDF5_SUFFIXES) else ZarrBackend
+    if str(path).lower().endswith(HDF5_SUFFIXES):
+        return Hdf5Backend
+    return ZarrBackend if is_local(path) else RemoteZarr
 
 
-def open_backend(path: str | Path, mode: str) -> Backend:
-    """mode: r (read), r+ (append) or w (create anew)."""
-    return backend_class(path)(str(path), mode)
+def open_backend(path: str | Path, mode: str, options: dict | None = None) -> Backend:
+    """mode: r (read), r+ (append) or w (create anew); options: fsspec storage options."""
+    return backend_class(path)(str(path), mode, options)
 
 
 class Backend(Protocol):
@@ -47,6 +60,7 @@ class Backend(Protocol):
     mode: str
 
     def exists(self) -> bool: ...
+    def seal(self) -> None: ...
     def get_attrs(self) -> dict[str, Any]: ...
     def set_attrs(self, values: dict[str, Any]) -> None: ...
     def create(self, field: Field, layout: Layout, compression: str, id_bytes: int) -> None: ...
@@ -71,17 +85,33 @@ class Backend(Protocol):
 class ZarrBackend:
     kind, checksum, one_writer = "zarr", "crc32c", False
 
-    def __init__(self, path: str, mode: str):
+    def __init__(self, path: str, mode: str, options: dict | None = None):
         import zarr
         self.path, self.mode = path, mode
         if mode != "w" and not self.exists():
             raise FileNotFoundError(path)
-        self.root = zarr.open_group(path, mode={"r": "r", "r+": "r+", "w": "w"}[mode])
-        self._arrays: dict[str, Any] = {}          # read-only: each array opened once (its metadata parsed once)
+        # consolidated metadata is trusted for reading only: a writer sees the arrays as they are
+        with _quiet_consolidated():
+            self.root = zarr.open_group(self._zarr_store(options), mode=mode,
+                                        use_consolidated=None if mode == "r" else False)
+        self._arrays: dict[str, Any] = {}
         self._direct: dict[str, ShardReader | None] = {}
 
+    def _zarr_store(self, options: dict | None):
+        return local_path(self.path)
+
+    def _files(self, key: str):
+        """Where direct reads of array `key` get their bytes."""
+        return LocalFiles(Path(local_path(self.path)) / key)
+
     def exists(self) -> bool:
-        return Path(self.path).exists()
+        return Path(local_path(self.path)).exists()
+
+    def seal(self) -> None:
+        """Consolidate the metadata of every array into the root document (a finished store)."""
+        import zarr
+        with _quiet_consolidated():
+            zarr.consolidate_metadata(self.root.store)
 
     # ---- attributes --------------------------------------------------------------------------
     def get_attrs(self) -> dict[str, Any]:
@@ -113,10 +143,10 @@ class ZarrBackend:
     def delete(self, key: str) -> None:
         del self.root[key]
         self._arrays.pop(key, None)
+        self._direct.pop(key, None)
 
     def _array(self, key: str):
-        if self.mode != "r":
-            return self.root[key]
+        """Each array opened once (opening parses its metadata document: a request in a bucket)."""
         arr = self._arrays.get(key)
         if arr is None:
             arr = self._arrays[key] = self.root[key]
@@ -158,7 +188,7 @@ class ZarrBackend:
 
     def payload_bytes(self, key: str) -> int:
         """Bytes of the array's chunks alone, without its metadata document."""
-        files = (Path(self.path) / key).rglob("*")
+        files = (Path(local_path(self.path)) / key).rglob("*")
         return sum(p.stat().st_size for p in files if p.is_file() and p.name != "zarr.json")
 
     def small_keys(self) -> list[str]:
@@ -170,21 +200,20 @@ class ZarrBackend:
         return sorted(out)
 
     def direct(self, key: str) -> ShardReader | None:
-        """Direct reads of whole inner chunks (read-only stores)."""
-        if self.mode != "r":
-            return None
+        """Direct reads of whole inner chunks; shard indexes are kept only while nothing is written."""
         if key not in self._direct:
-            self._direct[key] = ShardReader.of(self._array(key).metadata.to_dict(), LocalFiles(Path(self.path) / key))
+            self._direct[key] = ShardReader.of(self._array(key).metadata.to_dict(), self._files(key),
+                                               keep_indexes=self.mode == "r")
         return self._direct[key]
 
     def foreign_links(self) -> list[str]:
         """Symbolic links inside the store's folder: kdstore writes none, and every reader follows them."""
-        out = []
-        for folder, dirs, files in os.walk(self.path):
+        out, root = [], local_path(self.path)
+        for folder, dirs, files in os.walk(root):
             for name in dirs + files:
                 p = Path(folder) / name
                 if p.is_symlink():
-                    out.append(f"{p.relative_to(self.path).as_posix()}, a symbolic link to {os.readlink(p)}")
+                    out.append(f"{p.relative_to(root).as_posix()}, a symbolic link to {os.readlink(p)}")
         return out
 
     def flush(self) -> None:
@@ -197,32 +226,122 @@ class ZarrBackend:
     ENTRIES = {"zarr.json", "images", "labels", "split", "sha256", "ids", "views", "teacher", "progress", *SMALL_GROUPS}
 
     @classmethod
-    def not_made_by_kdstore(cls, path: str) -> str | None:
-        """None if the folder at `path` is a store kdstore made, else why not."""
-        p = Path(path)
-        if not p.is_dir():
-            return "it is not a folder"
-        foreign = sorted(e.name for e in p.iterdir() if e.name not in cls.ENTRIES)
-        if foreign:
-            return f"it holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which a store does not"
-        try:
-            names = set(json.loads((p / "zarr.json").read_text()).get("attributes") or {})
-        except (OSError, ValueError, AttributeError):
-            return "it has no readable zarr.json"
-        return None if all(a in names for a in MARKER_ATTRS) else "it lacks kdstore's format attributes"
+    def occupied(cls, path: str, options: dict | None = None) -> bool:
+        """Whether anything is at `path` (an empty folder is nothing)."""
+        p = Path(local_path(path))
+        return p.exists() and not (p.is_dir() and not any(p.iterdir()))
 
     @classmethod
-    def remove(cls, path: str) -> None:
+    def not_made_by_kdstore(cls, path: str, options: dict | None = None) -> str | None:
+        """None if the folder at `path` is a store kdstore made, else why not."""
+        p = Path(local_path(path))
+        if not p.is_dir():
+            return "it is not a folder"
+        return _not_a_store([e.name for e in p.iterdir()], lambda: (p / "zarr.json").read_text(), cls.ENTRIES)
+
+    @classmethod
+    def remove(cls, path: str, options: dict | None = None) -> None:
         import shutil
-        p = Path(path)
+        p = Path(local_path(path))
         p.unlink() if p.is_symlink() else shutil.rmtree(p)
+
+
+class RemoteZarr(ZarrBackend):
+    """A Zarr store at an fsspec URL. zarr's FsspecStore serves zarr (asynchronously); a synchronous
+    filesystem of the same URL serves listings and the direct reads' byte ranges."""
+
+    def __init__(self, path: str, mode: str, options: dict | None = None):
+        self.options = fresh_listings(options)
+        self.fs, self.key = filesystem(path, self.options)
+        super().__init__(path, mode, options)
+
+    def _zarr_store(self, options: dict | None):
+        from zarr.storage import FsspecStore
+        return FsspecStore.from_url(self.path, storage_options=self.options, read_only=self.mode == "r")
+
+    def _files(self, key: str):
+        return FsspecFiles(self.fs, f"{self.key}/{key}")
+
+    def exists(self) -> bool:
+        return self.fs.exists(f"{self.key}/zarr.json")
+
+    def foreign_links(self) -> list[str]:
+        return []                                      # object storage has no links
+
+    def payload_bytes(self, key: str) -> int:
+        sizes = self.fs.du(f"{self.key}/{key}", total=False)
+        return sum(v for k, v in sizes.items() if not k.endswith("zarr.json"))
+
+    @classmethod
+    def occupied(cls, path: str, options: dict | None = None) -> bool:
+        fs, key = filesystem(path, options or {})
+        return bool(fs.exists(key) and fs.ls(key, detail=False))
+
+    @classmethod
+    def not_made_by_kdstore(cls, path: str, options: dict | None = None) -> str | None:
+        fs, key = filesystem(path, options or {})
+        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(key, detail=False)] if fs.exists(key) else []
+        if not names:
+            return "it holds nothing"
+        return _not_a_store(names, lambda: fs.cat_file(f"{key}/zarr.json"), cls.ENTRIES)
+
+    @classmethod
+    def remove(cls, path: str, options: dict | None = None) -> None:
+        fs, key = filesystem(path, options or {})
+        fs.rm(key, recursive=True)
+
+
+def fresh_listings(options: dict | None) -> dict:
+    """fsspec options with listings never cached: a store deleted or rewritten by one filesystem object
+    is seen as it is by every other (the user's own options win)."""
+    return {"use_listings_cache": False, **(options or {})}
+
+
+def filesystem(url: str, options: dict):
+    """A synchronous fsspec filesystem for `url`, and the path within it; a missing endpoint or
+    credentials is one StoreError saying where they come from."""
+    import fsspec
+    try:
+        return fsspec.url_to_fs(url, **fresh_listings(options))
+    except (ImportError, ValueError) as e:
+        raise StoreError(f"cannot reach {url}: {first_line(e)} (object storage needs its fsspec package, such as "
+                         "s3fs for s3:// or gcsfs for gs://)") from None
+
+
+def _not_a_store(names: list[str], read_root, entries: set[str]) -> str | None:
+    foreign = sorted(n for n in names if n not in entries)
+    if foreign:
+        return f"it holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which a store does not"
+    try:
+        attrs = set(json.loads(read_root()).get("attributes") or {})
+    except (OSError, ValueError, AttributeError):
+        return "it has no readable zarr.json"
+    return None if all(a in attrs for a in MARKER_ATTRS) else "it lacks kdstore's format attributes"
+
+
+@contextlib.contextmanager
+def _quiet_consolidated():
+    """zarr warns that consolidated metadata is an extension of Zarr v3 (kdstore reads stores without
+    it too)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        yield
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class Hdf5Backend:
     kind, checksum, one_writer = "hdf5", "fletcher32", True
 
-    def __init__(self, path: str, mode: str):
+    def __init__(self, path: str, mode: str, options: dict | None = None):
         import h5py
+        if not is_local(path):
+            raise StoreError(f"{path}: an HDF5 store is one file on a local disk; write it there, then copy it "
+                             "(or use a .zarr store, which lives in a bucket too)")
+        path = local_path(path)
         self.path, self.mode = path, mode
         if mode == "w":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +352,13 @@ class Hdf5Backend:
 
     def exists(self) -> bool:
         return Path(self.path).exists()
+
+    def seal(self) -> None:
+        self.root.flush()
+
+    @classmethod
+    def occupied(cls, path: str, options: dict | None = None) -> bool:
+        return Path(local_path(path)).exists()
 
     # ---- attributes: scalars stored natively, lists and mappings as JSON text ----------------------
     def get_attrs(self) -> dict[str, Any]:
@@ -333,8 +459,8 @@ class Hdf5Backend:
 
     # ---- what kdstore made ---------------------------------------------------------------------
     @classmethod
-    def not_made_by_kdstore(cls, path: str) -> str | None:
-        p = Path(path)
+    def not_made_by_kdstore(cls, path: str, options: dict | None = None) -> str | None:
+        p = Path(local_path(path))
         if not p.is_file():
             return "it is not a file"
         try:
@@ -342,13 +468,12 @@ class Hdf5Backend:
             with h5py.File(p, "r") as f:
                 names = set(f.attrs)
         except Exception as e:  # noqa: BLE001 - unreadable: it cannot be shown to be a store
-            text = str(e).strip()
-            return f"it cannot be read as HDF5 ({text.splitlines()[0] if text else type(e).__name__})"
+            return f"it cannot be read as HDF5 ({first_line(e)})"
         return None if all(a in names for a in MARKER_ATTRS) else "it lacks kdstore's format attributes"
 
     @classmethod
-    def remove(cls, path: str) -> None:
-        Path(path).unlink()
+    def remove(cls, path: str, options: dict | None = None) -> None:
+        Path(local_path(path)).unlink()
 
 
 def _native(v: Any) -> Any:
@@ -363,7 +488,6 @@ def zarr_codec(name: str, role: str):
     """The compressor of a Zarr array. "default": zstd (level 3), but blosc-lz4 for `images`, which every
     epoch reads whole: it decodes about 7x faster than zstd and the pixels shrink little under either (the
     teacher arrays, read 1/K per epoch, keep zstd). Role "none" (progress marks): no compressor."""
-    from featurestore.schema import StoreError
     if role == "none":
         return None
     name = ("lz4" if role == "images" else "zstd") if name == "default" else name
@@ -376,7 +500,6 @@ def zarr_codec(name: str, role: str):
 
 def hdf5_codec(name: str, role: str) -> str | None:
     """The compression filter of an HDF5 dataset: "default" is lzf."""
-    from featurestore.schema import StoreError
     if role == "none":
         return None
     name = "lzf" if name == "default" else name

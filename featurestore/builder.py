@@ -24,20 +24,21 @@ from typing import TypeVar
 import numpy as np
 
 from featurestore import views
-from featurestore.backends import backend_class, is_local
+from featurestore.backends import backend_class
 from featurestore.config import BuildConfig
+from featurestore.errors import KdstoreError
 from featurestore.heads import fit_heads
 from featurestore.index import make_index, write_index
-from featurestore.lock import FileLock
+from featurestore.lock import store_lock
 from featurestore.log import logger
 from featurestore.options import ConfigError, config_diff, to_dict
 from featurestore.provenance import now, record
-from featurestore.ranks import Rank
+from featurestore.ranks import Rank, check_launch
 from featurestore.scan import decode_side, scan
 from featurestore.schema import FORMAT_VERSION, StoreError
 from featurestore.sources import Listing, class_display_name, discover, file_fingerprint
 from featurestore.teacher_pass import fit_patch_basis, load_basis, store_basis, teacher_pass
-from featurestore.writer import StoreWriter, not_a_kdstore_store, remove_store
+from featurestore.writer import StoreWriter, not_a_kdstore_store, occupied, remove_store
 
 T = TypeVar("T")
 
@@ -45,19 +46,20 @@ T = TypeVar("T")
 def build(cfg: BuildConfig, overwrite: bool = False) -> dict:
     """Build, resume or repair the store at cfg.out; returns phase timings (seconds) and view counts."""
     cfg.validate()
+    check_launch()
     rank = Rank.from_env()
     if rank.world > 1 and backend_class(cfg.out).one_writer:
         raise ConfigError("multi-process builds need the Zarr backend (one HDF5 file has one writer); use a .zarr path")
     try:
-        with build_lock(cfg.out, rank), disk_errors(cfg.out):
-            return _build(cfg, rank, overwrite)
+        with build_lock(cfg.out, rank, cfg.storage_options) as lock, disk_errors(cfg.out):
+            return _build(cfg, rank, overwrite, lock)
     finally:
         rank.close()
 
 
-def _build(cfg: BuildConfig, rank: Rank, overwrite: bool) -> dict:
+def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
     clock = {"start": time.perf_counter()}
-    out = cfg.out
+    out, options = cfg.out, cfg.storage_options
     listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
     fingerprint = file_fingerprint(listing.sources)
     store = main_first(rank, lambda: _resume(out, cfg, fingerprint, overwrite),
@@ -71,7 +73,7 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool) -> dict:
     clock["load_s"] = time.perf_counter() - t0
     if store is None:
         store = main_first(rank, lambda: _create(out, cfg, listing, fingerprint, teacher),
-                           lambda: StoreWriter.open(out))
+                           lambda: StoreWriter.open(out, options))
     elif store.attrs.get("rewrite_index") and rank.main:
         _rewrite_index(store, cfg, listing, teacher)
     if teacher.info.embed_dim != store.attrs["embed_dim"]:
@@ -86,7 +88,7 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool) -> dict:
         rank.barrier()
         basis = load_basis(store.reader)
     t0 = time.perf_counter()
-    views_run = teacher_pass(store, teacher, cfg, rank, paths, shas, text_head, basis)
+    views_run = teacher_pass(store, teacher, cfg, rank, paths, shas, basis, lock.check if lock else None)
     clock["pass_s"] = time.perf_counter() - t0
     rank.barrier()
     if rank.main:
@@ -94,7 +96,8 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool) -> dict:
         if missing:
             raise StoreError(f"{missing} chunk(s) of {out} are not done; run the same command again to resume")
         t0 = time.perf_counter()
-        store.set_attrs({"metrics": fit_heads(store, cfg), "complete": True, "finished": now()})
+        store.set_attrs({"metrics": fit_heads(store, cfg, text_head), "complete": True, "finished": now()})
+        store.seal()
         clock["heads_s"] = time.perf_counter() - t0
     store.close()
     total = time.perf_counter() - clock.pop("start")
@@ -108,18 +111,29 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool) -> dict:
 
 def main_first(rank: Rank, main: Callable[[], T], others: Callable[[], T]) -> T:
     """Rank 0 runs `main` (it decides: resume, refuse, overwrite, create); the others then run `others`
-    and see what it left."""
-    result = main() if rank.main else None
-    rank.barrier()
+    and see what it left. Should rank 0 stop, every rank stops with its reason."""
+    result, error = None, None
+    if rank.main:
+        try:
+            result = main()
+        except Exception as e:  # noqa: BLE001 - raised below, after the other ranks heard of it
+            error = e
+    stopped = rank.share(None if error is None else " ".join(str(error).split()))
+    if error is not None:
+        raise error
+    if stopped is not None:
+        raise KdstoreError(f"{rank.prefix}rank 0 stopped: {stopped}")
     return result if rank.main else others()
 
 
 # ---- the lock and the disk -------------------------------------------------------------------
-def build_lock(out: str, rank: Rank):
-    """The build's lock on `<out>.lock`, taken before any other work (local stores)."""
-    if not is_local(out):
-        return contextlib.nullcontext()
-    return FileLock(out, "build", f".lock.{rank.rank}" if rank.world > 1 else ".lock")
+@contextlib.contextmanager
+def build_lock(out: str, rank: Rank, options: dict):
+    """One lock for every writer of `out`, taken before any other work: `<out>.lock`, a POSIX lock on a
+    disk or a lease in a bucket. Rank 0 takes it for all the ranks of its build (a 1-process and an
+    N-process build exclude each other); yields it on rank 0, None on the others."""
+    with contextlib.ExitStack() as stack:
+        yield main_first(rank, lambda: stack.enter_context(store_lock(out, "build", options)), lambda: None)
 
 
 @contextlib.contextmanager
@@ -141,16 +155,16 @@ def disk_errors(out: str):
 def _resume(out: str, cfg: BuildConfig, fingerprint: str, overwrite: bool) -> StoreWriter | None:
     """The store to resume at `out`, or None to create one there (nothing there, an empty folder, or a
     store kdstore made and --overwrite). Anything else at `out` is refused and left untouched."""
-    local = is_local(out)
-    if local and (not Path(out).exists() or (Path(out).is_dir() and not any(Path(out).iterdir()))):
+    options = cfg.storage_options
+    if not occupied(out, options):
         return None
     if overwrite:
-        remove_store(out, _protected(cfg))
+        remove_store(out, _protected(cfg), options)
         return None
     try:
-        store = StoreWriter.open(out)
+        store = StoreWriter.open(out, options)
     except StoreError as e:
-        why = not_a_kdstore_store(out) if local else None
+        why = not_a_kdstore_store(out, options)
         if why is not None:
             raise StoreError(f"{out} exists and is not a store kdstore made ({why}); choose another --out "
                              "(kdstore deletes only stores it made)") from None
@@ -202,7 +216,7 @@ def _create(out: str, cfg: BuildConfig, listing: Listing, fingerprint: str, teac
     }
     logger.info(f"creating {out}: {n} images ({unlabeled} unlabelled) x {cfg.views.views} views, "
                 f"{len(res.skipped)} skipped")
-    store = StoreWriter.create(out, attrs | {"format_version": None}, cfg.store.compression)
+    store = StoreWriter.create(out, attrs | {"format_version": None}, cfg.store.compression, cfg.storage_options)
     write_index(store, index)
     store.set_attrs({"format_version": FORMAT_VERSION})          # readable as a store from here on
     store.flush()
@@ -245,11 +259,11 @@ def prompts_for(classes: list[str], cfg: BuildConfig) -> list[list[str]]:
 
 
 def _zeroshot_head(store: StoreWriter, teacher, rank: Rank):
-    """The text tower's class embeddings (every rank scores with them; rank 0 stores them), or None."""
-    if "zeroshot" not in store.reader.heads():
+    """On rank 0: the text tower's class embeddings (C, D), logit_scale and logit_bias, stored (the heads
+    phase scores the stored embeddings with them, in one place whatever the ranks); else None."""
+    if not rank.main or "zeroshot" not in store.reader.heads():
         return None
-    text, scale, bias = text_head = teacher.text_head(store.attrs["prompts"])
-    if rank.main:
-        store.write_head("zeroshot", {"text_embeds": text.cpu().numpy(), "logit_scale": np.float32(scale),
-                                      "logit_bias": np.float32(bias)})
-    return text_head
+    text, scale, bias = teacher.text_head(store.attrs["prompts"])
+    head = {"text_embeds": text.cpu().numpy(), "logit_scale": np.float32(scale), "logit_bias": np.float32(bias)}
+    store.write_head("zeroshot", head)
+    return head

@@ -10,7 +10,7 @@ from featurestore import api, log
 from featurestore.config import BuildConfig
 from featurestore.errors import run_command
 from featurestore.log import logger
-from featurestore.options import add_options, command_parser, values_of
+from featurestore.options import add_options, command_parser, json_options, storage_options_flag, values_of
 
 EPILOG = """examples:
   featurestore demo-data data/demo
@@ -54,16 +54,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("dst", help="the new store (.zarr or .h5); must not exist")
     s.add_argument("--fields", required=True, help="comma-separated array names to keep, e.g. "
                    "images,views/params,teacher/pooled,teacher/logits/probe")
+    storage_options_flag(s)
 
     i = sub.add_parser("inspect", parents=[common], help="what is in a store, how big, how good the teacher is")
     i.add_argument("store")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    storage_options_flag(i)
 
     v = sub.add_parser("verify", parents=[common], help="read every chunk of every array; one line per problem "
                        "(exit 1 if any)")
     v.add_argument("store")
     v.add_argument("--fix", action="store_true", help="mark what is damaged for repair: then run the same "
                    "`featurestore build` command, which recomputes exactly that")
+    storage_options_flag(v)
 
     d = sub.add_parser("demo-data", parents=[common], help="write a synthetic 10-class ImageFolder of JPEG/PNG files")
     d.add_argument("out")
@@ -101,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(p, indent=2) if args.json else format_plan(p))
         return 0
     if args.command == "slim":
-        api.slim(args.src, args.dst, args.fields).close()
+        api.slim(args.src, args.dst, args.fields, json_options(args.storage_options)).close()
         return 0
     if args.command == "demo-data":
         out = api.demo_data(args.out, args.per_class, args.seed, flat=args.flat)
@@ -112,17 +115,17 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "inspect":
         from featurestore.report import format_summary
-        s = api.inspect(args.store)
+        s = api.inspect(args.store, json_options(args.storage_options))
         print(json.dumps(s, indent=2) if args.json else format_summary(s))
         return 0
-    return _verify(args.store, args.fix)
+    return _verify(args.store, args.fix, json_options(args.storage_options))
 
 
-def _verify(path: str, fix: bool) -> int:
+def _verify(path: str, fix: bool, options: dict) -> int:
     from featurestore.integrity import check
     from featurestore.schema import StoreError
     try:
-        problems, actions = check(path, fix)
+        problems, actions = check(path, fix, options)
     except StoreError as e:
         logger.error(f"{path}: {e}")
         logger.error(f"{path}: 1 problem(s); it cannot be opened, so --fix cannot mark it: rebuild it with --overwrite"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featurestore.options import ConfigError, coerce, load_yaml, opt, to_dict
+from featurestore.options import STORAGE_HELP, ConfigError, coerce, json_options, load_yaml, opt, to_dict
 
 MAX_VIEWS = 1024
 
@@ -150,7 +150,10 @@ class BuildConfig:
     allow_outside_paths: bool = opt(False, "take manifest rows whose path is absolute or leaves the manifest's "
                                     "folder (or --images, when given); default: refused, so a manifest from "
                                     "elsewhere reads only the folder it came with", flag="--allow-outside-paths")
-    out: str | None = opt(None, "store path: *.zarr (default backend) or *.h5", flag="--out")
+    out: str | None = opt(None, "store path: *.zarr (a local folder, or any fsspec URL: s3://bucket/derm.zarr, "
+                          "gs://...) or *.h5 (one local file)", flag="--out")
+    storage_options: dict[str, Any] = opt(help=STORAGE_HELP, flag="--storage-options", parse=json_options,
+                                          default_factory=dict, secret=True)
     views: ViewPolicy = opt(default_factory=ViewPolicy)
     teacher: TeacherConfig = opt(default_factory=TeacherConfig)
     store: StoreLayout = opt(default_factory=StoreLayout)
@@ -167,6 +170,9 @@ class BuildConfig:
             raise ConfigError("give --images (an ImageFolder root) or --manifest (a CSV of path,label)")
         if self.out is None:
             raise ConfigError("give --out, the store path (.zarr or .h5)")
+        if self.out.lower().endswith((".h5", ".hdf5")) and "://" in self.out and not self.out.startswith("file://"):
+            raise ConfigError(f"--out {self.out}: an HDF5 store is one file on a local disk; write it there, then "
+                              "copy it (or use a .zarr store, which lives in a bucket too)")
         if self.on_bad_image not in ("skip", "fail"):
             raise ConfigError(f"on_bad_image must be skip|fail, got {self.on_bad_image!r}")
         if self.workers < 0:

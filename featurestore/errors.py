@@ -61,6 +61,20 @@ def sigterm_unwinds():
         signal.signal(signal.SIGTERM, old)
 
 
+STORAGE_HINT = ("check the endpoint and credentials (AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws, or --storage-options "
+                "'{\"endpoint_url\": ...}')")
+
+
+def storage_error_words(e: BaseException) -> str | None:
+    """One sentence for a failure of the object-storage client (unreachable endpoint, no credentials,
+    access refused), or None for anything else."""
+    module = type(e).__module__ or ""
+    if not module.startswith(("botocore", "aiobotocore", "aiohttp", "google.auth", "gcsfs", "azure")):
+        return None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"object storage: {first}; {STORAGE_HINT}"
+
+
 def run_command(prog: str, fn: Callable[[], int], debug: bool = False,
                 next_step: Callable[[], str] | None = None) -> int:
     """Run one command; failures become one line on stderr (exit 2 expected, 1 internal, 130 after
@@ -82,6 +96,10 @@ def run_command(prog: str, fn: Callable[[], int], debug: bool = False,
             logger.error(f"{prog}: error: {os_error_words(e)}")
             return 2
         except Exception as e:  # noqa: BLE001 - a bug still ends in one line; --debug shows where
+            words = storage_error_words(e)
+            if words is not None:
+                logger.error(f"{prog}: error: {words}")
+                return 2
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             logger.error(f"{prog}: internal error: {type(e).__name__}: {first} (run with --debug or KDSTORE_DEBUG=1 "
                          "for the traceback)")

@@ -135,9 +135,20 @@ def zeroshot_metrics(view0_logits: np.ndarray, labels: np.ndarray, num_classes: 
     return _metrics("zeroshot", labels[m], view0_logits[m].argmax(-1), num_classes)
 
 
-def fit_heads(store: StoreWriter, cfg: BuildConfig) -> dict:
-    """The heads phase: a cross-fitted probe from at most probe.max_rows pooled rows, then scoring chunk
-    by chunk (memory stays bounded whatever N x K x D); returns the heads' metrics."""
+def zeroshot_from_pooled(pooled: np.ndarray, head: dict[str, np.ndarray]) -> np.ndarray:
+    """SigLIP's zero-shot logits of stored pooled embeddings (..., D) -> (..., C) float32:
+    exp(logit_scale) * cos(image, class) + logit_bias, in float64 so that the result does not depend
+    on how many threads sum it."""
+    x = pooled.astype(np.float64)
+    x /= np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    text = head["text_embeds"].astype(np.float64)
+    return (x @ text.T * np.exp(float(head["logit_scale"])) + float(head["logit_bias"])).astype(np.float32)
+
+
+def fit_heads(store: StoreWriter, cfg: BuildConfig, zeroshot: dict[str, np.ndarray] | None = None) -> dict:
+    """The heads phase, from the stored embeddings, in one place whatever the ranks: a cross-fitted probe
+    from at most probe.max_rows pooled rows, then scoring chunk by chunk (memory stays bounded whatever
+    N x K x D), and the zero-shot head's logits when there is one; returns the heads' metrics."""
     r = store.reader
     labels, split = r.read("labels").astype(np.int64), r.read("split")
     c, k, n = len(r.classes), r.views_per_image, r.num_images
@@ -156,14 +167,17 @@ def fit_heads(store: StoreWriter, cfg: BuildConfig) -> dict:
                         cfg.probe.seed)
     del x, rows
     view0 = np.empty((n, c), np.float32)
-    zeroshot0 = np.empty((n, c), np.float32) if "zeroshot" in r.heads() else None
+    zeroshot0 = np.empty((n, c), np.float32) if zeroshot is not None else None
     for ch in range(r.num_chunks):
         a, b = r.chunk_range(ch)
-        logits = probes.score(r.read("teacher/pooled", a, b), split[a:b])                    # (chunk, K, C)
+        pooled = r.read("teacher/pooled", a, b)                                               # (chunk, K, D)
+        logits = probes.score(pooled, split[a:b])                                             # (chunk, K, C)
         store.write("teacher/logits/probe", a, logits)
         view0[a:b] = logits[:, 0]
-        if zeroshot0 is not None:
-            zeroshot0[a:b] = r.read_view("teacher/logits/zeroshot", ch, 0)
+        if zeroshot is not None:
+            z = zeroshot_from_pooled(pooled, zeroshot)                                        # (chunk, K, C)
+            store.write("teacher/logits/zeroshot", a, z)
+            zeroshot0[a:b] = z[:, 0]
     store.write_head("probe", probes.arrays())
     metrics = {"probe": probe_metrics(labels, split, view0, c, cfg.probe.c, len(folds))}
     if zeroshot0 is not None:

@@ -8,19 +8,17 @@ refitted; the build then repairs exactly those.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from featurestore import views
-from featurestore.backends import is_local
-from featurestore.lock import FileLock
+from featurestore.lock import store_lock
 from featurestore.reader import ChunkError, StoreReader
 from featurestore.schema import INDEX_FIELDS, NO_LABEL, PROGRESS, SPLIT_UNLABELED, StoreError, bad_target_rows
 from featurestore.writer import StoreWriter
 
-PASS_ARRAYS = ("images", "teacher/pooled", "teacher/patches", "teacher/logits/zeroshot")   # teacher pass
+PASS_ARRAYS = ("images", "teacher/pooled", "teacher/patches")                              # teacher pass
 TEACHER_OUTPUTS = ("teacher/pooled", "teacher/patches", "teacher/logits/zeroshot", "teacher/logits/probe")
 
 
@@ -44,16 +42,19 @@ _WORDS = {"checksum": "checksum mismatch (the bytes on disk were changed)",
           "missing": "missing (file deleted or never written)"}
 
 
-def check(path: str, fix: bool = False) -> tuple[list[Problem], list[str]]:
+def check(path: str, fix: bool = False, storage_options: dict | None = None) -> tuple[list[Problem], list[str]]:
     """Open the store at `path` and verify it; with fix, mark what is damaged (see `fix`), holding the
     build lock as a build does, so that no build writes the store meanwhile. Returns the problems and
     what was marked. A store that cannot be opened raises StoreError."""
     if not fix:
-        with StoreReader.open(path) as store:
+        with StoreReader.open(path, storage_options) as store:
             return verify(store), []
-    with FileLock(path, "build") if is_local(path) else contextlib.nullcontext(), StoreWriter.open(path) as writer:
+    with store_lock(path, "build", storage_options), StoreWriter.open(path, storage_options) as writer:
         problems = verify(writer.reader)
-        return problems, (fix_store(writer, problems) if problems else [])
+        actions = fix_store(writer, problems) if problems else []
+        if actions:
+            writer.seal()
+        return problems, actions
 
 
 def verify(store: StoreReader) -> list[Problem]:
@@ -74,7 +75,7 @@ def verify(store: StoreReader) -> list[Problem]:
         for c in range(store.num_chunks):
             if per_chunk and not done[c]:
                 continue
-            if f.name == "teacher/logits/probe" and not store.complete:
+            if f.name.startswith("teacher/logits/") and not store.complete:
                 continue
             problems += _check_chunk(store, f.name, c)
     problems += _check_index(store)
@@ -163,7 +164,7 @@ def fix_store(store: StoreWriter, problems: list[Problem]) -> list[str]:
     for p in problems:
         if p.array in PASS_ARRAYS and p.chunk is not None:
             redo.add(p.chunk)
-        elif p.array == "teacher/logits/probe" or p.array.startswith("heads/") or p.array == "heads":
+        elif p.array.startswith(("teacher/logits/", "heads/")) or p.array == "heads":
             refit = True
         elif p.array in INDEX_FIELDS:
             index = True

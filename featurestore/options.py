@@ -29,11 +29,12 @@ class ConfigError(KdstoreError, ValueError):
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,  # noqa: A002
         choices: list[str] | None = None, negate: bool = False, parse: Callable[[str], Any] | None = None,
-        default_factory: Callable[[], Any] | None = None) -> Any:
+        default_factory: Callable[[], Any] | None = None, secret: bool = False) -> Any:
     """A config field. flag: its command-line flag ("--view-seed"; none: YAML only); negate: a
     boolean whose flag turns it off ("--no-zeroshot"); parse: turns the flag's text into the value
-    (a YAML file of prompts, say), applied with the other flags, so its errors are the config's."""
-    meta = {"help": help, "flag": flag, "choices": choices, "negate": negate, "parse": parse}
+    (a YAML file of prompts, say), applied with the other flags, so its errors are the config's;
+    secret: never recorded (in a store, a run's config.yaml, a resume identity)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "negate": negate, "parse": parse, "secret": secret}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -155,8 +156,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def to_dict(obj: Any) -> Any:
+    """A config as plain data, for records: secret fields (credentials) are left out."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("secret")}
     if isinstance(obj, tuple):
         return [to_dict(v) for v in obj]
     return obj
@@ -185,7 +187,10 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return {str(k): [v] if isinstance(v, str) else list(v or []) for k, v in value.items()}
+        args = typing.get_args(hint)
+        if args and typing.get_origin(args[1]) is list:          # name -> one or more strings
+            return {str(k): [v] if isinstance(v, str) else list(v or []) for k, v in value.items()}
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise ConfigError(f"{where} must be a list of {len(typing.get_args(hint))} numbers, got {value!r}")
@@ -219,6 +224,30 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def json_options(text: str | None) -> dict:
+    """--storage-options: a JSON object of fsspec options (none: {})."""
+    import json
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"--storage-options is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--storage-options must be a JSON object, got {text!r}")
+    return value
+
+
+def storage_options_flag(parser: argparse.ArgumentParser) -> None:
+    """--storage-options for commands that open a store without a config."""
+    parser.add_argument("--storage-options", default=None, help=STORAGE_HELP)
+
+
+STORAGE_HELP = ("JSON object of fsspec options for a store at a URL, such as "
+                '\'{"endpoint_url": "http://minio:9000", "profile": "lab"}\' (default: the usual places: '
+                "AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws)")
 
 
 def _get(obj: Any, key: str) -> Any:

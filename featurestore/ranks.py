@@ -12,6 +12,17 @@ import os
 from dataclasses import dataclass
 
 
+def check_launch() -> None:
+    """`accelerate launch --cpu --num_processes N` starts one process (its CPU launcher runs one unless
+    it is given an MPI hostfile), which would then build or train alone: say so instead."""
+    from featurestore.errors import KdstoreError
+    if os.environ.get("ACCELERATE_USE_CPU") and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
+        raise KdstoreError("`accelerate launch --cpu --num_processes N` started one process, not N: accelerate's CPU "
+                           "launcher runs one unless it has an MPI hostfile. For N processes on CPUs run "
+                           "`torchrun --nproc_per_node N -m featurestore build ...` (or `-m trainer fit ...`), or "
+                           "`accelerate launch --multi_gpu --num_processes N ...`, which also runs N CPU processes")
+
+
 @dataclass
 class Rank:
     rank: int = 0
@@ -33,15 +44,25 @@ class Rank:
     def owns(self, chunk: int) -> bool:
         return chunk % self.world == self.rank
 
-    def barrier(self) -> None:
-        """Wait for every rank."""
-        if self.world == 1:
-            return
+    def _group(self):
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world,
                                     timeout=datetime.timedelta(hours=24))
-        dist.barrier()
+        return dist
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.world > 1:
+            self._group().barrier()
+
+    def share(self, value):
+        """Rank 0's `value` on every rank (an outcome every rank acts on: a refusal, say)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        self._group().broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.backends import Backend, is_local, open_backend
+from featurestore.backends import Backend, is_local, local_path, open_backend
+from featurestore.errors import STORAGE_HINT
 from featurestore.schema import PROGRESS, Field, StoreError, check_attrs, fields, num_chunks
 from featurestore.shards import ShardReadError
 
@@ -40,8 +41,9 @@ class StoreReader:
         self._attrs: dict[str, Any] | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> StoreReader:
-        return cls(open_checked(str(path), "r"))
+    def open(cls, path: str | Path, storage_options: dict | None = None) -> StoreReader:
+        """storage_options: fsspec options for a store at a URL (endpoint, credentials, ...)."""
+        return cls(open_checked(str(path), "r", storage_options))
 
     # ---- what the store is ---------------------------------------------------------------------
     @property
@@ -109,9 +111,17 @@ class StoreReader:
         return [x.decode() if isinstance(x, bytes) else str(x) for x in self.read("ids")]
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        """Rows [start, stop) of `name`, checked: a bad chunk raises ChunkError naming it."""
+        """Rows [start, stop) of `name`, checked: a bad chunk raises ChunkError naming it. A whole store
+        chunk of a per-image or per-view array comes straight from its shard."""
         n = self.backend.shape(name)[0]
         start, stop = start or 0, n if stop is None else stop
+        c = start // self.chunk_size
+        if name != PROGRESS.name and (start, stop) == self.chunk_range(c) and stop > start:
+            return self.read_chunk(name, c)
+        return self._read_rows(name, start, stop)
+
+    def _read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) through the backend (which gives the fill value or the canonical error)."""
         chunks = range(start // self.chunk_size, max(start, stop - 1) // self.chunk_size + 1)
         try:
             self._check_present(name, chunks)
@@ -129,12 +139,15 @@ class StoreReader:
         """All rows of store chunk c of `name`, into `out` ((rows, ...) C-contiguous) if given."""
         a, b = self.chunk_range(c)
         direct = self.backend.direct(name)
-        if direct is not None and direct.per_shard[0] == direct.n_inner:
+        if direct is not None:
             try:
-                return direct.rows(c, b - a, out)
+                if direct.per_shard[0] == direct.n_inner:              # rows tiled along N only (images)
+                    return direct.rows(c, b - a, out)
+                if out is None:
+                    return direct.whole(c, b - a)                       # per-view arrays: every view
             except ShardReadError:
                 pass                                   # the backend reads it: the fill value or the canonical error
-        x = self.read(name, a, b)
+        x = self._read_rows(name, a, b)
         if out is None:
             return x
         out[...] = x
@@ -211,16 +224,21 @@ class StoreReader:
         self.close()
 
 
-def open_checked(path: str, mode: str) -> Backend:
+def open_checked(path: str, mode: str, options: dict | None = None) -> Backend:
     """The backend of the kdstore store at `path`, its format and contents checked."""
-    if is_local(path) and not Path(path).exists():
+    if is_local(path) and not Path(local_path(path)).exists():
         raise StoreError(f"store not found: {path}")
     try:
-        backend = open_backend(path, mode)
+        backend = open_backend(path, mode, options)
+    except StoreError:
+        raise
+    except FileNotFoundError:
+        raise StoreError(f"store not found: {path}") from None
     except PermissionError as e:
         raise StoreError(f"cannot open {path}: permission denied ({e.filename or path})") from None
     except Exception as e:  # noqa: BLE001 - any backend failure becomes one clear message
-        raise StoreError(f"cannot open {path} as a {_kind(path)} store: {first_line(e)}") from None
+        hint = "" if is_local(path) else f"; {STORAGE_HINT}"
+        raise StoreError(f"cannot open {path} as a {_kind(path)} store: {first_line(e)}{hint}") from None
     try:
         attrs = backend.get_attrs()
         check_attrs(attrs, path)

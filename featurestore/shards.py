@@ -39,12 +39,12 @@ class LocalFiles:
     def whole(self, key: str) -> bytes:
         return (self.root / key).read_bytes()
 
-    def tail(self, key: str, n: int) -> tuple[bytes, int]:
-        """The last n bytes of `key` (fewer if it is shorter) and its size."""
+    def tail(self, key: str, n: int) -> bytes:
+        """The last n bytes of `key` (fewer if it is shorter)."""
         with open(self.root / key, "rb") as f:
             size = f.seek(0, 2)
             f.seek(max(0, size - n))
-            return f.read(n), size
+            return f.read(n)
 
     def range(self, key: str, lo: int, hi: int) -> bytes:
         with open(self.root / key, "rb") as f:
@@ -52,13 +52,31 @@ class LocalFiles:
             return f.read(hi - lo)
 
 
+class FsspecFiles:
+    """Byte ranges of the objects under one prefix of an fsspec filesystem (object storage): a suffix
+    read for a shard's index, one ranged read for a run of inner chunks."""
+
+    def __init__(self, fs, root: str):
+        self.fs, self.root = fs, root
+
+    def whole(self, key: str) -> bytes:
+        return self.fs.cat_file(f"{self.root}/{key}")
+
+    def tail(self, key: str, n: int) -> bytes:
+        return self.fs.cat_file(f"{self.root}/{key}", start=-n)
+
+    def range(self, key: str, lo: int, hi: int) -> bytes:
+        return self.fs.cat_file(f"{self.root}/{key}", start=lo, end=hi)
+
+
 class ShardReader:
     """Inner chunks of one Zarr array: sharded, or one chunk per file (a shard of one inner chunk,
-    without an index). The shard indexes are kept once read (the store is read-only while read)."""
+    without an index). The shard indexes are kept once read when the array is not being written."""
 
     def __init__(self, source, shape: tuple[int, ...], shard: tuple[int, ...], inner: tuple[int, ...],
-                 dtype: np.dtype, compressor, key, sharded: bool = True):
+                 dtype: np.dtype, compressor, key, sharded: bool = True, keep_indexes: bool = True):
         self.source, self.shape, self.shard, self.inner, self.key = source, shape, shard, inner, key
+        self.keep_indexes = keep_indexes
         self.sharded = sharded
         self.dtype, self.compressor = dtype, compressor
         self.per_shard = tuple(s // i for s, i in zip(shard, inner))          # inner chunks per shard, per axis
@@ -67,9 +85,9 @@ class ShardReader:
         self._indexes: dict[str, np.ndarray] = {}
 
     @classmethod
-    def of(cls, meta: dict, source) -> ShardReader | None:
+    def of(cls, meta: dict, source, keep_indexes: bool = True) -> ShardReader | None:
         """A reader for the array whose zarr.json is `meta`, its bytes in `source`, or None for
-        another layout."""
+        another layout. keep_indexes: shard indexes read once (the array is not being written)."""
         if meta.get("zarr_format") != 3:
             return None
         try:
@@ -104,7 +122,7 @@ class ShardReader:
 
         def key(coords: tuple[int, ...]) -> str:
             return separator.join(["c", *map(str, coords)])
-        return cls(source, tuple(meta["shape"]), shard, inner, dtype, compressor, key, sharded)
+        return cls(source, tuple(meta["shape"]), shard, inner, dtype, compressor, key, sharded, keep_indexes)
 
     def rows(self, shard: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
         """The first n rows of shard (shard, 0, ..., 0) of an array tiled by inner chunks along axis 0
@@ -130,6 +148,17 @@ class ShardReader:
                 self._decode(body, dest)
         return out
 
+    def whole(self, shard: int, n: int) -> np.ndarray:
+        """The first n rows of shard (shard, 0, ..., 0), whatever its inner chunks: (n, ...) of the
+        array's row shape."""
+        out = np.empty(self.shard, self.dtype)
+        for j, body in enumerate(self._bodies(shard, 0, self.n_inner)):
+            at = np.unravel_index(j, self.per_shard)                 # inner chunk coordinates, C order
+            block = np.empty(self.inner, self.dtype)
+            self._decode(body, block.reshape(-1).view(np.uint8))
+            out[tuple(slice(i * s, (i + 1) * s) for i, s in zip(at, self.inner))] = block
+        return out[:n]
+
     def inner_chunk(self, shard: int, k: int) -> np.ndarray:
         """Inner chunk k (C order within the shard) of shard (shard, 0, ..., 0), in its full shape."""
         out = np.empty(self.inner, self.dtype)
@@ -141,16 +170,14 @@ class ShardReader:
         """(n_inner, 2) offsets and sizes of a shard's inner chunks, its crc32c checked."""
         index = self._indexes.get(key)
         if index is None:
-            raw, size = self.source.tail(key, self.index_bytes)
+            raw = self.source.tail(key, self.index_bytes)
             if len(raw) < self.index_bytes:
                 raise ShardReadError(f"{key}: shorter than its index")
             if _crc(np.frombuffer(raw, np.uint8)[:-4]) != raw[-4:]:
                 raise ShardReadError(f"{key}: index checksum")
             index = np.frombuffer(raw, "<u8", count=2 * self.n_inner).reshape(-1, 2)
-            present = index[:, 0] != _MISSING
-            if (index[present].sum(1) > size - self.index_bytes).any():
-                raise ShardReadError(f"{key}: index points past the data")
-            self._indexes[key] = index
+            if self.keep_indexes:
+                self._indexes[key] = index
         return index
 
     def _bodies(self, shard: int, first: int, count: int) -> list[np.ndarray]:
@@ -169,7 +196,9 @@ class ShardReader:
             data = np.frombuffer(self.source.range(key, lo, hi), np.uint8)
             if len(data) != hi - lo:
                 raise ShardReadError(f"{key}: shorter than its index says")
-        except (OSError, FileNotFoundError) as e:
+        except ShardReadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a missing or unreadable object: zarr says which
             raise ShardReadError(str(e)) from None
         bodies = []
         for j, (offset, nbytes) in enumerate(index.tolist()):

@@ -7,24 +7,23 @@ through checked reads (damage in SRC stops the copy) and is verified at the end.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from featurestore.backends import backend_class, is_local
+from featurestore.backends import backend_class
 from featurestore.log import logger
 from featurestore.options import ConfigError
 from featurestore.reader import StoreReader
 from featurestore.schema import StoreError, fields
-from featurestore.writer import StoreWriter
+from featurestore.writer import StoreWriter, occupied
 
 ALWAYS = ("labels", "split", "ids", "sha256")
 
 
-def slim(src: str, dst: str, keep: list[str]) -> None:
+def slim(src: str, dst: str, keep: list[str], storage_options: dict | None = None) -> None:
+    """storage_options: for stores at URLs (the source, the copy, or both: slim straight into a bucket)."""
     from featurestore.integrity import verify
     keep = [k.strip() for k in keep if k.strip()]
-    if is_local(dst) and Path(dst).exists():
+    if occupied(dst, storage_options):
         raise ConfigError(f"{dst} exists; slim writes a new store")
-    with StoreReader.open(src) as s:
+    with StoreReader.open(src, storage_options) as s:
         if not s.complete:
             raise StoreError(f"{src} is not complete; finish its build before slimming it")
         names = [f.name for f in s.fields()]
@@ -36,7 +35,7 @@ def slim(src: str, dst: str, keep: list[str]) -> None:
         compression = s.attrs.get("config", {}).get("store", {}).get("compression", "default")
         if backend_class(dst).kind != s.backend.kind:
             compression = "default"
-        d = StoreWriter.create(dst, attrs | {"format_version": None}, compression)
+        d = StoreWriter.create(dst, attrs | {"format_version": None}, compression, storage_options)
         try:
             for f in fields(attrs):
                 for c in range(s.num_chunks):
@@ -46,12 +45,12 @@ def slim(src: str, dst: str, keep: list[str]) -> None:
             for key in s.small_keys():
                 d.write_small(key, s.small(key))
             d.set_attrs({"format_version": attrs["format_version"]})
-            d.flush()
+            d.seal()
             before = sum(s.stored_bytes(f.name) for f in s.fields())
             after = sum(d.reader.stored_bytes(f.name) for f in d.reader.fields())
         finally:
             d.close()
-    with StoreReader.open(dst) as d:
+    with StoreReader.open(dst, storage_options) as d:
         problems = verify(d)
     if problems:
         raise StoreError(f"{dst} did not verify: {problems[0].line()} ({len(problems)} problem(s))")

@@ -6,6 +6,7 @@ mean/std and resize method come from the model's own preprocessor config.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -66,9 +67,11 @@ class Teacher:
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, patch_grid: int = 0):
-        """pixels: float (B, 3, size, size) in [0, 1] -> pooled (B, D), patches (B, g, g, D) or None."""
+        """pixels: float (B, 3, size, size) in [0, 1] -> pooled (B, D), patches (B, g, g, D) or None.
+        On a CPU the tower runs on one thread (see `one_thread`)."""
         x = ((pixels.to(self.device) - self._mean) / self._std).to(self.dtype)
-        out = self.vision(pixel_values=x)
+        with one_thread(self.device):
+            out = self.vision(pixel_values=x)
         pooled = out.pooler_output.float()                                   # (B, D)
         patches = None
         if patch_grid:
@@ -95,7 +98,8 @@ class Teacher:
         max_len = self.model.config.text_config.max_position_embeddings
         flat = [p for group in prompts for p in group]
         tok = self.tokenizer(flat, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-        text = self.model.text_model(input_ids=tok["input_ids"].to(self.device)).pooler_output.float()
+        with one_thread(self.device):
+            text = self.model.text_model(input_ids=tok["input_ids"].to(self.device)).pooler_output.float()
         text = F.normalize(text, dim=-1)                                     # (sum of prompts, D)
         owner = torch.tensor([c for c, group in enumerate(prompts) for _ in group], device=text.device)
         classes = torch.zeros(len(prompts), text.shape[-1], device=text.device).index_add_(0, owner, text)
@@ -105,6 +109,23 @@ class Teacher:
     def render(self, sources, index, params, partner_index=None):
         """Render views at the teacher's input size with its resize method, on the teacher's device."""
         return views.render(sources, index, params, self.pre.size, self.pre.resample, partner_index)
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device):
+    """On a CPU, the teacher's sums on one thread: a matrix product split over a different number of
+    threads can round differently, and a store must come out the same bits whatever the launch (one
+    process of many threads, or torchrun's ranks of one thread each). A CPU build uses its cores
+    through ranks and decoding processes instead."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def zeroshot_logits(pooled: torch.Tensor, text: torch.Tensor, scale: float, bias: float) -> torch.Tensor:

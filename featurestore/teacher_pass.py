@@ -26,7 +26,7 @@ from featurestore.ranks import Rank
 from featurestore.reader import StoreReader
 from featurestore.scan import decode_side, mp_context, worker_deaths
 from featurestore.sources import DatasetError, DecodeSet
-from featurestore.teacher import Teacher, zeroshot_logits
+from featurestore.teacher import Teacher
 from featurestore.writer import StoreWriter
 
 PCA_KEYS = {"mean": "pca/patches/mean", "basis": "pca/patches/basis", "eigenvalues": "pca/patches/eigenvalues"}
@@ -48,10 +48,11 @@ def decoded(store: StoreReader, cfg: BuildConfig, teacher: Teacher, images: list
 
 
 class ChunkWriter:
-    """Writes finished chunks on a thread, then marks each done; errors surface on the next call."""
+    """Writes finished chunks on a thread, then marks each done; errors surface on the next call.
+    guard: called before each chunk is written (the build's lock: raises if it was lost)."""
 
-    def __init__(self, store: StoreWriter):
-        self.store, self.q, self.error = store, queue.Queue(maxsize=2), None
+    def __init__(self, store: StoreWriter, guard=None):
+        self.store, self.q, self.error, self.guard = store, queue.Queue(maxsize=2), None, guard
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -61,6 +62,8 @@ class ChunkWriter:
             if self.error is not None:
                 continue
             try:
+                if self.guard is not None:
+                    self.guard()
                 a, _ = self.store.reader.chunk_range(c)
                 for name, value in arrays.items():
                     self.store.write(name, a, value)
@@ -91,8 +94,9 @@ def batch_size(cfg: BuildConfig, teacher: Teacher) -> int:
 
 
 def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: Rank, paths: list[str],
-                 shas: list[str], text_head, basis: PatchBasis | None) -> int:
-    """Run the teacher over this rank's unfinished chunks; returns the number of views computed."""
+                 shas: list[str], basis: PatchBasis | None, guard=None) -> int:
+    """Run the teacher over this rank's unfinished chunks; returns the number of views computed.
+    guard: checks before each chunk's writes that this build still holds its lock."""
     r = store.reader
     done = r.done()
     mine = [c for c in range(r.num_chunks) if rank.owns(c) and not done[c]]
@@ -108,7 +112,7 @@ def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: R
     loader = decoded(r, cfg, teacher, [i for c in mine for i in range(*r.chunk_range(c))], paths, shas)
     bar = tqdm(total=total_views, initial=total_views - left_views, unit="view", desc=f"teacher r{rank.rank}",
                position=rank.rank, disable=None, file=sys.stderr, smoothing=0.1)
-    writer = ChunkWriter(store)
+    writer = ChunkWriter(store, guard)
     pending = iter(mine)
     c = next(pending)
     a, b = r.chunk_range(c)
@@ -118,7 +122,7 @@ def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: R
             got.append((orig, small))
             if len(got) < b - a:
                 continue
-            writer.put(c, run_chunk(r, teacher, c, got, batch_size(cfg, teacher), g, text_head, basis, bar))
+            writer.put(c, run_chunk(r, teacher, c, got, batch_size(cfg, teacher), g, basis, bar))
             got = []
             c = next(pending, None)
             if c is not None:
@@ -129,7 +133,7 @@ def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: R
     return left_views
 
 
-def run_chunk(store: StoreReader, teacher: Teacher, c: int, got, batch: int, g: int, text_head, basis,
+def run_chunk(store: StoreReader, teacher: Teacher, c: int, got, batch: int, g: int, basis,
               bar) -> dict[str, np.ndarray]:
     """The teacher's outputs on every view of store chunk c (its decoded images in `got`)."""
     a, b = store.chunk_range(c)
@@ -139,13 +143,11 @@ def run_chunk(store: StoreReader, teacher: Teacher, c: int, got, batch: int, g: 
     index = torch.arange(n).repeat_interleave(k)                                          # (n*K,)
     partner = params[:, views.COL["mix_partner"]].long()
     partner = torch.where(partner >= 0, partner - a, partner)
-    pooled, patches, zeroshot = [], [], []
+    pooled, patches = [], []
     for s in range(0, n * k, batch):
         sl = slice(s, min(s + batch, n * k))
         pix = teacher.render(sources, index[sl], params[sl], partner[sl])
         p, q = teacher.encode(pix, g)                                      # (B, D), (B, g, g, D) float32
-        if text_head is not None:
-            zeroshot.append(zeroshot_logits(p, *text_head).cpu())          # (B, C) from float pooled
         pooled.append(p.to(torch.float16).cpu())                           # stored dtype, cast on device
         if q is not None:
             q = basis.project(q) if basis is not None else q               # (B, g, g, d)
@@ -155,8 +157,6 @@ def run_chunk(store: StoreReader, teacher: Teacher, c: int, got, batch: int, g: 
            "teacher/pooled": torch.cat(pooled).reshape(n, k, -1).numpy()}
     if g:
         out["teacher/patches"] = torch.cat(patches).reshape(n, k, g, g, -1).numpy()
-    if text_head is not None:
-        out["teacher/logits/zeroshot"] = torch.cat(zeroshot).reshape(n, k, -1).numpy()
     return out
 
 

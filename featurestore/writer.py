@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.backends import Backend, backend_class, is_local, open_backend
+from featurestore.backends import Backend, backend_class, is_local, local_path, open_backend
 from featurestore.reader import StoreReader, open_checked
 from featurestore.schema import PROGRESS, StoreError, fields, sizes
 
@@ -26,9 +26,10 @@ class StoreWriter:
         self.reader = StoreReader(backend)
 
     @classmethod
-    def create(cls, path: str | Path, attrs: dict[str, Any], compression: str) -> StoreWriter:
+    def create(cls, path: str | Path, attrs: dict[str, Any], compression: str,
+               storage_options: dict | None = None) -> StoreWriter:
         """A new, empty store with every array of `attrs`' layout (written by the caller)."""
-        backend = open_backend(str(path), "w")
+        backend = open_backend(str(path), "w", storage_options)
         backend.set_attrs(attrs)
         size, chunk = sizes(attrs), attrs["chunk_size"]
         for f in fields(attrs) + [PROGRESS]:
@@ -36,9 +37,9 @@ class StoreWriter:
         return cls(backend)
 
     @classmethod
-    def open(cls, path: str | Path) -> StoreWriter:
+    def open(cls, path: str | Path, storage_options: dict | None = None) -> StoreWriter:
         """An existing store, to resume or repair it."""
-        return cls(open_checked(str(path), "r+"))
+        return cls(open_checked(str(path), "r+", storage_options))
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -73,6 +74,11 @@ class StoreWriter:
     def flush(self) -> None:
         self.backend.flush()
 
+    def seal(self) -> None:
+        """The store is finished (or repaired): its arrays' metadata is consolidated for fast opening."""
+        self.backend.flush()
+        self.backend.seal()
+
     def close(self) -> None:
         self.backend.close()
 
@@ -83,26 +89,31 @@ class StoreWriter:
         self.close()
 
 
-def not_a_kdstore_store(path: str | Path) -> str | None:
+def occupied(path: str | Path, storage_options: dict | None = None) -> bool:
+    """Whether anything is at `path` (an empty folder is nothing)."""
+    return backend_class(path).occupied(str(path), storage_options)
+
+
+def not_a_kdstore_store(path: str | Path, storage_options: dict | None = None) -> str | None:
     """None if `path` is a store kdstore made (its format attributes, and nothing a store does not
     hold), else why not."""
-    return backend_class(path).not_made_by_kdstore(str(path))
+    return backend_class(path).not_made_by_kdstore(str(path), storage_options)
 
 
-def remove_store(path: str | Path, protect: dict[str, Path]) -> None:
+def remove_store(path: str | Path, protect: dict[str, Path], storage_options: dict | None = None) -> None:
     """Delete the store at `path` for --overwrite: only a store kdstore made, never a folder in
     `protect` ({what: path}: the current directory, the home folder, the input images) or one that
     holds any of them."""
     if is_local(path):
-        target = Path(path).absolute()
+        target = Path(local_path(path)).absolute()
         for what, p in protect.items():
             for q in {Path(p).absolute(), Path(p).resolve()}:
                 for t in {target, target.resolve()}:
                     if q == t or t in q.parents:
                         raise StoreError(f"refusing to delete {path}: it {'is' if q == t else 'holds'} {what}; "
                                          "choose another --out")
-    why = not_a_kdstore_store(path)
+    why = not_a_kdstore_store(path, storage_options)
     if why is not None:
         raise StoreError(f"refusing to delete {path}: it is not a store kdstore made ({why}); choose another --out "
                          "(kdstore deletes only stores it made)")
-    backend_class(path).remove(str(path))
+    backend_class(path).remove(str(path), storage_options)

@@ -94,6 +94,34 @@ def slow_reference(tmp_path_factory, demo_images):
     return get
 
 
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """An S3 server on the loopback (moto), its bucket, and the environment that points every client at
+    it (this process and the commands it starts); stopped at the end."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "kdstore",
+           "AWS_SECRET_ACCESS_KEY": "kdstore", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("kdstore-test")
+    try:
+        yield {"bucket": "s3://kdstore-test", "fs": fs, "env": env}
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 def tiny_siglip_config():
     from transformers import SiglipConfig
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -99,7 +100,8 @@ def _next_step(args: argparse.Namespace, argv: list[str]) -> str:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "fit":
         run = api.fit(config=args.config, resume=args.resume, **values_of(args, FitConfig))
-        print(report_table(run.path))
+        if int(os.environ.get("RANK", "0")) == 0:             # one table, whatever the ranks
+            print(report_table(run.path))
         return 0
     if args.command == "sweep":
         result = api.sweep(config=args.config, recipes=args.recipes, seeds=args.seeds, search=args.search,

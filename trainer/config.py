@@ -3,8 +3,9 @@ declares its flag and help once (featurestore/options.py makes the command line 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from featurestore.options import ConfigError, opt, to_dict
+from featurestore.options import STORAGE_HELP, ConfigError, json_options, opt, to_dict
 from trainer.losses import LossWeights
 from trainer.students import available
 
@@ -32,8 +33,11 @@ class OptimConfig:
 
 @dataclass
 class FitConfig:
-    store: str | None = opt(None, "featurestore store (.zarr or .h5)", flag="--store")
-    out: str | None = opt(None, "run directory (checkpoints, metrics.jsonl, student.pt, plots)", flag="--out")
+    store: str | None = opt(None, "featurestore store (.zarr folder or URL, or .h5)", flag="--store")
+    storage_options: dict[str, Any] = opt(help=STORAGE_HELP, flag="--storage-options", parse=json_options,
+                                          default_factory=dict, secret=True)
+    out: str | None = opt(None, "run directory on a local disk (checkpoints, metrics.jsonl, student.pt, plots)",
+                          flag="--out")
     student: str = opt("shufflenet_v2_x1_0", "one of " + ", ".join(available()), flag="--student")
     pretrained: bool = opt(False, "start from ImageNet weights (downloaded once, then taken from the local cache; "
                            "default: random initialisation)", flag="--pretrained")
@@ -66,6 +70,9 @@ class FitConfig:
     def validate(self) -> None:
         if not self.store or not self.out:
             raise ConfigError("give --store (a featurestore store) and --out (the run directory)")
+        if "://" in self.out and not self.out.startswith("file://"):
+            raise ConfigError(f"--out {self.out}: a run directory lives on a local disk (its checkpoints are written "
+                              "whole and renamed into place); train into a local folder, then copy the run")
         if self.head not in HEADS:
             raise ConfigError(f"head must be probe|zeroshot, got {self.head!r}")
         if self.mixed_precision not in PRECISIONS:

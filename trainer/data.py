@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from featurestore.backends import is_local
 from featurestore.reader import StoreReader
 from featurestore.schema import StoreError, bad_target_rows
 
@@ -26,8 +27,8 @@ class Chunk:
 
 class StoreData:
     def __init__(self, path: str, head: str | None, need_pooled: bool, need_patches: bool,
-                 ram_budget_gb: float = 2.0):
-        self.store = s = StoreReader.open(path)
+                 ram_budget_gb: float = 2.0, storage_options: dict | None = None):
+        self.store = s = StoreReader.open(path, storage_options)
         if not s.complete:
             raise StoreError(f"{path} is not complete ({int(s.done().sum())}/{s.num_chunks} chunks done, or its "
                              "heads not fitted); finish it with the same `featurestore build` command first")
@@ -60,6 +61,7 @@ class StoreData:
                                                    ("patches", "teacher/patches" if need_patches else None)) if name}
         self.shapes = {key: s.shape(name)[2:] for key, name in self.names.items()}
         self.in_memory = self.bytes_needed() <= ram_budget_gb * 1e9
+        self.remote = not is_local(path)
         self.ram: dict[str, np.ndarray] | None = None
         if self.in_memory:
             self.ram = {"images": s.read("images")}

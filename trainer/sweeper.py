@@ -38,7 +38,7 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     out = Path(base.out)
-    with StoreReader.open(base.store) as s:
+    with StoreReader.open(base.store, base.storage_options) as s:
         has_patches = "teacher/patches" in {f.name for f in s.fields()}
         teacher = s.attrs.get("metrics", {}).get("probe", {}).get("val_macro_f1")
     specs = {name: recipes_mod.apply(name, base, has_patches) for name in recipes}     # checks every name first

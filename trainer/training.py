@@ -22,10 +22,12 @@ from torch import nn
 from tqdm import tqdm
 
 from featurestore import devices
+from featurestore.errors import KdstoreError
 from featurestore.lock import FileLock
 from featurestore.log import logger
 from featurestore.options import ConfigError, to_dict
 from featurestore.provenance import record
+from featurestore.ranks import check_launch
 from featurestore.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED
 from trainer import checkpoints, run_folder
 from trainer import metrics as metrics_mod
@@ -39,23 +41,43 @@ from trainer.students import create_student, size_mb, spec_of
 
 
 def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) the run in cfg.out. The run folder has one writer: the run lock is held
-    throughout; a full disk ends in one sentence that says how to go on."""
+    """Train (or resume) the run in cfg.out, on one process or all of a `torchrun`/`accelerate launch`.
+    Rank 0 alone owns the run folder: it holds the run lock throughout and makes the folder ready
+    while the other ranks wait (a refusal stops them all); a full disk ends in one sentence that says
+    how to go on."""
     cfg.validate()
+    check_launch()
     out = Path(cfg.out)
-    owner = int(os.environ.get("RANK", "0")) == 0          # rank 0 alone owns the run folder
-    with FileLock(out, "trainer fit") if owner else contextlib.nullcontext(), run_folder.disk_full(out):
-        if owner:
-            run_folder.prepare(out, resume)
-        return _fit(cfg, out, resume, progress)
-
-
-def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool) -> Path:
-    from accelerate.utils import set_seed
-
     device = devices.pick_device("cpu" if cfg.cpu else cfg.device)
     mp = devices.mixed_precision(cfg.mixed_precision, devices.caps_of(device))
     accelerator = _accelerator(device.type == "cpu", mp)
+    with contextlib.ExitStack() as stack, run_folder.disk_full(out):
+        error = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(FileLock(out, "trainer fit"))
+                run_folder.prepare(out, resume)
+            except Exception as e:  # noqa: BLE001 - raised below, once the other ranks heard of it
+                error = e
+        stopped = _share(accelerator, None if error is None else " ".join(str(error).split()))
+        if error is not None:
+            raise error
+        if stopped is not None:
+            raise KdstoreError(f"rank {accelerator.process_index}: rank 0 stopped: {stopped}")
+        return _fit(cfg, out, resume, progress, accelerator, mp)
+
+
+def _share(accelerator, value):
+    """Rank 0's `value` on every rank."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, mp: str) -> Path:
+    from accelerate.utils import set_seed
+
     set_seed(cfg.seed)
     try:
         data = open_data(cfg)
@@ -67,6 +89,7 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool) -> Path:
     loader = Loader(data, train_idx, cfg.seed, device,
                     LoaderConfig(cfg.optim.batch_size, cfg.image_size, spec.mean, spec.std, cfg.buffer_chunks,
                                  threads=2 if batched else 0,            # a training CPU has no core to spare
+                                 readers=8 if data.remote else 2,        # several chunks in flight from a bucket
                                  workers=cfg.loader_workers),
                     accelerator.process_index, accelerator.num_processes)
     steps = len(loader)
@@ -116,6 +139,7 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool) -> Path:
         if "val_macro_f1" in summary:
             logger.info(f"held-out macro-F1: student {summary['val_macro_f1']:.4f}, teacher probe "
                         + (f"{teacher:.4f}" if teacher is not None else "-") + f" ({len(val_idx)} images)")
+    accelerator.wait_for_everyone()                  # no rank ends (and is reaped) before the export is written
     return out
 
 
@@ -127,6 +151,7 @@ def train_epoch(cfg: FitConfig, accelerator, train_model: nn.Module, state: Trai
     sums: dict[str, torch.Tensor] = {}                     # on the device: summed over samples
     window = torch.zeros((), device=accelerator.device)    # loss summed since the last read
     seen, first, t0 = 0, 0, time.perf_counter()
+    images = np.zeros(loader.data.n, bool)                 # the store images this rank trained on
     steps = len(loader)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="batch", leave=False,
                disable=None if progress and accelerator.is_main_process else True)
@@ -145,6 +170,7 @@ def train_epoch(cfg: FitConfig, accelerator, train_model: nn.Module, state: Trai
             state.ema.update(state.model.student)
         n = len(batch.labels)
         seen += n
+        images[batch.index.numpy()] = True
         for k, v in (parts | {"loss": loss.detach()}).items():
             sums[k] = sums.get(k, 0) + v.float() * n
         window += loss.detach().float()
@@ -161,8 +187,10 @@ def train_epoch(cfg: FitConfig, accelerator, train_model: nn.Module, state: Trai
             window.zero_()
             first = step + 1
     bar.close()
-    return {"epoch": epoch + 1, "lr": state.scheduler.get_last_lr()[0], "samples": seen} | \
-        {f"train_{k}": float(v) / seen for k, v in sums.items()}
+    # distinct store images trained on this epoch, summed over the ranks: every training image once
+    distinct = accelerator.reduce(torch.tensor(int(images.sum()), device=accelerator.device), "sum")
+    return {"epoch": epoch + 1, "lr": state.scheduler.get_last_lr()[0], "samples": seen,
+            "images_seen": int(distinct)} | {f"train_{k}": float(v) / seen for k, v in sums.items()}
 
 
 def end_epoch(cfg: FitConfig, state: TrainState, row: dict, val: dict | None, out: Path, main: bool) -> None:
@@ -199,7 +227,8 @@ def training_images(cfg: FitConfig, data: StoreData) -> tuple[np.ndarray, np.nda
 
 def open_data(cfg: FitConfig) -> StoreData:
     w = cfg.loss
-    return StoreData(cfg.store, cfg.head if (w.kd or w.dist) else None, w.pooled > 0, w.patches > 0, cfg.ram_budget_gb)
+    return StoreData(cfg.store, cfg.head if (w.kd or w.dist) else None, w.pooled > 0, w.patches > 0, cfg.ram_budget_gb,
+                     cfg.storage_options)
 
 
 def _accelerator(cpu: bool, mixed_precision: str):

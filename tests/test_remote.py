@@ -1,0 +1,118 @@
+"""Stores in a bucket, against a real S3 protocol server on the loopback (moto): a fresh path is built
+without --overwrite, verified, trained from and slimmed into; a killed build resumes; one lease lets one
+build write a store; HDF5 stores and run folders at a URL are refused in one line."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO, SMALL, run_cli, run_module
+from test_build import assert_same_store
+
+from featurestore.reader import StoreReader
+from trainer import cli as tcli
+
+FIT = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu", "--epochs", "1"]
+CHUNKS = [*SMALL, "--chunk-size", "4"]            # 15 chunks: a build in a bucket slow enough to stop part way
+
+
+def last_line(err: str) -> str:
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def done_chunks(s3, url: str) -> int:
+    key = url[len("s3://"):] + "/progress/done/c"
+    return len(s3["fs"].ls(key, refresh=True)) if s3["fs"].exists(key) else 0
+
+
+def test_a_fresh_bucket_path_is_built_verified_trained_from_and_slimmed_into(s3, demo_images, unlabeled_images,
+                                                                            small_store, tmp_path, capsys):
+    url = f"{s3['bucket']}/fresh.zarr"
+    assert run_cli("build", "--images", demo_images, "--unlabeled", unlabeled_images, "--out", url, *SMALL) == 0
+    assert_same_store(small_store, url)                           # the same bits as the same build on a disk
+    root = json.loads(s3["fs"].cat_file(url[5:] + "/zarr.json"))
+    assert "teacher/pooled" in root["consolidated_metadata"]["metadata"]   # opening reads one document
+    assert not s3["fs"].exists(url[5:] + ".lock")                 # the lease is gone with the build
+    run = tmp_path / "run"
+    assert tcli.main([str(a) for a in ("fit", "--store", url, "--out", run, *FIT, "--ram-budget-gb", "0")]) == 0
+    assert (run / "student.pt").is_file()
+    slim = f"{s3['bucket']}/slim.zarr"
+    assert run_cli("slim", url, slim, "--fields", "images,views/params,teacher/logits/probe") == 0   # verifies it
+    with StoreReader.open(slim) as s:
+        assert "teacher/pooled" in s.attrs["dropped"] and s.complete
+    assert run_cli("build", "--images", demo_images, "--unlabeled", unlabeled_images, "--out", url, *SMALL) == 0
+    assert "is already complete; nothing to do" in capsys.readouterr().err
+
+
+def test_an_unreachable_endpoint_is_one_line(tmp_path, demo_images):
+    r = run_module("featurestore", "build", "--images", demo_images, "--out", "s3://nowhere/x.zarr", *SMALL,
+                   env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+                        "AWS_SECRET_ACCESS_KEY": "x", "AWS_MAX_ATTEMPTS": "1"}, cwd=tmp_path)
+    assert r.returncode == 2
+    line = last_line(r.stderr)
+    assert line.startswith("featurestore build: error: object storage: Could not connect to the endpoint URL")
+    assert "AWS_ENDPOINT_URL" in line and "--storage-options" in line
+    assert r.stderr.strip().count("\n") == 0 and not list(tmp_path.iterdir())      # no folder named "s3:"
+
+
+def test_a_killed_bucket_build_resumes_to_the_same_store(s3, demo_images, tmp_path):
+    url = f"{s3['bucket']}/killed.zarr"
+    cmd = [sys.executable, "-m", "featurestore", "build", "--images", str(demo_images), "--out", url, *CHUNKS]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and done_chunks(s3, url) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    assert s3["fs"].exists(url[5:] + ".lock")                     # the dead build's lease is still there
+    assert 2 <= done_chunks(s3, url) < 15
+    assert run_cli("build", "--images", demo_images, "--out", url, *CHUNKS) == 0   # at once
+    assert run_cli("build", "--images", demo_images, "--out", tmp_path / "ref.zarr", *CHUNKS) == 0
+    assert_same_store(tmp_path / "ref.zarr", url)
+
+
+def test_two_builds_of_one_bucket_store_cannot_both_write_it(s3, demo_images, capsys):
+    url = f"{s3['bucket']}/twice.zarr"
+    cmd = [sys.executable, "-m", "featurestore", "build", "--images", str(demo_images), "--out", url, *CHUNKS]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not s3["fs"].exists(url[5:] + ".lock"):
+        time.sleep(0.02)
+    assert run_cli("build", "--images", demo_images, "--out", url, *CHUNKS) == 2
+    line = last_line(capsys.readouterr().err)
+    assert f"another build is writing {url}: process {first.pid} on {socket.gethostname()} holds the lease" in line
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert run_cli("verify", url) == 0                            # the first finished whole
+
+
+def test_an_expired_lease_is_taken_over_and_a_live_one_is_refused(s3, demo_images, capsys):
+    url = f"{s3['bucket']}/leased.zarr"
+    lease = url[5:] + ".lock"
+
+    def holder(expires: float) -> None:
+        s3["fs"].pipe_file(lease, json.dumps({"pid": 4242, "host": "gpu-box-7", "token": "t",
+                                              "expires": expires}).encode())
+    holder(time.time() + 600)
+    assert run_cli("build", "--images", demo_images, "--out", url, *SMALL) == 2
+    assert "process 4242 on gpu-box-7 holds the lease" in last_line(capsys.readouterr().err)
+    holder(time.time() - 1)
+    assert run_cli("build", "--images", demo_images, "--out", url, *SMALL) == 0
+    assert not s3["fs"].exists(lease)
+
+
+def test_hdf5_stores_and_run_folders_at_a_url_are_refused(s3, demo_images, small_store, tmp_path, monkeypatch,
+                                                         capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("build", "--images", demo_images, "--out", f"{s3['bucket']}/x.h5", *SMALL) == 2
+    assert "an HDF5 store is one file on a local disk" in last_line(capsys.readouterr().err)
+    assert tcli.main([str(a) for a in ("fit", "--store", small_store, "--out", f"{s3['bucket']}/run", *FIT)]) == 2
+    assert "a run directory lives on a local disk" in last_line(capsys.readouterr().err)
+    assert not list(Path(tmp_path).iterdir())                     # nothing written to a local folder "s3:"
