@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from featurestore.schema import MARKER_ATTRS, Field, Layout, StoreError
-from featurestore.shards import FsspecFiles, LocalFiles, ShardReader
+from featurestore.shards import CachedFiles, FsspecFiles, LocalFiles, ShardReader
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 SMALL_GROUPS = ("heads", "pca")              # small arrays: a head's weights, the patch basis
@@ -254,13 +254,16 @@ class RemoteZarr(ZarrBackend):
         self.options = fresh_listings(options)
         self.fs, self.key = filesystem(path, self.options)
         super().__init__(path, mode, options)
+        self.cache = read_cache(path, self.get_attrs()) if mode == "r" else None     # fixed when opened
 
     def _zarr_store(self, options: dict | None):
         from zarr.storage import FsspecStore
         return FsspecStore.from_url(self.path, storage_options=self.options, read_only=self.mode == "r")
 
     def _files(self, key: str):
-        return FsspecFiles(self.fs, f"{self.key}/{key}")
+        """Byte ranges through fsspec; kept in the local read cache when the store is only read."""
+        files = FsspecFiles(self.fs, f"{self.key}/{key}")
+        return files if self.cache is None else CachedFiles(files, self.cache / key)
 
     def exists(self) -> bool:
         return self.fs.exists(f"{self.key}/zarr.json")
@@ -289,6 +292,35 @@ class RemoteZarr(ZarrBackend):
     def remove(cls, path: str, options: dict | None = None) -> None:
         fs, key = filesystem(path, options or {})
         fs.rm(key, recursive=True)
+
+
+CACHE_ENV, CACHE_GB_ENV = "KDSTORE_CACHE", "KDSTORE_CACHE_GB"
+
+
+def read_cache(url: str, attrs: dict) -> Path | None:
+    """The local folder that keeps the shards read from the store at `url`, or None when the cache is
+    off (KDSTORE_CACHE=off). It lives under KDSTORE_CACHE (default ~/.cache/kdstore), one folder per
+    store and version (a store rebuilt or repaired at the same URL gets a new one), and is kept under
+    KDSTORE_CACHE_GB (default 20) by deleting the files used least recently."""
+    root = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "kdstore")
+    if root.lower() == "off":
+        return None
+    import hashlib
+    version = f"{url}|{attrs.get('created')}|{attrs.get('finished')}|{attrs.get('fingerprint')}"
+    folder = Path(root).expanduser() / "remote" / hashlib.sha256(version.encode()).hexdigest()[:20]
+    _prune(Path(root).expanduser() / "remote", float(os.environ.get(CACHE_GB_ENV, "20")) * 1e9)
+    return folder
+
+
+def _prune(root: Path, limit: float) -> None:
+    files = [(p.stat().st_atime, p.stat().st_size, p) for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    total = sum(size for _, size, _ in files)
+    for _, size, p in sorted(files):
+        if total <= limit:
+            break
+        with contextlib.suppress(OSError):
+            p.unlink()
+            total -= size
 
 
 def fresh_listings(options: dict | None) -> dict:

@@ -17,7 +17,9 @@ canonical error; the fast path never answers where zarr would not give the same 
 from __future__ import annotations
 
 import math
+import os
 import sys
+import threading
 from pathlib import Path
 
 import google_crc32c
@@ -67,6 +69,39 @@ class FsspecFiles:
 
     def range(self, key: str, lo: int, hi: int) -> bytes:
         return self.fs.cat_file(f"{self.root}/{key}", start=lo, end=hi)
+
+
+class CachedFiles:
+    """The objects of a read-only store kept on a local disk: an object (a shard) is downloaded whole
+    the first time any of it is read, in one request, and every later read of it is a local one. A
+    run reads each shard's images every epoch and each view's targets in turn, so over a run this
+    moves the store once, where ranged reads would move its images once an epoch. The checksums are
+    checked on every read as before, so a damaged cache file is never trusted."""
+
+    def __init__(self, remote: FsspecFiles, folder: Path):
+        self.remote, self.local = remote, LocalFiles(folder)
+
+    def _fetch(self, key: str) -> None:
+        path = self.local.root / key
+        if path.exists():
+            return
+        data = self.remote.whole(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)                          # whole or absent, whoever reads it meanwhile
+
+    def whole(self, key: str) -> bytes:
+        self._fetch(key)
+        return self.local.whole(key)
+
+    def tail(self, key: str, n: int) -> bytes:
+        self._fetch(key)
+        return self.local.tail(key, n)
+
+    def range(self, key: str, lo: int, hi: int) -> bytes:
+        self._fetch(key)
+        return self.local.range(key, lo, hi)
 
 
 class ShardReader:

@@ -106,7 +106,8 @@ def s3(tmp_path_factory):
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "kdstore",
-           "AWS_SECRET_ACCESS_KEY": "kdstore", "AWS_DEFAULT_REGION": "us-east-1"}
+           "AWS_SECRET_ACCESS_KEY": "kdstore", "AWS_DEFAULT_REGION": "us-east-1",
+           "KDSTORE_CACHE": str(tmp_path_factory.mktemp("cache"))}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import s3fs

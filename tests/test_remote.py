@@ -4,6 +4,7 @@ build write a store; HDF5 stores and run folders at a URL are refused in one lin
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from conftest import REPO, SMALL, run_cli, run_module
 from test_build import assert_same_store
 
@@ -116,3 +118,37 @@ def test_hdf5_stores_and_run_folders_at_a_url_are_refused(s3, demo_images, small
     assert tcli.main([str(a) for a in ("fit", "--store", small_store, "--out", f"{s3['bucket']}/run", *FIT)]) == 2
     assert "a run directory lives on a local disk" in last_line(capsys.readouterr().err)
     assert not list(Path(tmp_path).iterdir())                     # nothing written to a local folder "s3:"
+
+
+def test_a_bucket_store_is_read_from_the_local_cache_once_fetched_and_a_damaged_copy_is_not_trusted(
+        s3, small_store, tmp_path, monkeypatch):
+    url = f"{s3['bucket']}/cached.zarr"
+    s3["fs"].put(str(small_store), url[5:], recursive=True)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KDSTORE_CACHE", str(cache))
+    with StoreReader.open(small_store) as s:
+        want = {c: (s.read_chunk("images", c), s.read_view("teacher/logits/probe", c, 1)) for c in range(s.num_chunks)}
+    with StoreReader.open(url) as s:
+        for c, (images, logits) in want.items():
+            np.testing.assert_array_equal(s.read_chunk("images", c), images)
+            np.testing.assert_array_equal(s.read_view("teacher/logits/probe", c, 1), logits)
+    shards = [p for p in cache.rglob("*") if p.is_file() and "images" in p.parts]
+    assert shards                                                 # the image shards are now on the disk
+    objects = {k: s3["fs"].cat_file(k) for k in s3["fs"].find(url[5:] + "/images/c")}
+    for k in objects:                                             # the bucket's copy damaged: still read right,
+        s3["fs"].pipe_file(k, b"\1" * s3["fs"].size(k))            # from the disk
+    with StoreReader.open(url) as s:
+        for c, (images, _) in want.items():
+            np.testing.assert_array_equal(s.read_chunk("images", c), images)
+    for k, data in objects.items():
+        s3["fs"].pipe_file(k, data)
+    for p in shards:                                              # a damaged copy on the disk: read from the bucket
+        p.write_bytes(b"\0" * p.stat().st_size)
+    with StoreReader.open(url) as s:
+        for c, (images, _) in want.items():
+            np.testing.assert_array_equal(s.read_chunk("images", c), images)
+    monkeypatch.setenv("KDSTORE_CACHE", "off")
+    shutil.rmtree(cache)
+    with StoreReader.open(url) as s:
+        s.read_chunk("images", 0)
+    assert not cache.exists()

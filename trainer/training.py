@@ -89,7 +89,7 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, m
     loader = Loader(data, train_idx, cfg.seed, device,
                     LoaderConfig(cfg.optim.batch_size, cfg.image_size, spec.mean, spec.std, cfg.buffer_chunks,
                                  threads=2 if batched else 0,            # a training CPU has no core to spare
-                                 readers=8 if data.remote else 2,        # several chunks in flight from a bucket
+                                 readers=4 if data.remote else 2,        # several chunks in flight from a bucket
                                  workers=cfg.loader_workers),
                     accelerator.process_index, accelerator.num_processes)
     steps = len(loader)
