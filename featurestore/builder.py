@@ -196,7 +196,7 @@ def _create(out: str, cfg: BuildConfig, listing: Listing, fingerprint: str, teac
     res = scan(listing, cfg, decode_side(teacher.pre.size, cfg.store.image_size))
     n, chunk = len(res.valid), min(cfg.store.chunk_size, len(res.valid))
     index = make_index(res, cfg, chunk)
-    heads = ["probe"] + (["zeroshot"] if teacher.info.has_text and cfg.teacher.zeroshot else [])
+    heads = cfg.probe.heads + (["zeroshot"] if teacher.info.has_text and cfg.teacher.zeroshot else [])
     unlabeled = int((index.labels < 0).sum())
     attrs = {
         "format_version": FORMAT_VERSION, "classes": listing.classes, "num_images": n,

@@ -21,6 +21,12 @@ def load_prompts(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
+def parse_heads(text: str) -> list[str]:
+    """--heads probe,spread -> ["probe", "spread"] (the probe always first)."""
+    names = [h.strip() for h in text.split(",") if h.strip()]
+    return ["probe"] + [h for h in names if h != "probe"]
+
+
 @dataclass
 class ViewPolicy:
     """How the K views of each image are drawn (see views.py for the contract)."""
@@ -126,8 +132,21 @@ class ProbeConfig:
     max_rows: int = opt(50_000, "at most this many pooled embeddings fit the probe (bounds the heads phase's "
                         "memory: rows x D x 4 bytes)", flag="--probe-max-rows")
     seed: int = 0                               # split and store order
+    heads: list[str] = opt(help="heads fitted on the labels, comma-separated: probe (always), spread (the probe "
+                           "refitted with the unlabelled images, their labels spread from their neighbours in the "
+                           "teacher's embedding; needs --unlabeled)", flag="--heads", parse=parse_heads,
+                           default_factory=lambda: ["probe"])
+    spread_neighbors: int = 10                  # k of the spread head's nearest-neighbour graph
+    spread_confidence: float = 0.5              # spread rows below this share of their class are left out
 
     def validate(self) -> None:
+        if not self.heads or self.heads[0] != "probe" or set(self.heads) - {"probe", "spread"} or \
+                len(set(self.heads)) != len(self.heads):
+            raise ConfigError(f"probe.heads must be probe or probe,spread, got {self.heads}")
+        if self.spread_neighbors < 1:
+            raise ConfigError(f"probe.spread_neighbors must be >= 1, got {self.spread_neighbors}")
+        if not 0 <= self.spread_confidence <= 1:
+            raise ConfigError(f"probe.spread_confidence must be in [0, 1], got {self.spread_confidence}")
         if self.folds < 2:
             raise ConfigError(f"probe.folds must be >= 2, got {self.folds}")
         if not 0 <= self.val_fraction < 1:
@@ -179,6 +198,9 @@ class BuildConfig:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         for part in (self.views, self.teacher, self.store, self.probe):
             part.validate()
+        if "spread" in self.probe.heads and self.unlabeled is None and self.manifest is None:
+            raise ConfigError("--heads spread refits the probe with unlabelled images: give them with --unlabeled "
+                              "(or as manifest rows with an empty label)")
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the store's content; a resumed build must match them."""

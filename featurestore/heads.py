@@ -5,6 +5,14 @@ fold f are scored by the probe fitted on the other folds, so training-set logits
 held-out ones; held-out and unlabelled images (split < 0) are scored by the probe fitted on all
 folds. Only labelled training images ever reach a fit. Each probe is stored as (W, b) acting on the
 L2-normalised embedding: logits = W @ normalize(e) + b.
+
+spread (optional, `--heads probe,spread`): the probe refitted with the unlabelled images too. Labels
+spread over a k-nearest-neighbour graph of the canonical view's normalised embeddings (scikit-learn's
+LabelSpreading) give each unlabelled image a class and a confidence; the probe is refitted on the
+labelled rows plus the confident spread ones. Cross-fitted like the probe: the head that scores fold f
+spreads only the other folds' labels, and fold f's images join its graph unlabelled, so no image's
+logits come from a head that saw its label. Held-out images stay out of every graph. Stored the same
+way as the probe (heads/spread, teacher/logits/spread).
 """
 from __future__ import annotations
 
@@ -14,11 +22,12 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.preprocessing import StandardScaler
+from sklearn.semi_supervised import LabelSpreading
 from threadpoolctl import threadpool_limits
 
 from featurestore.config import BuildConfig
 from featurestore.log import logger
-from featurestore.schema import SPLIT_HELD_OUT
+from featurestore.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED
 from featurestore.writer import StoreWriter
 
 
@@ -123,6 +132,46 @@ def cross_fit_probe(pooled: np.ndarray, labels: np.ndarray, split: np.ndarray, n
     return ProbeResult(logits, probes, probe_metrics(labels, split, logits[:, 0], num_classes, c, len(folds)))
 
 
+def spread_labels(x: np.ndarray, y: np.ndarray, neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows x (n, D) normalised, y (n,) a class or -1 (unknown) -> each row's spread class and its
+    confidence (the spread distribution's largest share; 0 where nothing reached the row)."""
+    ls = LabelSpreading(kernel="knn", n_neighbors=max(1, min(neighbors, len(x) - 1)), alpha=0.2, max_iter=100)
+    with threadpool_limits(1):
+        ls.fit(x, y)
+    dist = np.nan_to_num(ls.label_distributions_, nan=0.0)
+    return ls.classes_[dist.argmax(1)], dist.max(1)
+
+
+def fit_spread(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, x0: np.ndarray, labels: np.ndarray,
+               split: np.ndarray, num_classes: int, neighbors: int, confidence: float, c: float = 1.0,
+               seed: int = 0) -> tuple[Probes, dict]:
+    """The spread head. x, y, row_fold: the probe's fitting rows (labelled training images); x0 (N, D)
+    the normalised canonical view of every image, labels and split (N,). Returns the probes and, per
+    fit, how many spread rows joined it."""
+    folds = sorted(int(f) for f in np.unique(split) if f >= 0)
+    fold_w = np.zeros((max(folds, default=-1) + 1, num_classes, x.shape[1]), dtype=np.float32)
+    fold_b = np.zeros((len(fold_w), num_classes), dtype=np.float32)
+    added = {}
+
+    def fit(hidden: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """The head that never saw fold `hidden`'s labels (None: every fold's)."""
+        known, pool = split >= 0, split == SPLIT_UNLABELED
+        if hidden is not None:
+            known, pool = known & (split != hidden), pool | (split == hidden)
+        graph = np.flatnonzero(known | pool)
+        cls, conf = spread_labels(x0[graph], np.where(known[graph], labels[graph], -1), neighbors)
+        take = pool[graph] & (conf >= confidence)
+        added["all" if hidden is None else f"fold{hidden}"] = int(take.sum())
+        keep = row_fold != hidden if hidden is not None else np.ones(len(y), bool)
+        return fit_linear(np.concatenate([x[keep], x0[graph[take]]]), np.concatenate([y[keep], cls[take]]),
+                          num_classes, c, seed)
+
+    for f in folds:
+        fold_w[f], fold_b[f] = fit(f)
+    w, b = fit(None)
+    return Probes(fold_w, fold_b, w, b), added
+
+
 def _metrics(prefix: str, y: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
     labels = list(range(num_classes))
     return {f"{prefix}_macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
@@ -142,7 +191,8 @@ def zeroshot_from_pooled(pooled: np.ndarray, head: dict[str, np.ndarray]) -> np.
     x = pooled.astype(np.float64)
     x /= np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     text = head["text_embeds"].astype(np.float64)
-    return (x @ text.T * np.exp(float(head["logit_scale"])) + float(head["logit_bias"])).astype(np.float32)
+    scale, bias = (float(np.asarray(head[k]).item()) for k in ("logit_scale", "logit_bias"))
+    return (x @ text.T * np.exp(scale) + bias).astype(np.float32)
 
 
 def fit_heads(store: StoreWriter, cfg: BuildConfig, zeroshot: dict[str, np.ndarray] | None = None) -> dict:
@@ -163,23 +213,38 @@ def fit_heads(store: StoreWriter, cfg: BuildConfig, zeroshot: dict[str, np.ndarr
             rows.append(np.stack([r.read_view("teacher/pooled", ch, v)[sel] for v in range(m)], 1))   # (s, m, D)
     x = l2_normalize(np.concatenate(rows).reshape(len(train) * m, -1))
     folds = sorted(int(f) for f in np.unique(split[train]))
-    probes = fit_probes(x, np.repeat(labels[train], m), np.repeat(split[train], m), folds, c, cfg.probe.c,
-                        cfg.probe.seed)
+    y, row_fold = np.repeat(labels[train], m), np.repeat(split[train], m)
+    probes = fit_probes(x, y, row_fold, folds, c, cfg.probe.c, cfg.probe.seed)
+    heads = {"probe": probes}
+    spread_rows = {}
+    if "spread" in cfg.probe.heads:
+        x0 = l2_normalize(np.concatenate([r.read_view("teacher/pooled", ch, 0) for ch in range(r.num_chunks)]))
+        logger.info(f"fitting the spread head: labels spread to {int((split == SPLIT_UNLABELED).sum())} unlabelled "
+                    f"images over {cfg.probe.spread_neighbors} neighbours")
+        heads["spread"], spread_rows = fit_spread(x, y, row_fold, x0, labels, split, c, cfg.probe.spread_neighbors,
+                                                  cfg.probe.spread_confidence, cfg.probe.c, cfg.probe.seed)
+        del x0
     del x, rows
-    view0 = np.empty((n, c), np.float32)
+    view0 = {name: np.empty((n, c), np.float32) for name in heads}
     zeroshot0 = np.empty((n, c), np.float32) if zeroshot is not None else None
     for ch in range(r.num_chunks):
         a, b = r.chunk_range(ch)
         pooled = r.read("teacher/pooled", a, b)                                               # (chunk, K, D)
-        logits = probes.score(pooled, split[a:b])                                             # (chunk, K, C)
-        store.write("teacher/logits/probe", a, logits)
-        view0[a:b] = logits[:, 0]
+        for name, head in heads.items():
+            logits = head.score(pooled, split[a:b])                                           # (chunk, K, C)
+            store.write(f"teacher/logits/{name}", a, logits)
+            view0[name][a:b] = logits[:, 0]
         if zeroshot is not None:
             z = zeroshot_from_pooled(pooled, zeroshot)                                        # (chunk, K, C)
             store.write("teacher/logits/zeroshot", a, z)
             zeroshot0[a:b] = z[:, 0]
-    store.write_head("probe", probes.arrays())
-    metrics = {"probe": probe_metrics(labels, split, view0, c, cfg.probe.c, len(folds))}
+    metrics = {}
+    for name, head in heads.items():
+        store.write_head(name, head.arrays())
+        metrics[name] = probe_metrics(labels, split, view0[name], c, cfg.probe.c, len(folds))
+    if spread_rows:
+        metrics["spread"] |= {"neighbors": cfg.probe.spread_neighbors, "confidence": cfg.probe.spread_confidence,
+                              "spread_rows": spread_rows}
     if zeroshot0 is not None:
         metrics["zeroshot"] = zeroshot_metrics(zeroshot0, labels, c)
     return metrics

@@ -191,6 +191,12 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
         if args and typing.get_origin(args[1]) is list:          # name -> one or more strings
             return {str(k): [v] if isinstance(v, str) else list(v or []) for k, v in value.items()}
         return dict(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of names, got {value!r}")
+        return list(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise ConfigError(f"{where} must be a list of {len(typing.get_args(hint))} numbers, got {value!r}")

@@ -79,7 +79,7 @@ def _measure(cfg: BuildConfig, listing, m: int, n: int, k: int) -> dict:
     t0 = time.perf_counter()
     pooled, patches = teacher.encode(teacher.render(sources, index, flat), g)         # (m*kv, D), (m*kv, g, g, D)
     seconds = time.perf_counter() - t0
-    heads = ["probe"] + (["zeroshot"] if teacher.info.has_text and cfg.teacher.zeroshot else [])
+    heads = cfg.probe.heads + (["zeroshot"] if teacher.info.has_text and cfg.teacher.zeroshot else [])
     fill = np.arange(k) % kv                                                                # view slot -> view run
 
     def per_view(x: torch.Tensor) -> np.ndarray:

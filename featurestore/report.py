@@ -46,6 +46,7 @@ def summarize(store: StoreReader) -> dict:
         "skipped": {"count": len(skipped), "reasons": dict(reasons), "files": skipped},
         "converted": a["report"]["converted"], "notes": a["report"].get("notes", []),
         "probe": metrics.get("probe", {}),
+        "spread": metrics.get("spread", {}),
         "zeroshot": metrics.get("zeroshot", {}),
         "view_policy": a["view_policy"], "created": a["created"], "git_sha": a["git_sha"],
         "package_version": a["package_version"],
@@ -106,6 +107,13 @@ def format_summary(s: dict) -> str:
                 f" ({p['folds']} folds)")
         if "val_macro_f1" in p:
             line += f"; held-out macro-F1 {p['val_macro_f1']:.3f}, accuracy {p['val_accuracy']:.3f}"
+        lines.append(line)
+    sp = s.get("spread")
+    if sp:
+        line = (f"spread     cross-validated macro-F1 {sp['cv_macro_f1']:.3f}, accuracy {sp['cv_accuracy']:.3f}"
+                f" (+{sp['spread_rows']['all']} spread rows)")
+        if "val_macro_f1" in sp:
+            line += f"; held-out macro-F1 {sp['val_macro_f1']:.3f}, accuracy {sp['val_accuracy']:.3f}"
         lines.append(line)
     z = s["zeroshot"]
     if z:

@@ -96,3 +96,98 @@ def test_unlabelled_images_never_reach_the_fit_or_the_metrics():
     np.testing.assert_allclose(with_unl.logits[48:], apply_linear(extra, base.probes.weight, base.probes.bias))
     lab_split, _ = assign(np.concatenate([labels, -np.ones(20, int)]), folds=3, val_fraction=0.2, seed=0)
     assert (lab_split[48:] == -2).all() and np.array_equal(lab_split[:48], split)
+
+
+def _elongated_classes(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """4 classes, each a long thin cloud in 32 dims (a manifold the unlabelled images fill in), 12 labels
+    in 2 folds, 100 held out, the rest unlabelled: (x, true classes, labels, split)."""
+    rng = np.random.default_rng(seed)
+    c, d, per = 4, 32, 120
+    centres = 0.5 * rng.standard_normal((c, d))
+    direction = rng.standard_normal((c, d))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    t = rng.uniform(-6, 6, (c, per))
+    x = centres[:, None] + t[..., None] * direction[:, None] + 0.1 * rng.standard_normal((c, per, d))
+    y = np.repeat(np.arange(c), per)
+    order = np.random.default_rng(seed + 10).permutation(c * per)
+    split, labels = np.full(c * per, -2, np.int8), np.full(c * per, -1)
+    split[order[:12]], split[order[12:112]] = np.arange(12) % 2, -1
+    labels[order[:112]] = y[order[:112]]
+    return x.reshape(-1, d).astype(np.float32), y, labels, split
+
+
+def test_the_spread_head_learns_from_unlabelled_images_where_they_trace_the_classes():
+    from featurestore.heads import fit_probes, fit_spread
+    probe, spread = [], []
+    for seed in range(4):
+        x, y, labels, split = _elongated_classes(seed)
+        train, held = np.flatnonzero(split >= 0), split == -1
+        rows = l2_normalize(x[train])
+        p = fit_probes(rows, labels[train], split[train], [0, 1], 4)
+        s, added = fit_spread(rows, labels[train], split[train], l2_normalize(x), labels, split, 4, 10, 0.5)
+        assert 0 < added["fold0"] <= (split != -1).sum() and added["all"] <= (split == -2).sum()
+        for heads, h in ((probe, p), (spread, s)):
+            heads.append(f1_score(y[held], apply_linear(x[held], h.weight, h.bias).argmax(-1), average="macro"))
+    assert np.mean(spread) > np.mean(probe) + 0.03, (probe, spread)
+
+
+def test_the_spread_head_is_cross_fitted():
+    """The head that scores fold f never saw fold f's labels: changing them leaves it as it was."""
+    from featurestore.heads import fit_spread
+    x, _, labels, split = _elongated_classes(1)
+    train = np.flatnonzero(split >= 0)
+    rows = l2_normalize(x[train])
+
+    def fit(lab):
+        return fit_spread(rows, lab[train], split[train], l2_normalize(x), lab, split, 4, 10, 0.5)[0]
+    a = fit(labels)
+    other = labels.copy()
+    fold0 = split == 0
+    other[fold0] = (labels[fold0] + 1) % 4
+    b = fit(other)
+    np.testing.assert_array_equal(a.fold_weight[0], b.fold_weight[0])
+    assert not np.allclose(a.fold_weight[1], b.fold_weight[1]) and not np.allclose(a.weight, b.weight)
+
+
+def test_a_build_with_the_spread_head_stores_it_and_a_student_can_follow_it(tmp_path, demo_images, unlabeled_images,
+                                                                          capsys):
+    from conftest import SMALL, run_cli
+
+    from featurestore.options import ConfigError
+    from trainer.cli import main as trainer_main
+    out = tmp_path / "spread.zarr"
+    assert run_cli("build", "--images", demo_images, "--out", tmp_path / "x.zarr", *SMALL, "--heads",
+                   "probe,spread") == 2
+    assert "--unlabeled" in capsys.readouterr().err
+    assert run_cli("build", "--images", demo_images, "--unlabeled", unlabeled_images, "--out", out, *SMALL,
+                   "--heads", "spread") == 0
+    with StoreReader.open(out) as s:
+        assert s.attrs["heads"][:2] == ["probe", "spread"]
+        split, pooled = s.read("split"), s.read("teacher/pooled").astype(np.float32)
+        logits, h = s.read("teacher/logits/spread"), s.head_arrays("spread")
+        m, labels = s.attrs["metrics"]["spread"], s.read("labels").astype(np.int64)
+    # the stored head is the one fit_spread makes from the stored embeddings
+    from featurestore.heads import fit_spread
+    train = np.flatnonzero(split >= 0)
+    k = pooled.shape[1]
+    again, added = fit_spread(l2_normalize(pooled[train].reshape(-1, pooled.shape[-1])), np.repeat(labels[train], k),
+                              np.repeat(split[train], k), l2_normalize(pooled[:, 0]), labels, split, 10, 10, 0.5)
+    np.testing.assert_allclose(h["weight"], again.weight, atol=1e-4)
+    np.testing.assert_allclose(h["fold_weight"], again.fold_weight, atol=1e-4)
+    assert m["spread_rows"] == added and set(added) == {"fold0", "fold1", "all"} and "cv_macro_f1" in m
+    for f in range(h["fold_weight"].shape[0]):
+        np.testing.assert_allclose(logits[split == f], apply_linear(pooled[split == f], h["fold_weight"][f],
+                                                                     h["fold_bias"][f]), atol=1e-5)
+    capsys.readouterr()
+    assert run_cli("inspect", out) == 0
+    assert "spread     cross-validated macro-F1" in capsys.readouterr().out
+    assert trainer_main(["fit", "--store", str(out), "--out", str(tmp_path / "run"), "--head", "spread", "--cpu",
+                         "--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16",
+                         "--steps", "2"]) == 0
+    try:
+        from featurestore.config import ProbeConfig
+        ProbeConfig(heads=["probe", "bogus"]).validate()
+    except ConfigError as e:
+        assert "probe,spread" in str(e)
+    else:
+        raise AssertionError("an unknown head was accepted")
