@@ -305,6 +305,19 @@ def test_resume_equals_uninterrupted(tmp_path, small_store):
     assert strip(a["history"]) == strip(b["history"])
 
 
+def test_steps_fix_the_length_of_a_run_whatever_its_images(tmp_path, small_store):
+    """--steps N: N optimizer steps in all, the last pass cut short, the schedule decayed to 0 at the end."""
+    out = tmp_path / "steps"
+    assert run_trainer("fit", "--store", small_store, "--out", out, *TINY, "--steps", "7", "--no-unlabeled",
+                       "--w-kd", "0", "--w-pooled", "0", "--w-patches", "0") == 0
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_pass = history[0]["steps"]
+    assert per_pass < 7 and sum(h["steps"] for h in history) == 7
+    assert [h["steps"] for h in history] == [per_pass] * (len(history) - 1) + [7 - per_pass * (len(history) - 1)]
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 7
+
+
 def test_resume_refusal_names_old_and_new_values(tmp_path, learn_store, capsys):
     out = tmp_path / "r"
     args = ["--store", learn_store, *FAST, "--epochs", "1", "--no-unlabeled"]
@@ -509,6 +522,12 @@ def test_sweep_compares_recipes_and_keeps_the_best_run(tmp_path, small_store):
     assert feats["loss"]["patches"] > 0 and not feats["unlabeled"]
     assert kd_only["loss"]["ce"] == 0 and kd_only["unlabeled"]
     assert s["best"] in {r["name"] for r in s["recipes"]} and 0 <= s["teacher_probe_val_macro_f1"] <= 1
+    # every recipe learns equally long: the steps of one pass of the recipe with the most images (kd-only)
+    steps = {r["name"]: [json.loads((Path(run) / "summary.json").read_text())["steps"] for run in r["runs"]]
+             for r in s["recipes"]}
+    most = [h["steps"] for h in map(json.loads, (Path(kd_only["runs"][0]) / "metrics.jsonl").read_text().splitlines())]
+    assert len(most) == 1 and all(v == [most[0]] * 2 for v in steps.values()), steps
+    assert labels["steps"] == most[0]
     best = max(s["recipes"], key=lambda r: r["val_macro_f1_mean"])
     assert s["best"] == best["name"] and Path(s["best_run"]).parent == out / "runs"
     assert (out / "student.pt").read_bytes() == (Path(s["best_run"]) / "student.pt").read_bytes()

@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", parents=[common], help="train recipes x seeds on one store and compare them",
                        description="Train named recipes (x seeds) on one store with the fit flags below as the "
                        "base, compare them on the store's held-out images, and keep the best run's student.pt. "
+                       "Every recipe trains for the same number of optimizer steps: --steps, or what --epochs "
+                       "passes take for the recipe with the most training images. "
                        "--out is the sweep directory (runs/, sweep.json, sweep.md, sweep.png, student.pt). "
                        "Finished runs are reused, so an interrupted sweep continues where it stopped.")
     add_options(s, FitConfig)

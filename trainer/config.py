@@ -2,6 +2,7 @@
 declares its flag and help once (featurestore/options.py makes the command line and the API)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,13 +10,17 @@ from featurestore.options import STORAGE_HELP, ConfigError, json_options, opt, t
 from trainer.losses import LossWeights
 from trainer.students import available
 
-HEADS = ["probe", "zeroshot"]
+HEADS = ["probe", "spread", "zeroshot"]
 PRECISIONS = ["auto", "no", "bf16", "fp16"]
 
 
 @dataclass
 class OptimConfig:
     epochs: int = opt(30, "passes over the training images (one stored view each)", flag="--epochs")
+    steps: int = opt(0, "optimizer steps in all, whatever the number of training images (0: --epochs passes). Given, "
+                     "it decides the length: as many passes as the steps take, the last one cut short, so that runs "
+                     "over different images (labels alone, with unlabelled images) learn equally long",
+                     flag="--steps")
     batch_size: int = opt(64, "samples per step (per process)", flag="--batch-size")
     lr: float = opt(2e-3, "peak AdamW learning rate", flag="--lr")
     weight_decay: float = opt(0.05, "AdamW weight decay (not on biases and norms)", flag="--weight-decay")
@@ -25,6 +30,8 @@ class OptimConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("optim.epochs and optim.batch_size must be >= 1")
+        if self.steps < 0:
+            raise ConfigError(f"optim.steps must be >= 0 (0: --epochs passes), got {self.steps}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
@@ -74,7 +81,7 @@ class FitConfig:
             raise ConfigError(f"--out {self.out}: a run directory lives on a local disk (its checkpoints are written "
                               "whole and renamed into place); train into a local folder, then copy the run")
         if self.head not in HEADS:
-            raise ConfigError(f"head must be probe|zeroshot, got {self.head!r}")
+            raise ConfigError(f"head must be {'|'.join(HEADS)}, got {self.head!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be auto|no|bf16|fp16, got {self.mixed_precision!r}")
         if self.loader_workers < 0:
@@ -94,3 +101,11 @@ class FitConfig:
         for key in ("out", "cpu", "device", "ram_budget_gb", "onnx", "max_mb", "loader_workers", "log_every"):
             d.pop(key)
         return d
+
+    def schedule(self, per_epoch: int) -> tuple[FitConfig, int]:
+        """(this config with the passes that `optim.steps` takes, total optimizer steps), given the
+        steps of one pass."""
+        o = self.optim
+        if not o.steps:
+            return self, per_epoch * o.epochs
+        return dataclasses.replace(self, optim=dataclasses.replace(o, epochs=-(-o.steps // per_epoch))), o.steps

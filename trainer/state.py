@@ -107,11 +107,10 @@ class TrainState:
     epochs_done: int = 0
 
     @classmethod
-    def create(cls, cfg: FitConfig, model: DistillModel, steps_per_epoch: int) -> TrainState:
+    def create(cls, cfg: FitConfig, model: DistillModel, steps_per_epoch: int, total_steps: int) -> TrainState:
         optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
         warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(max(warmup, 1), steps_per_epoch * cfg.optim.epochs))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(max(warmup, 1), total_steps))
         ema = EMA(model.student, cfg.optim.ema) if cfg.optim.ema else None
         return cls(model, optimizer, scheduler, ema)
 

@@ -41,12 +41,15 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
     with StoreReader.open(base.store, base.storage_options) as s:
         has_patches = "teacher/patches" in {f.name for f in s.fields()}
         teacher = s.attrs.get("metrics", {}).get("probe", {}).get("val_macro_f1")
+        split = s.read("split")
     specs = {name: recipes_mod.apply(name, base, has_patches) for name in recipes}     # checks every name first
+    base = equal_steps(base, specs.values(), split)
+    specs = {name: dataclasses.replace(cfg, optim=base.optim) for name, cfg in specs.items()}
     if search:
         specs["search"] = _search(base, has_patches, search, out)
     rows = []
     for name, cfg in specs.items():
-        runs = [_run(dataclasses.replace(cfg, seed=base.seed + j,
+        runs = [fit_or_reuse(dataclasses.replace(cfg, seed=base.seed + j,
                                          out=str(out / "runs" / f"{_slug(name)}-s{base.seed + j}")),
                      eval_images) for j in range(seeds)]
         f1 = [r["val_macro_f1"] for r in runs]
@@ -55,7 +58,7 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
                "seeds": [r["seed"] for r in runs], "val_macro_f1": f1,
                "seconds": statistics.fmean(r["seconds"] for r in runs), "runs": [r["run"] for r in runs],
                "loss": dataclasses.asdict(cfg.loss), "unlabeled": cfg.unlabeled,
-               "optim": dataclasses.asdict(cfg.optim)}
+               "optim": dataclasses.asdict(cfg.optim), "steps": cfg.optim.steps}
         if eval_images:
             e = [r["eval_macro_f1"] for r in runs]
             row |= {"eval_macro_f1_mean": statistics.fmean(e),
@@ -76,8 +79,23 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
     return SweepResult(out, summary, table)
 
 
-def _run(cfg: FitConfig, eval_images: str | None) -> dict:
-    """Fit (or reuse, or resume) one run; returns its seed, held-out macro-F1, seconds, eval macro-F1."""
+def equal_steps(base: FitConfig, configs, split) -> FitConfig:
+    """`base` with optim.steps set, when it is not, to what `base.optim.epochs` passes take for the
+    recipe with the most training images: every recipe then learns for the same number of optimizer
+    steps (labels alone on a few images would otherwise get a fraction of them)."""
+    from trainer.plan import steps_per_epoch
+    from trainer.training import training_images
+    if base.optim.steps:
+        return base
+    most = max(len(training_images(cfg, split)[0]) for cfg in configs)
+    steps = steps_per_epoch(most, base.optim.batch_size) * base.optim.epochs
+    return dataclasses.replace(base, optim=dataclasses.replace(base.optim, steps=steps))
+
+
+def fit_or_reuse(cfg: FitConfig, eval_images: str | None, batches=None) -> dict:
+    """Fit (or reuse, or resume) one run; returns its seed, held-out macro-F1, seconds, eval macro-F1
+    (scored as `trainer eval` scores). batches: as `fit` takes it (default: the store's Loader)."""
+    from trainer.loader import Loader
     from trainer.run_folder import FAILED
     from trainer.training import fit
     run = Path(cfg.out)
@@ -87,7 +105,7 @@ def _run(cfg: FitConfig, eval_images: str | None) -> dict:
             raise ConfigError(f"run {run} of this sweep failed: {(run / FAILED).read_text().strip()}")
         resume = (run / "checkpoints" / "last.pt").is_file()     # a run started anew if no epoch finished
         t0 = time.perf_counter()
-        fit(cfg, resume=resume, progress=False)
+        fit(cfg, resume=resume, progress=False, batches=batches or Loader)
         summary = json.loads((run / "summary.json").read_text())
         record.write_text(json.dumps({"seed": cfg.seed, "run": str(run), "val_macro_f1": summary["val_macro_f1"],
                                       "seconds": time.perf_counter() - t0}))
@@ -117,7 +135,7 @@ def _search(base: FitConfig, has_patches: bool, trials: int, out: Path) -> FitCo
 
     def objective(t) -> float:
         cfg = dataclasses.replace(config(t), out=str(out / "search" / f"trial-{t.number}"))
-        return _run(cfg, None)["val_macro_f1"]
+        return fit_or_reuse(cfg, None)["val_macro_f1"]
 
     out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(direction="maximize", study_name="kdstore", load_if_exists=True,
@@ -133,16 +151,16 @@ def _search(base: FitConfig, has_patches: bool, trials: int, out: Path) -> FitCo
 
 def format_table(summary: dict) -> str:
     fresh = summary.get("eval_images")
-    header = ["recipe", "held-out macro-F1 (mean +- std)", "seeds", "s/run"]
+    header = ["recipe", "held-out macro-F1 (mean +- std)", "seeds", "steps/run", "s/run"]
     header += ["fresh-image macro-F1"] if fresh else []
     rows = []
     if summary.get("teacher_probe_val_macro_f1") is not None:
         teacher = f"{summary['teacher_probe_val_macro_f1']:.3f}"
-        rows.append(["teacher probe", teacher, "-", "-"] + (["-"] if fresh else []))
+        rows.append(["teacher probe", teacher, "-", "-", "-"] + (["-"] if fresh else []))
     for r in summary["recipes"]:
         mark = " (best)" if r["name"] == summary["best"] else ""
         row = [r["name"] + mark, f"{r['val_macro_f1_mean']:.3f} +- {r['val_macro_f1_std']:.3f}", len(r["seeds"]),
-               f"{r['seconds']:.0f}"]
+               r.get("steps", "-"), f"{r['seconds']:.0f}"]
         if fresh:
             row.append(f"{r['eval_macro_f1_mean']:.3f} +- {r['eval_macro_f1_std']:.3f}")
         rows.append(row)

@@ -30,11 +30,12 @@ def compare_table(runs: list[Path]) -> str:
         s = summary_of(run)
         e = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else None
         fresh = fresh or (e and e["num_images"])
-        rows.append((run.name, s["student"], f3(s.get("val_macro_f1")), f3(e["macro_f1"]) if e else "-",
-                     f"{s['size_mb']:.2f}"))
+        rows.append((run.name, s["student"], s.get("steps", "-"), f3(s.get("val_macro_f1")),
+                     f3(e["macro_f1"]) if e else "-", f"{s['size_mb']:.2f}"))
     teacher = summary_of(runs[0]).get("teacher_probe_val_macro_f1")
-    rows.insert(0, ("teacher probe", "-", f3(teacher), "-", "-"))
-    return md_table(["run", "student", "held-out macro-F1", f"macro-F1 on {fresh or 'fresh'} fresh images", "MB"], rows)
+    rows.insert(0, ("teacher probe", "-", "-", f3(teacher), "-", "-"))
+    return md_table(["run", "student", "optimizer steps", "held-out macro-F1",
+                     f"macro-F1 on {fresh or 'fresh'} fresh images", "MB"], rows)
 
 
 def report_table(run: Path, eval_json: str | None = None) -> str:
@@ -49,7 +50,8 @@ def report_table(run: Path, eval_json: str | None = None) -> str:
         e = json.loads(Path(eval_json).read_text())
         rows.append((f"student macro-F1 (grader eval, {e['num_images']} images)", f3(e["macro_f1"])))
     rows += [("student.pt size (MB)", f"{s['size_mb']:.2f}"), ("time per epoch (s)", f"{s['seconds_per_epoch']:.1f}"),
-             ("training samples/s", f"{s['samples_per_s']:.0f}"), ("best epoch", str(s["best_epoch"]))]
+             ("training samples/s", f"{s['samples_per_s']:.0f}"), ("best epoch", str(s["best_epoch"])),
+             ("optimizer steps", str(s.get("steps", "-")))]
     return md_table(["", "value"], rows)
 
 

@@ -40,11 +40,12 @@ from trainer.state import TrainState, best_dict, build_model
 from trainer.students import create_student, size_mb, spec_of
 
 
-def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
+def fit(cfg: FitConfig, resume: bool = False, progress: bool = True, batches=Loader) -> Path:
     """Train (or resume) the run in cfg.out, on one process or all of a `torchrun`/`accelerate launch`.
     Rank 0 alone owns the run folder: it holds the run lock throughout and makes the folder ready
     while the other ranks wait (a refusal stops them all); a full disk ends in one sentence that says
-    how to go on."""
+    how to go on. batches: what makes the training batches, called as Loader is (a Loader subclass:
+    the same plan, other targets)."""
     cfg.validate()
     check_launch()
     out = Path(cfg.out)
@@ -64,7 +65,7 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True) -> Path:
             raise error
         if stopped is not None:
             raise KdstoreError(f"rank {accelerator.process_index}: rank 0 stopped: {stopped}")
-        return _fit(cfg, out, resume, progress, accelerator, mp)
+        return _fit(cfg, out, resume, progress, accelerator, mp, batches)
 
 
 def _share(accelerator, value):
@@ -75,7 +76,7 @@ def _share(accelerator, value):
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, mp: str) -> Path:
+def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, mp: str, batches) -> Path:
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -83,10 +84,10 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, m
         data = open_data(cfg)
     except NonFiniteError as e:
         run_folder.fail(out, str(e))
-    train_idx, val_idx = training_images(cfg, data)
+    train_idx, val_idx = training_images(cfg, data.split)
     device, spec = accelerator.device, spec_of(cfg.student)
     batched = devices.caps_of(device).batched_kernels
-    loader = Loader(data, train_idx, cfg.seed, device,
+    loader = batches(data, train_idx, cfg.seed, device,
                     LoaderConfig(cfg.optim.batch_size, cfg.image_size, spec.mean, spec.std, cfg.buffer_chunks,
                                  threads=2 if batched else 0,            # a training CPU has no core to spare
                                  readers=4 if data.remote else 2,        # several chunks in flight from a bucket
@@ -95,6 +96,7 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, m
     steps = len(loader)
     if steps == 0:
         raise ConfigError(f"{len(train_idx)} training images make no batch")
+    cfg, total = cfg.schedule(steps)
     val_loader = Loader(data, val_idx, cfg.seed, device, LoaderConfig(128, cfg.image_size, spec.mean, spec.std))
     if not resume:
         loader.read_ahead(0)                         # the first window is read while the model is set up
@@ -102,7 +104,7 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, m
     model = build_model(cfg, len(data.classes), data.shapes)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    state = TrainState.create(cfg, model, steps)
+    state = TrainState.create(cfg, model, steps, total)
     if resume:
         state.load_state_dict(checkpoints.load(out / LAST), cfg, str(out))
         if accelerator.is_main_process:
@@ -115,14 +117,16 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, m
         train_model = torch.compile(train_model)
     if accelerator.is_main_process:
         logger.info(f"training {cfg.student} on {len(train_idx)} images "
-                    f"({int((data.split[train_idx] == SPLIT_UNLABELED).sum())} unlabelled), {steps} steps per epoch on "
+                    f"({int((data.split[train_idx] == SPLIT_UNLABELED).sum())} unlabelled), {total} steps "
+                    f"({steps} per epoch, {cfg.optim.epochs} epochs) on "
                     f"{device} ({mp} mixed precision), {'in RAM' if data.in_memory else 'streaming chunks'}")
     try:
         if state.epochs_done < cfg.optim.epochs:
             loader.read_ahead(state.epochs_done)     # a resumed run learns its first epoch only here
         while state.epochs_done < cfg.optim.epochs:
             t0 = time.perf_counter()
-            row = train_epoch(cfg, accelerator, train_model, state, loader, out, progress)
+            row = train_epoch(cfg, accelerator, train_model, state, loader, out, progress,
+                              min(steps, total - state.epochs_done * steps))
             val = evaluate(state.eval_student, val_loader, data.classes) if len(val_idx) else None
             row |= {"val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"]} if val else {}
             elapsed = time.perf_counter() - t0
@@ -144,19 +148,19 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, m
 
 
 def train_epoch(cfg: FitConfig, accelerator, train_model: nn.Module, state: TrainState, loader: Loader, out: Path,
-                progress: bool) -> dict:
-    """One epoch of optimizer steps; returns its row of means per sample (train_<part>), lr, samples."""
+                progress: bool, steps: int) -> dict:
+    """One epoch of `steps` optimizer steps (the plan's first ones: all of them but in the last epoch of
+    a run of --steps); returns its row of means per sample (train_<part>), lr, samples."""
     epoch, w = state.epochs_done, cfg.loss
     train_model.train()
     sums: dict[str, torch.Tensor] = {}                     # on the device: summed over samples
     window = torch.zeros((), device=accelerator.device)    # loss summed since the last read
     seen, first, t0 = 0, 0, time.perf_counter()
     images = np.zeros(loader.data.n, bool)                 # the store images this rank trained on
-    steps = len(loader)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="batch", leave=False,
                disable=None if progress and accelerator.is_main_process else True)
     batches = loader.epoch(epoch, ahead=epoch + 1 < cfg.optim.epochs)     # the last epoch reads nothing ahead
-    for step, batch in enumerate(batches):
+    for step, batch in zip(range(steps), batches):
         x = batch.pixels.contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch.pixels
         with accelerator.autocast():
             logits, p, q = train_model(x)
@@ -186,10 +190,11 @@ def train_epoch(cfg: FitConfig, accelerator, train_model: nn.Module, state: Trai
             bar.update(step + 1 - first)
             window.zero_()
             first = step + 1
+    batches.close()                                        # an epoch cut short stops its reads here
     bar.close()
     # distinct store images trained on this epoch, summed over the ranks: every training image once
     distinct = accelerator.reduce(torch.tensor(int(images.sum()), device=accelerator.device), "sum")
-    return {"epoch": epoch + 1, "lr": state.scheduler.get_last_lr()[0], "samples": seen,
+    return {"epoch": epoch + 1, "lr": state.scheduler.get_last_lr()[0], "samples": seen, "steps": steps,
             "images_seen": int(distinct)} | {f"train_{k}": float(v) / seen for k, v in sums.items()}
 
 
@@ -212,14 +217,15 @@ def end_epoch(cfg: FitConfig, state: TrainState, row: dict, val: dict | None, ou
         logger.info(msg + f"  {row['samples_per_s']:.0f} samples/s  {row['epoch_seconds']:.1f}s")
 
 
-def training_images(cfg: FitConfig, data: StoreData) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) store indices: labelled folds, plus unlabelled images when a teacher term
-    can use them, plus held-out images with train_on_all (then no validation)."""
+def training_images(cfg: FitConfig, split: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) store indices, from the store's split: labelled folds, plus unlabelled
+    images when a teacher term can use them, plus held-out images with train_on_all (then no
+    validation)."""
     w = cfg.loss
-    use = data.split >= 0
+    use = split >= 0
     if cfg.unlabeled and (w.kd or w.dist or w.pooled or w.patches):
-        use |= data.split == SPLIT_UNLABELED
-    held = data.split == SPLIT_HELD_OUT
+        use |= split == SPLIT_UNLABELED
+    held = split == SPLIT_HELD_OUT
     if cfg.train_on_all:
         return np.flatnonzero(use | held), np.zeros(0, np.int64)
     return np.flatnonzero(use), np.flatnonzero(held)
@@ -273,7 +279,7 @@ def finish(cfg: FitConfig, data: StoreData, out: Path) -> dict:
         exporter.export_onnx(student, out / "student.onnx", cfg.image_size, spec.mean, spec.std)
     probe = data.store.attrs.get("metrics", {}).get("probe", {})
     summary = {"student": cfg.student, "size_mb": path.stat().st_size / 1e6, "params_mb": size_mb(student),
-               "best_epoch": best["epoch"] + 1,
+               "best_epoch": best["epoch"] + 1, "steps": sum(h.get("steps", 0) for h in _history(out)),
                "teacher_probe_cv_macro_f1": probe.get("cv_macro_f1"),
                "teacher_probe_val_macro_f1": probe.get("val_macro_f1"),
                "seconds_per_epoch": float(np.median([h["epoch_seconds"] for h in _history(out)])),
