@@ -25,7 +25,7 @@ import numpy as np
 
 from featurestore import views
 from featurestore.backends import backend_class
-from featurestore.config import BuildConfig
+from featurestore.config import BuildConfig, stored_identity
 from featurestore.errors import KdstoreError
 from featurestore.heads import fit_heads
 from featurestore.index import make_index, write_index
@@ -169,7 +169,7 @@ def _resume(out: str, cfg: BuildConfig, fingerprint: str, overwrite: bool) -> St
             raise StoreError(f"{out} exists and is not a store kdstore made ({why}); choose another --out "
                              "(kdstore deletes only stores it made)") from None
         raise StoreError(f"{out} exists but is not a usable store ({e}); pass --overwrite to rebuild it") from None
-    diffs = config_diff(store.attrs.get("identity", {}), cfg.identity())
+    diffs = config_diff(stored_identity(store.attrs.get("identity", {})), cfg.identity())
     if diffs:
         raise ConfigError(f"{out} was built with a different configuration; refusing to mix them: "
                           + "; ".join(diffs) + ". Use a new --out, or --overwrite to rebuild")

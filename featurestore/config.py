@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featurestore.options import STORAGE_HELP, ConfigError, coerce, json_options, load_yaml, opt, to_dict
+from featurestore.options import STORAGE_HELP, ConfigError, coerce, json_options, load_yaml, merge, opt, to_dict
 
 MAX_VIEWS = 1024
 
@@ -209,3 +209,9 @@ class BuildConfig:
             d.pop(key)
         d["teacher"].pop("batch_size")
         return d
+
+
+def stored_identity(stored: dict[str, Any]) -> dict[str, Any]:
+    """A store's recorded identity, with any setting added since it was written at its default (what
+    the build that wrote it did), so that stores from before a new setting still resume and compare."""
+    return merge(BuildConfig().identity(), stored)
