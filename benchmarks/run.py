@@ -13,7 +13,7 @@ import traceback
 
 import torch
 
-from benchmarks import bench_loader, bench_remote, bench_scale, bench_storage, bench_teacher, bench_training
+from benchmarks import bench_loader, bench_remote, bench_scale, bench_storage, bench_teacher, bench_training, fidelity
 from benchmarks.common import machine, md_table, write_results
 
 PROFILES = {
@@ -35,8 +35,8 @@ PROFILES = {
             "scale_sizes": [1000, 4000], "scale_student": "shufflenet_v2_x1_0", "scale_image_size": 224},
 }
 BENCHES = {"teacher": bench_teacher, "loader": bench_loader, "training": bench_training, "storage": bench_storage,
-           "remote": bench_remote, "scale": bench_scale}
-# scale measures the trainer's memory on the laptop side (N = 1,000 builds a 4.5 GB store): run it by name
+           "remote": bench_remote, "scale": bench_scale, "fidelity": fidelity}
+# fidelity trains 12 students (about 30 minutes on 2 cores) beside the stores it builds: run it by name
 DEFAULT = {"cpu": "teacher,loader,training,storage,remote,scale", "gpu": "teacher,loader,training,storage"}
 
 

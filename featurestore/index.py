@@ -51,7 +51,7 @@ def make_index(res: ScanResult, cfg: BuildConfig, chunk: int) -> Index:
     labels = np.array([s.label for s in res.valid], dtype=np.int16)
     split, order = assign(labels, cfg.probe.folds, cfg.probe.val_fraction, cfg.probe.seed)
     labels, split, n = labels[order], split[order], len(order)
-    groups = np.where(split >= 0, 0, split)          # partners: training, held-out, unlabelled apart
+    groups = views.mixing_groups(split)
     params = np.concatenate([views.sample_params(cfg.views, a, min(a + chunk, n), groups[a:a + chunk])
                              for a in range(0, n, chunk)])
     return Index(order, labels, split, [res.valid[j].rel for j in order],

@@ -70,16 +70,27 @@ def sample_view(policy, i: int, k: int, partners: np.ndarray) -> np.ndarray:
     return p
 
 
+def mixing_groups(split: np.ndarray) -> np.ndarray:
+    """Each store image's mixing group: labelled training, held-out and unlabelled images apart."""
+    return np.where(split >= 0, 0, split)
+
+
+def partners(groups: np.ndarray, start: int) -> list[np.ndarray]:
+    """For the images [start, start + len(groups)) of one store chunk, the images each may mix with:
+    the others of its group in the chunk."""
+    others = np.arange(len(groups))
+    return [start + np.flatnonzero((groups == g) & (others != j)) for j, g in enumerate(groups)]
+
+
 def sample_params(policy, start: int, stop: int, groups: np.ndarray) -> np.ndarray:
     """Params (stop-start, K, P) for the images [start, stop) of one store chunk.
 
     groups (stop-start,): each image's group; partners are the other images of its group here.
     """
     out = np.empty((stop - start, policy.views, len(PARAM_NAMES)), dtype=np.float32)
-    for j in range(stop - start):
-        partners = start + np.flatnonzero((groups == groups[j]) & (np.arange(len(groups)) != j))
+    for j, mates in enumerate(partners(groups, start)):
         for k in range(policy.views):
-            out[j, k] = sample_view(policy, start + j, k, partners)
+            out[j, k] = sample_view(policy, start + j, k, mates)
     return out
 
 
