@@ -108,7 +108,11 @@ def test_plan_predicts_the_store_that_the_same_flags_build(tmp_path, demo_images
     t4, h100 = p["gpu_estimates"]["T4"]["seconds"], p["gpu_estimates"]["H100 SXM"]["seconds"]
     assert t4 > h100 > 0
     assert run_cli("plan", *flags) == 0
-    assert "whole store" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "whole store" in out
+    # how many views are enough, next to the store size: 30 passes over 6 views show each 5 times
+    assert "views     K = 6: `trainer fit`'s 30 passes show each stored view 5.0 time(s)" in out
+    assert out.index("whole store") < out.index("views     K = 6") < out.index("teacher pass, estimated")
 
 
 def test_plan_counts_the_flops_torch_counts(tiny_siglip_dir):
