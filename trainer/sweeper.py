@@ -44,7 +44,8 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
         split = s.read("split")
     specs = {name: recipes_mod.apply(name, base, has_patches) for name in recipes}     # checks every name first
     base = equal_steps(base, specs.values(), split)
-    specs = {name: dataclasses.replace(cfg, optim=base.optim) for name, cfg in specs.items()}
+    specs = {name: dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=base.optim.steps))
+             for name, cfg in specs.items()}
     if search:
         specs["search"] = _search(base, has_patches, search, out)
     rows = []
