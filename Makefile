@@ -49,7 +49,7 @@ demo-data: env
 	$(PY) -m featurestore demo-data $(DEMO)/fresh --per-class 20 --seed 1
 
 # `trainer sweep` of three recipes on the demo data, 3 seeds, every recipe at the same optimizer steps
-# (about 20 minutes on 2 cores). The README's three-seed table is `python -m benchmarks.fidelity`.
+# (about 25 minutes on 2 cores): the strong-teacher row of the README's defaults table.
 demo-sweep: demo-data
 	$(PY) -m featurestore demo-data $(DEMO)/labelled-20 --per-class 20 --seed 0
 	$(PY) -m featurestore build --config configs/demo.yaml --teacher $(DEMO)/teacher --images $(DEMO)/labelled-20 \
