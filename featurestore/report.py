@@ -101,20 +101,15 @@ def format_summary(s: dict) -> str:
                      f"{f['stored_bytes'] / mb:>7.2f} {f['bytes_per_view']:>10.1f}")
     lines.append(f"size       {s['total_bytes'] / mb:.2f} MB on disk; {s['bytes_per_view']:.0f} bytes per view "
                  f"(teacher outputs + params), {s['bytes_per_view_with_images']:.0f} with images")
-    p = s["probe"]
-    if p:
-        line = (f"probe      cross-validated macro-F1 {p['cv_macro_f1']:.3f}, accuracy {p['cv_accuracy']:.3f}"
-                f" ({p['folds']} folds)")
-        if "val_macro_f1" in p:
-            line += f"; held-out macro-F1 {p['val_macro_f1']:.3f}, accuracy {p['val_accuracy']:.3f}"
-        lines.append(line)
-    sp = s.get("spread")
-    if sp:
-        line = (f"spread     cross-validated macro-F1 {sp['cv_macro_f1']:.3f}, accuracy {sp['cv_accuracy']:.3f}"
-                f" (+{sp['spread_rows']['all']} spread rows)")
-        if "val_macro_f1" in sp:
-            line += f"; held-out macro-F1 {sp['val_macro_f1']:.3f}, accuracy {sp['val_accuracy']:.3f}"
-        lines.append(line)
+    for name, note in (("probe", lambda m: f"{m['folds']} folds"),
+                       ("spread", lambda m: f"+{m['spread_rows']['all']} spread rows")):
+        m = s.get(name)
+        if m:
+            line = (f"{name:<10} cross-validated macro-F1 {m['cv_macro_f1']:.3f}, accuracy {m['cv_accuracy']:.3f}"
+                    f" ({note(m)})")
+            if "val_macro_f1" in m:
+                line += f"; held-out macro-F1 {m['val_macro_f1']:.3f}, accuracy {m['val_accuracy']:.3f}"
+            lines.append(line)
     z = s["zeroshot"]
     if z:
         lines.append(f"zero-shot  macro-F1 {z['zeroshot_macro_f1']:.3f}, accuracy {z['zeroshot_accuracy']:.3f}")
