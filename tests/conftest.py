@@ -1,6 +1,7 @@
 """Shared fixtures: synthetic images on disk, tiny real SigLIP models saved like hub checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,6 +23,21 @@ SMALL = ["--teacher", "random:tiny", "--views", "3", "--image-size", "64", "--ch
 
 def run_cli(*args: str) -> int:
     return cli.main([str(a) for a in args])
+
+
+@contextlib.contextmanager
+def build_lock_held(store: Path):
+    """Another process holding `store`'s build lock for as long as the block runs; yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from featurestore.lock import FileLock\n"
+        "with FileLock(sys.argv[1], 'build'):\n print('locked', flush=True); time.sleep(60)"), str(store)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 300,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import REPO, SMALL, run_cli
+from conftest import REPO, SMALL, build_lock_held, run_cli
 from test_build import assert_same_store
 
 ODD = [*SMALL, "--chunk-size", "7"]                  # 60 images in 9 chunks: no even split between 2 ranks
@@ -47,21 +47,13 @@ def test_a_two_rank_build_equals_a_one_process_build_whatever_the_threads(tmp_pa
 
 def test_one_lock_excludes_a_one_process_and_a_two_rank_build(tmp_path, demo_images):
     out = tmp_path / "s.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from featurestore.lock import FileLock\n"
-        "with FileLock(sys.argv[1], 'build'):\n print('locked', flush=True); time.sleep(60)"), str(out)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with build_lock_held(out) as pid:
         r = torchrun("featurestore", "build", "--images", demo_images, "--out", out, *ODD)
         assert r.returncode != 0
-        assert f"another build is writing {out}: process {holder.pid}" in r.stderr
+        assert f"another build is writing {out}: process {pid}" in r.stderr
         assert "rank 1: rank 0 stopped: another build is writing" in r.stderr or \
             "rank 1/2: rank 0 stopped: another build is writing" in r.stderr
         assert not out.exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_two_rank_fit_trains_on_every_image_and_exports_from_rank_zero(tmp_path, small_store):

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SLOW, SMALL, run_cli
+from conftest import REPO, SLOW, SMALL, build_lock_held, run_cli
 
 from featurestore.demo import write_demo_data
 from featurestore.reader import StoreReader
@@ -457,18 +457,10 @@ def test_a_second_fit_on_the_same_folder_is_refused(tmp_path, small_store, capsy
 def test_verify_fix_takes_the_build_lock(tmp_path, small_store, capsys):
     store = tmp_path / "s.zarr"
     shutil.copytree(small_store, store)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from featurestore.lock import FileLock\n"
-        "with FileLock(sys.argv[1], 'build'):\n print('locked', flush=True); time.sleep(60)"), str(store)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with build_lock_held(store) as pid:
         assert run_cli("verify", store, "--fix") == 2
-        assert f"another build is writing {store}: process {holder.pid}" in last_line(capsys.readouterr().err)
+        assert f"another build is writing {store}: process {pid}" in last_line(capsys.readouterr().err)
         assert run_cli("verify", store) == 0                  # reading needs no lock
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_an_interrupted_first_epoch_leaves_a_folder_the_same_command_accepts(tmp_path, small_store, capsys):
