@@ -38,6 +38,16 @@ def fresh_params(policy, idx: np.ndarray, epoch: int, seed: int, mates: list[np.
     return np.stack([views.sample_view(policy, int(i), k, mates[int(i)]) for i in idx])
 
 
+def sources_of(idx: np.ndarray, params: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """The images a batch of views reads (each view's image and its mixing partner, once each), and
+    each view's slot in them and its partner's (-1: none), as views.render takes them."""
+    partner = params[:, views.COL["mix_partner"]].astype(np.int64)
+    needed = np.unique(np.concatenate([idx, partner[partner >= 0]]))
+    slot = {int(i): j for j, i in enumerate(needed)}
+    return (needed, torch.tensor([slot[int(i)] for i in idx]),
+            torch.tensor([slot[int(p)] if p >= 0 else -1 for p in partner]))
+
+
 class OnlineTeacher:
     """The teacher of a store, run again on any views of its images, with the store's heads."""
 
@@ -73,12 +83,9 @@ class OnlineTeacher:
                 need_patches: bool) -> dict[str, torch.Tensor | None]:
         """The teacher's outputs on the views `params` (B, P) of images `idx`: logits (of `head`),
         pooled, patches, as a build would store them for those views (in float32)."""
-        partner = params[:, views.COL["mix_partner"]].astype(np.int64)
-        needed = np.unique(np.concatenate([idx, partner[partner >= 0]]))
-        slot = {int(i): j for j, i in enumerate(needed)}
+        needed, index, partner_index = sources_of(idx, params)
         sources = [self.original(int(i)).to(self.teacher.device) for i in needed]
-        pix = self.teacher.render(sources, torch.tensor([slot[int(i)] for i in idx]), torch.from_numpy(params),
-                                  torch.tensor([slot[int(p)] if p >= 0 else -1 for p in partner]))
+        pix = self.teacher.render(sources, index, torch.from_numpy(params), partner_index)
         pooled, patches = self.teacher.encode(pix, self.grid if need_patches else 0)
         if patches is not None and self.basis is not None:
             patches = self.basis.project(patches)
@@ -108,13 +115,11 @@ class OnlineLoader(Loader):
             params = fresh_params(t.cfg.views, idx, epoch, self.seed, t.mates)
             out = t.targets(idx, params, head, "pooled" in d.names, "patches" in d.names)
             self.views_scored += len(idx)
-            partner = params[:, views.COL["mix_partner"]].astype(np.int64)
-            needed = np.unique(np.concatenate([idx, partner[partner >= 0]]))
-            slot = {int(i): j for j, i in enumerate(needed)}
+            needed, index, partner_index = sources_of(idx, params)
             src = [torch.from_numpy(im).permute(2, 0, 1) for im in d.rows(needed)]
-            pixels = views.render(src, torch.tensor([slot[int(i)] for i in idx]), torch.from_numpy(params), c.size,
-                                  "bilinear", torch.tensor([slot[int(p)] if p >= 0 else -1 for p in partner]),
+            pixels = views.render(src, index, torch.from_numpy(params), c.size, "bilinear", partner_index,
                                   c.mean, c.std, self.caps.batched_kernels).to(self.device)
+            partner = params[:, views.COL["mix_partner"]].astype(np.int64)
             labels = torch.from_numpy(d.labels[idx])
             targets = mixed_targets(labels, d.labels, partner, params[:, views.COL["mix_lambda"]], len(d.classes))
 
