@@ -13,7 +13,7 @@ import torch
 from benchmarks.common import build_store
 from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
-from featurestore.devices import pick_device
+from featurestore.devices import caps_of, mixed_precision, pick_device
 from featurestore.teacher import load_teacher
 from trainer.data import StoreData
 from trainer.loader import Loader, LoaderConfig
@@ -21,24 +21,56 @@ from trainer.losses import LossWeights, total_loss
 from trainer.students import create_student
 
 
-def _step_fn(student, optimizer):
+def _step_fn(student, optimizer, device: torch.device, precision: str, channels_last: bool):
+    """The trainer's step: channels_last input, autocast in the device's reduced precision (a grad
+    scaler for float16), KD on the stored logits and CE; nothing read back from the device."""
     w = LossWeights(pooled=0.0)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(x, targets, teacher_logits):
-        logits = student(x)
-        loss, _ = total_loss(w, logits, targets, torch.ones(len(x), dtype=torch.bool, device=x.device), teacher_logits)
-        loss.backward()
-        optimizer.step()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = student(x)
+            loss, _ = total_loss(w, logits, targets, torch.ones(len(x), dtype=torch.bool, device=x.device),
+                                 teacher_logits)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def _student(name: str, classes: int, device: torch.device, channels_last: bool, compiled: bool):
+    student = create_student(name, classes).to(device).train()
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    return student, (torch.compile(student) if compiled else student)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rate(device, fn, batches: int, batch: int) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return batches * batch / (time.perf_counter() - t0)
 
 
 def run(profile: dict) -> dict:
     device = pick_device("auto")
     batch, steps = profile["train_batch"], profile["train_steps"]
+    precision = mixed_precision("auto", caps_of(device))
+    cl = device.type == "cuda"
+    compile_too = device.type == "cuda" and profile.get("train_compile", True)
     with tempfile.TemporaryDirectory() as tmp:
-        images = write_demo_data(Path(tmp) / "images", per_class=max(2, batch * (steps + 2) // 10 + 1), seed=0,
-                                 sizes=(450, 1000))
+        per_class = max(2, batch * profile.get("train_batches_per_epoch", steps + 2) // 10 + 1)
+        images = write_demo_data(Path(tmp) / "images", per_class=per_class, seed=0, sizes=(450, 1000))
         store = Path(tmp) / "s.zarr"
         build_store(BuildConfig(images=str(images), out=str(store), workers=profile["workers"],
                                 teacher=TeacherConfig(id="random:tiny"), views=ViewPolicy(views=4),
@@ -46,55 +78,109 @@ def run(profile: dict) -> dict:
         data = StoreData(str(store), "probe", need_pooled=False, need_patches=False)
         loader = Loader(data, np.arange(data.n), 0, device,
                         LoaderConfig(batch, 224, threads=2 if device.type != "cpu" else 0))
-        student = create_student(profile["student"], len(data.classes)).to(device).train()
-        step = _step_fn(student, torch.optim.AdamW(student.parameters(), lr=1e-3))
-        it = loader.epoch(0)
-        b = next(it)
-        step(b.pixels, b.targets, b.logits)                                   # warm-up
-        t0, n = time.perf_counter(), 0
-        for _, b in zip(range(steps), it):
-            step(b.pixels, b.targets, b.logits)
-            n += len(b.labels)
-            b.release()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        store_rate = n / (time.perf_counter() - t0)
+        classes = len(data.classes)
 
-        # online: render at the teacher's size, run the teacher, then the same student step
-        teacher = load_teacher(f"random:{profile['teacher_arch']}", device="auto")
-        probe = torch.randn(len(data.classes), teacher.info.embed_dim, device=device) * 0.01
+        def batches(n: int):
+            """n training batches, epoch after epoch."""
+            epoch = 0
+            while n > 0:
+                it = loader.epoch(epoch)
+                try:
+                    for b in it:
+                        if n == 0:
+                            break
+                        yield b
+                        n -= 1
+                finally:
+                    it.close()
+                epoch += 1
+        first = next(batches(1))                                           # warms the loader's threads
+        x0, t0, l0 = first.pixels.clone(), first.targets.clone(), first.logits.clone()
+        first.release()
+
+        def loader_only():
+            for b in batches(steps):
+                b.release()
+        loader_rate = _rate(device, loader_only, steps, batch)
+
+        variants, peak = {}, {}
+        for name, compiled in [("eager", False)] + ([("compiled", True)] if compile_too else []):
+            student, model = _student(profile["student"], classes, device, cl, compiled)
+            step = _step_fn(model, torch.optim.AdamW(student.parameters(), lr=1e-3), device, precision, cl)
+            for _ in range(3):
+                step(x0, t0, l0)                                            # warm-up (and the compile)
+
+            def step_only(step=step):
+                for _ in range(steps):
+                    step(x0, t0, l0)
+            step_rate = _rate(device, step_only, steps, batch)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+
+            def full(step=step):
+                for b in batches(steps):
+                    step(b.pixels, b.targets, b.logits)
+                    b.release()
+            variants[name] = {"step_only_samples_per_s": step_rate,
+                              "store_samples_per_s": _rate(device, full, steps, batch)}
+            if device.type == "cuda":
+                peak[name] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        loader.close()
+        best = max(variants, key=lambda k: variants[k]["store_samples_per_s"])
+        store_rate = variants[best]["store_samples_per_s"]
+
         online_steps = profile["online_steps"]
-        it = loader.epoch(1)
-        t_teacher = t_total = 0.0
-        for _, b in zip(range(online_steps), it):
-            t0 = time.perf_counter()
-            idx = torch.from_numpy(data.params[b.index.numpy(), b.view.numpy()])
-            srcs = torch.from_numpy(data.rows(np.sort(b.index.numpy()))).permute(0, 3, 1, 2).to(device)
-            order = np.argsort(np.argsort(b.index.numpy()))                      # rows come back sorted
-            srcs = srcs[torch.from_numpy(order)]
-            pix = teacher.render(srcs, torch.arange(len(idx)), idx, torch.full((len(idx),), -1))
-            pooled, _ = teacher.encode(pix)
-            t_logits = torch.nn.functional.normalize(pooled, dim=-1) @ probe.T
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t_teacher += time.perf_counter() - t0
-            step(b.pixels, b.targets, t_logits)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t_total += time.perf_counter() - t0
-        online_rate = online_steps * batch / t_total
-    return {"student": profile["student"], "batch": batch, "device": str(device),
-            "teacher_arch": profile["teacher_arch"],
-            "store_samples_per_s": store_rate, "online_samples_per_s": online_rate,
-            "online_teacher_share": t_teacher / t_total, "online_steps": online_steps,
-            "speedup": store_rate / online_rate}
+        online = {}
+        if online_steps:   # render at the teacher's size, run the teacher, then the same student step
+            online = _online(profile, data, device, batch, online_steps, precision, cl)
+    out = {"student": profile["student"], "batch": batch, "device": str(device), "precision": precision,
+           "channels_last": cl, "teacher_arch": profile["teacher_arch"], "steps": steps,
+           "store_samples_per_s": store_rate, "best": best, "variants": variants,
+           "loader_only_samples_per_s": loader_rate, "peak_gpu_mb": peak.get(best), "peak_gpu_mb_by_variant": peak}
+    if online:
+        out |= online | {"speedup": store_rate / online["online_samples_per_s"]}
+    return out
+
+
+def _online(profile: dict, data, device, batch: int, online_steps: int, precision: str, cl: bool) -> dict:
+    teacher = load_teacher(f"random:{profile['teacher_arch']}", device="auto")
+    probe = torch.randn(len(data.classes), teacher.info.embed_dim, device=device) * 0.01
+    student, _ = _student(profile["student"], len(data.classes), device, cl, False)
+    step = _step_fn(student, torch.optim.AdamW(student.parameters(), lr=1e-3), device, precision, cl)
+    loader = Loader(data, np.arange(data.n), 0, device, LoaderConfig(batch, 224, threads=2 if cl else 0))
+    t_teacher = t_total = 0.0
+    for _, b in zip(range(online_steps), loader.epoch(1)):
+        t0 = time.perf_counter()
+        idx = torch.from_numpy(data.params[b.index.numpy(), b.view.numpy()])
+        srcs = torch.from_numpy(data.rows(np.sort(b.index.numpy()))).permute(0, 3, 1, 2).to(device)
+        order = np.argsort(np.argsort(b.index.numpy()))                      # rows come back sorted
+        srcs = srcs[torch.from_numpy(order)]
+        pix = teacher.render(srcs, torch.arange(len(idx)), idx, torch.full((len(idx),), -1))
+        pooled, _ = teacher.encode(pix)
+        t_logits = torch.nn.functional.normalize(pooled.float(), dim=-1) @ probe.T
+        _sync(device)
+        t_teacher += time.perf_counter() - t0
+        step(b.pixels, b.targets, t_logits)
+        _sync(device)
+        t_total += time.perf_counter() - t0
+    loader.close()
+    return {"online_samples_per_s": online_steps * batch / t_total, "online_teacher_share": t_teacher / t_total,
+            "online_steps": online_steps}
 
 
 def rows(r: dict) -> list[list]:
-    return [
-        [f"training: {r['student']} from the store (batch {r['batch']})", f"{r['store_samples_per_s']:.1f} samples/s",
-         f"{r['speedup']:.0f}x online"],
-        [f"training: {r['student']} with online {r['teacher_arch']} teacher (batch {r['batch']}, "
-         f"{100 * r['online_teacher_share']:.0f}% of time in the teacher)",
-         f"{r['online_samples_per_s']:.3f} samples/s", "1x"],
-    ]
+    peak = f", peak {r['peak_gpu_mb']:.0f} MB on the GPU" if r.get("peak_gpu_mb") else ""
+    out = [[f"training: {r['student']} from the store (batch {r['batch']}, {r.get('precision', 'no')} mixed "
+            f"precision, {r.get('best', 'eager')}{peak})", f"{r['store_samples_per_s']:.1f} samples/s",
+            f"{r['speedup']:.0f}x online" if "speedup" in r else "-"]]
+    for name, v in r.get("variants", {}).items():
+        out.append([f"training: {name} student step alone (one batch again and again)",
+                    f"{v['step_only_samples_per_s']:.1f} samples/s", "bound of the step"])
+    if "loader_only_samples_per_s" in r:
+        out.append(["training: the loader alone (batches rendered, no step)",
+                    f"{r['loader_only_samples_per_s']:.1f} samples/s", "bound of the loader"])
+    if "online_samples_per_s" in r:
+        out.append([f"training: {r['student']} with online {r['teacher_arch']} teacher (batch {r['batch']}, "
+                    f"{100 * r['online_teacher_share']:.0f}% of time in the teacher)",
+                    f"{r['online_samples_per_s']:.3f} samples/s", "1x"])
+    return out

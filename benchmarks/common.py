@@ -85,21 +85,25 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 
 DONE_LINE = re.compile(r"^done: .*teacher pass (\d+) views in ([\d.]+)s .*total ([\d.]+)s "
-                       r"\(model load ([\d.]+)s, heads ([\d.]+)s\)$", re.M)
+                       r"\(model load ([\d.]+)s, compile ([\d.]+)s, heads ([\d.]+)s\)$", re.M)
+STAGES_LINE = re.compile(r"^teacher pass stages \(s\): (.*); batch (\d+), (compiled|eager)$", re.M)
 
 
 def build_store(cfg) -> dict:
     """`featurestore build --config` in a fresh process, as a user runs it (a build started from the
     benchmark's own process would have its decoding workers re-import every benchmark module); with
     no decoding workers (workers: 0) in this process, sparing a second start of torch. Returns the
-    build's own clock: views, pass_s, total_s, load_s, heads_s."""
+    build's own clock: views, pass_s, total_s, load_s, compile_s, heads_s, stages (seconds by stage of
+    the pass), batch and compiled."""
     if cfg.workers == 0:
         from featurestore.builder import build
         from featurestore.log import enable
         enable()
         t = build(cfg)
         return {"views": int(t["views"]), "pass_s": float(t.get("pass_s", 0.0)), "total_s": float(t["total_s"]),
-                "load_s": float(t.get("load_s", 0.0)), "heads_s": float(t.get("heads_s", 0.0))}
+                "load_s": float(t.get("load_s", 0.0)), "compile_s": float(t.get("compile_s", 0.0)),
+                "heads_s": float(t.get("heads_s", 0.0)), "stages": t.get("stages", {}), "batch": t.get("batch"),
+                "compiled": t.get("compiled", False)}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(to_dict(cfg), f)
     try:
@@ -112,6 +116,11 @@ def build_store(cfg) -> dict:
     m = DONE_LINE.search(r.stderr)
     if m is None:
         raise RuntimeError(f"featurestore build printed no timing line: {r.stderr[-2000:]}")
-    views, pass_s, total_s, load_s, heads_s = m.groups()
+    views, pass_s, total_s, load_s, compile_s, heads_s = m.groups()
+    stages, batch, compiled = {}, None, False
+    if (s := STAGES_LINE.search(r.stderr)) is not None:
+        stages = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in s.group(1).split(", "))}
+        batch, compiled = int(s.group(2)), s.group(3) == "compiled"
     return {"views": int(views), "pass_s": float(pass_s), "total_s": float(total_s), "load_s": float(load_s),
-            "heads_s": float(heads_s)}
+            "compile_s": float(compile_s), "heads_s": float(heads_s), "stages": stages, "batch": batch,
+            "compiled": compiled}

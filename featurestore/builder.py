@@ -37,7 +37,7 @@ from featurestore.ranks import Rank, check_launch
 from featurestore.scan import decode_side, scan
 from featurestore.schema import FORMAT_VERSION, StoreError
 from featurestore.sources import Listing, class_display_name, discover, file_fingerprint
-from featurestore.teacher_pass import fit_patch_basis, load_basis, store_basis, teacher_pass
+from featurestore.teacher_pass import fit_patch_basis, load_basis, prepare_teacher, store_basis, teacher_pass
 from featurestore.writer import StoreWriter, not_a_kdstore_store, occupied, remove_store
 
 T = TypeVar("T")
@@ -79,6 +79,9 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
     if teacher.info.embed_dim != store.attrs["embed_dim"]:
         raise StoreError(f"{out} was built with embed_dim {store.attrs['embed_dim']}, this teacher has "
                          f"{teacher.info.embed_dim}")
+    t0 = time.perf_counter()
+    prepare_teacher(teacher, cfg, store.reader.chunk_size * store.reader.views_per_image, store.attrs["patch_grid"])
+    clock["compile_s"] = time.perf_counter() - t0
     text_head = _zeroshot_head(store, teacher, rank)
     paths, shas = _paths_and_shas(store, listing)
     basis = None
@@ -88,7 +91,7 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
         rank.barrier()
         basis = load_basis(store.reader)
     t0 = time.perf_counter()
-    views_run = teacher_pass(store, teacher, cfg, rank, paths, shas, basis, lock.check if lock else None)
+    views_run, stages = teacher_pass(store, teacher, cfg, rank, paths, shas, basis, lock.check if lock else None)
     clock["pass_s"] = time.perf_counter() - t0
     rank.barrier()
     if rank.main:
@@ -101,11 +104,15 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
         clock["heads_s"] = time.perf_counter() - t0
     store.close()
     total = time.perf_counter() - clock.pop("start")
-    stats = {"views": views_run, "total_s": total} | clock
+    stats = {"views": views_run, "total_s": total, "batch": teacher.batch, "compiled": teacher.compiled,
+             "stages": stages} | clock
     if views_run:
+        logger.info("teacher pass stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+                    + f"; batch {teacher.batch}, {'compiled' if teacher.compiled else 'eager'}")
         logger.info(f"done: {out}  teacher pass {views_run} views in {stats['pass_s']:.1f}s "
                     f"({views_run / stats['pass_s']:.2f} views/s), total {total:.1f}s "
-                    f"(model load {stats['load_s']:.1f}s, heads {stats.get('heads_s', 0.0):.1f}s)")
+                    f"(model load {stats['load_s']:.1f}s, compile {stats['compile_s']:.1f}s, "
+                    f"heads {stats.get('heads_s', 0.0):.1f}s)")
     return stats
 
 

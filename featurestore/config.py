@@ -11,6 +11,16 @@ from featurestore.options import STORAGE_HELP, ConfigError, coerce, json_options
 MAX_VIEWS = 1024
 
 
+def batch_arg(text: str) -> int:
+    """--batch-size: a number of views, or auto (0)."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--batch-size takes a number of views or auto, got {text!r}") from None
+
+
 def load_prompts(path: str | Path) -> dict[str, list[str]]:
     """A YAML file mapping class name -> prompt or list of prompts."""
     data = load_yaml(path)
@@ -77,7 +87,12 @@ class TeacherConfig:
     dtype: str = opt("auto", "teacher compute dtype (auto: bfloat16 on GPUs with native support, float16 on older "
                      "GPUs such as T4/V100, float32 on CPU)", flag="--dtype",
                      choices=["auto", "float32", "bfloat16", "float16"])
-    batch_size: int = opt(0, "views per teacher forward (0: 64 on GPU, 16 on CPU)", flag="--batch-size")
+    batch_size: int = opt(0, "views per teacher forward, or auto (0): on a GPU the largest of 256, 128, 64, ... "
+                          "whose forward fits in half the free memory, 16 on a CPU (default: auto)",
+                          flag="--batch-size", parse=batch_arg)
+    compile: bool = opt(True, "run the vision tower eagerly; by default a CUDA build compiles it with torch.compile "
+                        "for one batch shape (a minute or two before the first batch; CPU builds run eagerly)",
+                        flag="--no-compile", negate=True)
     prompt_template: str = opt("{name}", "zero-shot prompt with {name} for the class name (numbers and image counts "
                                "removed from folder names)", flag="--prompt-template")
     prompts: dict[str, list[str]] = opt(help="YAML file: class name -> list of prompts, whose text embeddings are "
@@ -208,6 +223,7 @@ class BuildConfig:
         for key in ("out", "workers", "device", "images", "manifest", "unlabeled", "allow_outside_paths"):
             d.pop(key)
         d["teacher"].pop("batch_size")
+        d["teacher"].pop("compile")
         return d
 
 

@@ -56,7 +56,9 @@ class TeacherInfo:
 
 
 class Teacher:
-    """Runs the vision tower on rendered views; the text tower once for zero-shot prompts."""
+    """Runs the vision tower on rendered views; the text tower once for zero-shot prompts.
+
+    `prepare(batch, compiled=True)` compiles the tower for one batch shape (a shorter batch is padded)."""
 
     def __init__(self, model, preprocess: Preprocess, info: TeacherInfo, tokenizer, device, dtype):
         self.model, self.pre, self.info, self.tokenizer = model, preprocess, info, tokenizer
@@ -64,27 +66,53 @@ class Teacher:
         self.vision = getattr(model, "vision_model", model)     # SiglipVisionModel is the tower in v5
         self._mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
+        self.batch: int | None = None                            # fixed forward batch (padded), once prepared
+        self.compiled = False
+        self._tower = self.vision
+
+    def prepare(self, batch: int, compiled: bool = False) -> None:
+        """compiled: torch.compile the tower for batches of `batch` views (fewer are padded to it, so it
+        meets one shape) and run it once now, so that the first batch of a pass does not wait for it."""
+        self.batch = batch
+        if compiled and not self.compiled:
+            self._tower = torch.compile(self.vision, backend=COMPILE_BACKEND, dynamic=False)
+            self.compiled = True
+            self.info.extra["compiled"] = True
+        if self.compiled:
+            self.encode(torch.zeros(1, 3, self.pre.size, self.pre.size, device=self.device), check=False)
 
     @torch.inference_mode()
-    def encode(self, pixels: torch.Tensor, patch_grid: int = 0):
-        """pixels: float (B, 3, size, size) in [0, 1] -> pooled (B, D), patches (B, g, g, D) or None.
+    def encode(self, pixels: torch.Tensor, patch_grid: int = 0, check: bool = True):
+        """pixels: float (B, 3, size, size) in [0, 1] -> pooled (B, D), patches (B, g, g, D) or None, in the
+        compute dtype, on the teacher's device: the patch grid is pooled before any upcast (a GPU moves
+        a bfloat16 token grid, not a float32 one). check: in float16, raise if an output overflowed
+        (reads a flag back from the device; the teacher pass checks its stored arrays instead).
         On a CPU the tower runs on one thread (see `one_thread`)."""
-        x = ((pixels.to(self.device) - self._mean) / self._std).to(self.dtype)
-        with one_thread(self.device):
-            out = self.vision(pixel_values=x)
-        pooled = out.pooler_output.float()                                   # (B, D)
+        n = len(pixels)
+        x = ((pixels.to(self.device, non_blocking=True) - self._mean) / self._std).to(self.dtype)
+        if self.compiled and n < self.batch:
+            x = torch.cat([x, x.new_zeros((self.batch - n,) + tuple(x.shape[1:]))])
+        with one_thread(self.device), attention_kernels(self.device):
+            out = self._tower(pixel_values=x)
+        pooled = out.pooler_output[:n]                                       # (B, D)
         patches = None
         if patch_grid:
-            tokens = out.last_hidden_state.float()                           # (B, T, D)
+            tokens = out.last_hidden_state[:n]                               # (B, T, D)
             b, t, d = tokens.shape
             side = math.isqrt(t)
             grid = tokens.transpose(1, 2).reshape(b, d, side, side)          # (B, D, h, w)
             patches = F.adaptive_avg_pool2d(grid, patch_grid).permute(0, 2, 3, 1)  # (B, g, g, D)
-        if self.dtype == torch.float16 and not (torch.isfinite(pooled).all() and
-                                                (patches is None or torch.isfinite(patches).all())):
-            raise TeacherError(f"the teacher's outputs overflow float16 on {self.device}; this model needs "
-                               "--dtype float32 (or bfloat16 on a GPU that supports it)")
+        if check and self.dtype == torch.float16 and not (torch.isfinite(pooled).all() and
+                                                          (patches is None or torch.isfinite(patches).all())):
+            raise TeacherError(self.overflow_message())
         return pooled, patches
+
+    def overflow_message(self) -> str:
+        if self.dtype == torch.float16:
+            return (f"the teacher's outputs overflow float16 on {self.device}; this model needs --dtype float32 "
+                    "(or bfloat16 on a GPU that supports it)")
+        return (f"the teacher's outputs (computed in {str(self.dtype).replace('torch.', '')}) are not finite or "
+                "exceed float16's range (65504), the store's dtype for them; this teacher cannot be stored as is")
 
     @torch.inference_mode()
     def text_head(self, prompts: list[list[str]]):
@@ -109,6 +137,21 @@ class Teacher:
     def render(self, sources, index, params, partner_index=None):
         """Render views at the teacher's input size with its resize method, on the teacher's device."""
         return views.render(sources, index, params, self.pre.size, self.pre.resample, partner_index)
+
+
+COMPILE_BACKEND = "inductor"
+
+
+@contextlib.contextmanager
+def attention_kernels(device: torch.device):
+    """On CUDA, attention through the fused kernels only (flash, memory-efficient or cuDNN): a shape or
+    dtype they cannot take fails loudly instead of falling back to the unfused math kernel."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        yield
 
 
 @contextlib.contextmanager

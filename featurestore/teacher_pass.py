@@ -5,12 +5,20 @@ store); each chunk's K views are rendered on the teacher's device from the origi
 resolution, encoded in batches, pooled (and the patch grid reduced), and handed to a writer thread
 that writes the chunk's arrays and then marks it done. Before the pass, when the store keeps the patch
 grid at d < D dims, the PCA basis is fitted on the patch tokens of a sample of views.
+
+On a GPU nothing in the loop waits for the device: sources arrive in pinned memory and are copied
+without blocking, each batch's outputs are copied into pinned host buffers as the device reaches them,
+and the writer thread waits for a chunk's copies; the loop meanwhile queues the next chunk's work.
+Each stage's time is kept (`Stages`): the decoding wait, render and teacher (device time on a GPU),
+the writer wait, and the writer's own copy wait and writes.
 """
 from __future__ import annotations
 
 import queue
 import sys
 import threading
+import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -26,7 +34,7 @@ from featurestore.ranks import Rank
 from featurestore.reader import StoreReader
 from featurestore.scan import decode_side, mp_context, worker_deaths
 from featurestore.sources import DatasetError, DecodeSet
-from featurestore.teacher import Teacher
+from featurestore.teacher import Teacher, TeacherError
 from featurestore.writer import StoreWriter
 
 PCA_KEYS = {"mean": "pca/patches/mean", "basis": "pca/patches/basis", "eigenvalues": "pca/patches/eigenvalues"}
@@ -40,28 +48,85 @@ def decoded(store: StoreReader, cfg: BuildConfig, teacher: Teacher, images: list
     data = DecodeSet([(i, paths[i], shas[i]) for i in images], s, decode_side(teacher.pre.size, s),
                      cfg.min_side, cfg.max_pixels)
     kw = {"prefetch_factor": 8, "multiprocessing_context": mp_context()} if cfg.workers else {}
+    pin = teacher.device.type == "cuda"                      # copied to the GPU without blocking the loop
     with worker_deaths(cfg.workers):
-        for i, orig, small, problem in DataLoader(data, batch_size=None, num_workers=cfg.workers, **kw):
+        for i, orig, small, problem in DataLoader(data, batch_size=None, num_workers=cfg.workers, pin_memory=pin,
+                                                  **kw):
             if problem:
                 raise DatasetError(problem)
             yield i, orig, small
 
 
+class Stages:
+    """Seconds per stage of the pass. Device stages are timed by CUDA events, read once at the end, so
+    timing them never stalls the loop; on a CPU they are the host's clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.events: list[tuple[str, object, object]] = []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def add(self, name: str, start, end) -> None:
+        if self.cuda and not isinstance(start, float):
+            self.events.append((name, start, end))
+        else:
+            self.seconds[name] += end - start
+
+    def host(self, name: str, since: float) -> None:
+        self.seconds[name] += time.perf_counter() - since
+
+    def result(self) -> dict[str, float]:
+        if self.events:
+            torch.cuda.synchronize()
+            for name, a, b in self.events:
+                self.seconds[name] += a.elapsed_time(b) / 1000
+            self.events.clear()
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+class ChunkOutputs:
+    """A chunk's arrays, the teacher's still on their way from the device: the pinned host tensors
+    its copies fill, and the event recorded after the last of them."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], copies: dict[str, torch.Tensor], shapes: dict[str, tuple],
+                 event=None):
+        self.host, self.copies, self.shapes, self.event = arrays, copies, shapes, event
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host | {k: v.numpy().reshape(self.shapes[k]) for k, v in self.copies.items()}
+
+
 class ChunkWriter:
     """Writes finished chunks on a thread, then marks each done; errors surface on the next call.
-    guard: called before each chunk is written (the build's lock: raises if it was lost)."""
+    guard: called before each chunk is written (the build's lock: raises if it was lost); check: called
+    with each chunk's arrays before they are written (raises on outputs the store cannot keep)."""
 
-    def __init__(self, store: StoreWriter, guard=None):
-        self.store, self.q, self.error, self.guard = store, queue.Queue(maxsize=2), None, guard
+    def __init__(self, store: StoreWriter, guard=None, check=None, stages: Stages | None = None):
+        self.store, self.q, self.error, self.guard, self.check = store, queue.Queue(maxsize=2), None, guard, check
+        self.stages = stages
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         while (item := self.q.get()) is not None:
-            c, arrays = item
+            c, outputs = item
             if self.error is not None:
                 continue
             try:
+                t0 = time.perf_counter()
+                arrays = outputs.arrays() if isinstance(outputs, ChunkOutputs) else outputs
+                t1 = time.perf_counter()
+                if self.check is not None:
+                    self.check(c, arrays)
                 if self.guard is not None:
                     self.guard()
                 a, _ = self.store.reader.chunk_range(c)
@@ -70,10 +135,14 @@ class ChunkWriter:
                 self.store.flush()
                 self.store.mark_done(c)
                 self.store.flush()
+                if self.stages is not None:
+                    self.stages.seconds["writer: copy wait"] += t1 - t0
+                    self.stages.host("writer: write", t1)
             except Exception as e:  # noqa: BLE001 - re-raised in the main thread
                 self.error = e
 
-    def put(self, c: int, arrays: dict[str, np.ndarray]) -> None:
+    def put(self, c: int, arrays) -> None:
+        """Queue chunk c's arrays (a dict, or ChunkOutputs still being copied)."""
         self._raise()
         self.q.put((c, arrays))
 
@@ -90,13 +159,53 @@ class ChunkWriter:
 
 
 def batch_size(cfg: BuildConfig, teacher: Teacher) -> int:
-    return cfg.teacher.batch_size or (64 if teacher.device.type == "cuda" else 16)
+    return teacher.batch or cfg.teacher.batch_size or (64 if teacher.device.type == "cuda" else 16)
+
+
+def prepare_teacher(teacher: Teacher, cfg: BuildConfig, chunk_views: int, patch_grid: int) -> None:
+    """Fix the teacher's batch (the configured one, or auto) and, on CUDA unless --no-compile, compile
+    the tower for it."""
+    cuda = teacher.device.type == "cuda"
+    batch = cfg.teacher.batch_size or (auto_batch(teacher, chunk_views, patch_grid) if cuda else 16)
+    teacher.prepare(batch, compiled=cfg.teacher.compile and cuda)
+    logger.info(f"teacher batch {batch}" + (" (auto)" if not cfg.teacher.batch_size else "")
+                + (", tower compiled" if teacher.compiled else ""))
+
+
+def auto_batch(teacher: Teacher, chunk_views: int, patch_grid: int = 0, top: int = 256) -> int:
+    """The largest power of two up to `top` (and up to a chunk's views: a batch never spans chunks)
+    whose forward fits in half the device's free memory, from the peak memory of an 8-view forward."""
+    dev, probe = teacher.device, 8
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    teacher.encode(torch.zeros(probe, 3, teacher.pre.size, teacher.pre.size, device=dev), patch_grid, check=False)
+    torch.cuda.synchronize(dev)
+    per_view = max(1, torch.cuda.max_memory_allocated(dev) - base) / probe
+    free, _ = torch.cuda.mem_get_info(dev)
+    return pick_batch(per_view, free, chunk_views, top)
+
+
+def pick_batch(per_view_bytes: float, free_bytes: float, chunk_views: int, top: int = 256) -> int:
+    b = top
+    while b > 1 and (b * per_view_bytes > free_bytes / 2 or b > chunk_views):
+        b //= 2
+    return b
+
+
+def finite_outputs(teacher: Teacher):
+    """The writer's check: every stored teacher output finite (float16 keeps up to 65504)."""
+    def check(c: int, arrays: dict[str, np.ndarray]) -> None:
+        for name, value in arrays.items():
+            if name.startswith("teacher/") and not np.isfinite(value).all():
+                raise TeacherError(f"{name} of chunk {c}: {teacher.overflow_message()}")
+    return check
 
 
 def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: Rank, paths: list[str],
-                 shas: list[str], basis: PatchBasis | None, guard=None) -> int:
-    """Run the teacher over this rank's unfinished chunks; returns the number of views computed.
-    guard: checks before each chunk's writes that this build still holds its lock."""
+                 shas: list[str], basis: PatchBasis | None, guard=None) -> tuple[int, dict[str, float]]:
+    """Run the teacher over this rank's unfinished chunks; returns the number of views computed and
+    the seconds of each stage. guard: checks before each chunk's writes that this build still holds its lock."""
     r = store.reader
     done = r.done()
     mine = [c for c in range(r.num_chunks) if rank.owns(c) and not done[c]]
@@ -107,57 +216,77 @@ def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: R
     total_views = views_in(c for c in range(r.num_chunks) if rank.owns(c))
     left_views = views_in(mine)
     logger.info(f"{rank.prefix}teacher pass over {len(mine)} chunk(s), {left_views} views, on {teacher.device}")
+    stages = Stages(teacher.device)
     if not mine:
-        return 0
+        return 0, {}
     loader = decoded(r, cfg, teacher, [i for c in mine for i in range(*r.chunk_range(c))], paths, shas)
     bar = tqdm(total=total_views, initial=total_views - left_views, unit="view", desc=f"teacher r{rank.rank}",
                position=rank.rank, disable=None, file=sys.stderr, smoothing=0.1)
-    writer = ChunkWriter(store, guard)
+    writer = ChunkWriter(store, guard, finite_outputs(teacher), stages)
     pending = iter(mine)
     c = next(pending)
     a, b = r.chunk_range(c)
     got: list = []
     try:
+        t0 = time.perf_counter()
         for _, orig, small in loader:
+            stages.host("decode wait", t0)
             got.append((orig, small))
             if len(got) < b - a:
+                t0 = time.perf_counter()
                 continue
-            writer.put(c, run_chunk(r, teacher, c, got, batch_size(cfg, teacher), g, basis, bar))
+            outputs = run_chunk(r, teacher, c, got, batch_size(cfg, teacher), g, basis, bar, stages)
+            t0 = time.perf_counter()
+            writer.put(c, outputs)
+            stages.host("writer wait", t0)
             got = []
             c = next(pending, None)
             if c is not None:
                 a, b = r.chunk_range(c)
+            t0 = time.perf_counter()
     finally:
         bar.close()
         writer.close(raise_error=sys.exc_info()[0] is None)
-    return left_views
+    return left_views, stages.result()
 
 
 def run_chunk(store: StoreReader, teacher: Teacher, c: int, got, batch: int, g: int, basis,
-              bar) -> dict[str, np.ndarray]:
-    """The teacher's outputs on every view of store chunk c (its decoded images in `got`)."""
+              bar, stages: Stages | None = None) -> ChunkOutputs:
+    """The teacher's outputs on every view of store chunk c (its decoded images in `got`), cast to the
+    stored float16 on the device and copied into host buffers as each batch finishes."""
+    stages = stages or Stages(teacher.device)
     a, b = store.chunk_range(c)
     n, k = b - a, store.views_per_image
-    sources = [orig.to(teacher.device) for orig, _ in got]
+    cuda = teacher.device.type == "cuda"
+    sources = [orig.to(teacher.device, non_blocking=True) for orig, _ in got]
     params = torch.from_numpy(store.read("views/params", a, b)).reshape(n * k, -1)      # (n*K, P)
     index = torch.arange(n).repeat_interleave(k)                                          # (n*K,)
     partner = params[:, views.COL["mix_partner"]].long()
     partner = torch.where(partner >= 0, partner - a, partner)
-    pooled, patches = [], []
+    copies: dict[str, torch.Tensor] = {}
+
+    def into(name: str, x: torch.Tensor, sl: slice) -> None:
+        if name not in copies:
+            copies[name] = torch.empty((n * k,) + tuple(x.shape[1:]), dtype=torch.float16, pin_memory=cuda)
+        copies[name][sl].copy_(x.to(torch.float16), non_blocking=cuda)      # stored dtype, cast on device
     for s in range(0, n * k, batch):
         sl = slice(s, min(s + batch, n * k))
+        t0 = stages.mark()
         pix = teacher.render(sources, index[sl], params[sl], partner[sl])
-        p, q = teacher.encode(pix, g)                                      # (B, D), (B, g, g, D) float32
-        pooled.append(p.to(torch.float16).cpu())                           # stored dtype, cast on device
+        t1 = stages.mark()
+        p, q = teacher.encode(pix, g, check=False)                          # (B, D), (B, g, g, D) compute dtype
+        stages.add("teacher", t1, stages.mark())
+        stages.add("render", t0, t1)
+        into("teacher/pooled", p, sl)
         if q is not None:
-            q = basis.project(q) if basis is not None else q               # (B, g, g, d)
-            patches.append(q.to(torch.float16).cpu())
+            into("teacher/patches", basis.project(q.float()) if basis is not None else q, sl)   # (B, g, g, d)
         bar.update(sl.stop - sl.start)
-    out = {"images": np.stack([s.numpy() for _, s in got]),
-           "teacher/pooled": torch.cat(pooled).reshape(n, k, -1).numpy()}
-    if g:
-        out["teacher/patches"] = torch.cat(patches).reshape(n, k, g, g, -1).numpy()
-    return out
+    shapes = {name: (n, k) + tuple(x.shape[1:]) for name, x in copies.items()}
+    event = None
+    if cuda:
+        event = torch.cuda.Event()
+        event.record()
+    return ChunkOutputs({"images": np.stack([s.numpy() for _, s in got])}, copies, shapes, event)
 
 
 # ---- before the pass: the patch basis ---------------------------------------------------------
@@ -172,17 +301,18 @@ def fit_patch_basis(store: StoreReader, teacher: Teacher, cfg: BuildConfig, path
     moments, queued = Moments(store.attrs["embed_dim"]), []
     logger.info(f"fitting the patch basis (d = {dim}) on views of {m} images")
 
-    def flush():
-        srcs = [s for s, _ in queued]
-        pix = teacher.render(srcs, torch.arange(len(srcs)), torch.from_numpy(np.stack([p for _, p in queued])))
+    def flush():                                              # batches of at most `batch`: the compiled shape
+        take = queued[:batch]
+        srcs = [s for s, _ in take]
+        pix = teacher.render(srcs, torch.arange(len(srcs)), torch.from_numpy(np.stack([p for _, p in take])))
         moments.add(teacher.encode(pix, g)[1])                                             # (B, g, g, D)
-        queued.clear()
+        del queued[:batch]
     for i, orig, _ in decoded(store, cfg, teacher, list(range(m)), paths, shas):
         unmixed = np.flatnonzero(params[i, :, views.COL["mix_mode"]] == views.MIX_NONE)[:PCA_VIEWS_PER_IMAGE]
         queued += [(orig.to(teacher.device), params[i, k]) for k in unmixed]
-        if len(queued) >= batch:
+        while len(queued) >= batch:
             flush()
-    if queued:
+    while queued:
         flush()
     if dim > moments.n:
         raise ConfigError(f"store.patch_dim {dim} exceeds the {moments.n} patch tokens sampled; raise "

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from conftest import REPO, SLOW, SMALL, run_cli
 
-from benchmarks.common import DONE_LINE
+from benchmarks.common import DONE_LINE, STAGES_LINE
 from featurestore.reader import StoreReader
 
 
@@ -69,12 +69,22 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, demo_images, slow_r
 
 
 def test_the_done_line_gives_the_clock_the_benchmarks_read(tmp_path, demo_images, capsys):
+    """... and the stage line its stage times, batch and whether the tower was compiled."""
     out = tmp_path / "s.zarr"
-    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL) == 0
-    views, pass_s, total_s, load_s, heads_s = DONE_LINE.search(capsys.readouterr().err).groups()
+    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL, "--batch-size", "auto") == 0
+    err = capsys.readouterr().err
+    views, pass_s, total_s, load_s, compile_s, heads_s = DONE_LINE.search(err).groups()
     with StoreReader.open(out) as s:
         assert int(views) == s.num_images * s.views_per_image
     assert 0 < float(pass_s) <= float(total_s) and float(load_s) + float(heads_s) < float(total_s)
+    assert float(compile_s) < 1                                             # a CPU build runs eagerly
+    m = STAGES_LINE.search(err)
+    assert m is not None and m.group(2) == "16" and m.group(3) == "eager"  # auto on a CPU: 16 views
+    stages = {k: float(v) for k, v in (part.rsplit(" ", 1) for part in m.group(1).split(", "))}
+    assert {"decode wait", "render", "teacher", "writer wait", "writer: write", "writer: copy wait"} <= set(stages)
+    assert stages["teacher"] > 0 and all(v >= 0 for v in stages.values())
+    in_loop = sum(stages[k] for k in ("decode wait", "render", "teacher", "writer wait"))
+    assert in_loop <= float(pass_s) + 0.1                                   # the loop's stages fit in the pass
 
 
 def test_different_config_is_refused_with_the_difference(tmp_path, demo_images, capsys):
