@@ -42,11 +42,35 @@ def _step_fn(student, optimizer, device: torch.device, precision: str, channels_
     return step
 
 
-def _student(name: str, classes: int, device: torch.device, channels_last: bool, compiled: bool):
+def _student(name: str, classes: int, device: torch.device, channels_last: bool, mode: str | None):
+    """The student, and what the step calls: itself, or compiled (mode: default, or reduce-overhead for
+    CUDA graphs)."""
     student = create_student(name, classes).to(device).train()
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
-    return student, (torch.compile(student) if compiled else student)
+    return student, (torch.compile(student, mode=mode) if mode else student)
+
+
+def _optimizer(student, device: torch.device):
+    """AdamW as the trainer makes it: one fused kernel per step on CUDA."""
+    return torch.optim.AdamW(student.parameters(), lr=1e-3, **({"fused": True} if device.type == "cuda" else {}))
+
+
+def _profile(device: torch.device, fn) -> dict:
+    """Where a few steps spend their time: host and device totals, the top device kernels."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    device_total = sum(e.self_device_time_total for e in events) / 1e3
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+    return {"device_ms": device_total, "wall_cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+            "kernel_launches": int(sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel",
+                                                                                    "cuLaunchKernel")))),
+            "top_device_ms": {e.key[:90]: round(e.self_device_time_total / 1e3, 3) for e in top}}
 
 
 def _sync(device):
@@ -103,10 +127,15 @@ def run(profile: dict) -> dict:
                 b.release()
         loader_rate = _rate(device, loader_only, steps, batch)
 
-        variants, peak = {}, {}
-        for name, compiled in [("eager", False)] + ([("compiled", True)] if compile_too else []):
-            student, model = _student(profile["student"], classes, device, cl, compiled)
-            step = _step_fn(model, torch.optim.AdamW(student.parameters(), lr=1e-3), device, precision, cl)
+        variants, peak, profiles = {}, {}, {}
+        # (name, compile mode, autocast precision, channels_last): the trainer's default first
+        modes = [("eager", None, precision, cl)]
+        if device.type == "cuda":
+            modes += [("eager, float32, contiguous", None, "no", False), ("compiled", "default", precision, cl),
+                      ("compiled, CUDA graphs", "reduce-overhead", precision, cl)][: 3 if compile_too else 1]
+        for name, mode, prec, last in modes:
+            student, model = _student(profile["student"], classes, device, last, mode)
+            step = _step_fn(model, _optimizer(student, device), device, prec, last)
             for _ in range(3):
                 step(x0, t0, l0)                                            # warm-up (and the compile)
 
@@ -125,6 +154,7 @@ def run(profile: dict) -> dict:
                               "store_samples_per_s": _rate(device, full, steps, batch)}
             if device.type == "cuda":
                 peak[name] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            profiles[name] = _profile(device, lambda step=step: [step(x0, t0, l0) for _ in range(5)])
         loader.close()
         best = max(variants, key=lambda k: variants[k]["store_samples_per_s"])
         store_rate = variants[best]["store_samples_per_s"]
@@ -136,7 +166,8 @@ def run(profile: dict) -> dict:
     out = {"student": profile["student"], "batch": batch, "device": str(device), "precision": precision,
            "channels_last": cl, "teacher_arch": profile["teacher_arch"], "steps": steps,
            "store_samples_per_s": store_rate, "best": best, "variants": variants,
-           "loader_only_samples_per_s": loader_rate, "peak_gpu_mb": peak.get(best), "peak_gpu_mb_by_variant": peak}
+           "loader_only_samples_per_s": loader_rate, "peak_gpu_mb": peak.get(best), "peak_gpu_mb_by_variant": peak,
+           "step_profiles": profiles}
     if online:
         out |= online | {"speedup": store_rate / online["online_samples_per_s"]}
     return out
@@ -145,8 +176,8 @@ def run(profile: dict) -> dict:
 def _online(profile: dict, data, device, batch: int, online_steps: int, precision: str, cl: bool) -> dict:
     teacher = load_teacher(f"random:{profile['teacher_arch']}", device="auto")
     probe = torch.randn(len(data.classes), teacher.info.embed_dim, device=device) * 0.01
-    student, _ = _student(profile["student"], len(data.classes), device, cl, False)
-    step = _step_fn(student, torch.optim.AdamW(student.parameters(), lr=1e-3), device, precision, cl)
+    student, _ = _student(profile["student"], len(data.classes), device, cl, None)
+    step = _step_fn(student, _optimizer(student, device), device, precision, cl)
     loader = Loader(data, np.arange(data.n), 0, device, LoaderConfig(batch, 224, threads=2 if cl else 0))
     t_teacher = t_total = 0.0
     for _, b in zip(range(online_steps), loader.epoch(1)):
@@ -170,12 +201,15 @@ def _online(profile: dict, data, device, batch: int, online_steps: int, precisio
 
 def rows(r: dict) -> list[list]:
     peak = f", peak {r['peak_gpu_mb']:.0f} MB on the GPU" if r.get("peak_gpu_mb") else ""
-    out = [[f"training: {r['student']} from the store (batch {r['batch']}, {r.get('precision', 'no')} mixed "
-            f"precision, {r.get('best', 'eager')}{peak})", f"{r['store_samples_per_s']:.1f} samples/s",
-            f"{r['speedup']:.0f}x online" if "speedup" in r else "-"]]
+    best = r.get("best", "eager")
+    if best.startswith(("eager", "compiled")) and "float32" not in best:
+        best += f", {r.get('precision', 'no')} mixed precision"
+    out = [[f"training: {r['student']} from the store (batch {r['batch']}, {best}{peak})",
+            f"{r['store_samples_per_s']:.1f} samples/s", f"{r['speedup']:.0f}x online" if "speedup" in r else "-"]]
     for name, v in r.get("variants", {}).items():
-        out.append([f"training: {name} student step alone (one batch again and again)",
-                    f"{v['step_only_samples_per_s']:.1f} samples/s", "bound of the step"])
+        out.append([f"training: {name}: the step alone (one batch again and again) / fed by the loader",
+                    f"{v['step_only_samples_per_s']:.1f} / {v['store_samples_per_s']:.1f} samples/s",
+                    "the step's bound / as trained"])
     if "loader_only_samples_per_s" in r:
         out.append(["training: the loader alone (batches rendered, no step)",
                     f"{r['loader_only_samples_per_s']:.1f} samples/s", "bound of the loader"])

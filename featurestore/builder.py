@@ -37,7 +37,16 @@ from featurestore.ranks import Rank, check_launch
 from featurestore.scan import decode_side, scan
 from featurestore.schema import FORMAT_VERSION, StoreError
 from featurestore.sources import Listing, class_display_name, discover, file_fingerprint
-from featurestore.teacher_pass import fit_patch_basis, load_basis, prepare_teacher, store_basis, teacher_pass
+from featurestore.teacher_pass import (
+    Decoded,
+    fit_patch_basis,
+    images_of,
+    load_basis,
+    pending_chunks,
+    prepare_teacher,
+    store_basis,
+    teacher_pass,
+)
 from featurestore.writer import StoreWriter, not_a_kdstore_store, occupied, remove_store
 
 T = TypeVar("T")
@@ -79,19 +88,30 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
     if teacher.info.embed_dim != store.attrs["embed_dim"]:
         raise StoreError(f"{out} was built with embed_dim {store.attrs['embed_dim']}, this teacher has "
                          f"{teacher.info.embed_dim}")
-    t0 = time.perf_counter()
-    prepare_teacher(teacher, cfg, store.reader.chunk_size * store.reader.views_per_image, store.attrs["patch_grid"])
-    clock["compile_s"] = time.perf_counter() - t0
-    text_head = _zeroshot_head(store, teacher, rank)
     paths, shas = _paths_and_shas(store, listing)
-    basis = None
-    if cfg.store.patch_dim:
-        if rank.main and not store.attrs.get("patch_basis_fitted"):
-            store_basis(store, fit_patch_basis(store.reader, teacher, cfg, paths, shas))
-        rank.barrier()
-        basis = load_basis(store.reader)
-    t0 = time.perf_counter()
-    views_run, stages = teacher_pass(store, teacher, cfg, rank, paths, shas, basis, lock.check if lock else None)
+    mine = pending_chunks(store.reader, rank)
+    fit_basis_first = bool(cfg.store.patch_dim) and not store.attrs.get("patch_basis_fitted")
+    images = None if fit_basis_first else Decoded(store.reader, cfg, teacher, images_of(store.reader, mine), paths,
+                                                  shas)                     # the workers start now
+    try:
+        t0 = time.perf_counter()
+        prepare_teacher(teacher, cfg, store.reader.chunk_size * store.reader.views_per_image,
+                        store.attrs["patch_grid"])
+        clock["compile_s"] = time.perf_counter() - t0
+        text_head = _zeroshot_head(store, teacher, rank)
+        basis = None
+        if cfg.store.patch_dim:
+            if rank.main and not store.attrs.get("patch_basis_fitted"):
+                store_basis(store, fit_patch_basis(store.reader, teacher, cfg, paths, shas))
+            rank.barrier()
+            basis = load_basis(store.reader)
+        if images is None:
+            images = Decoded(store.reader, cfg, teacher, images_of(store.reader, mine), paths, shas)
+        t0 = time.perf_counter()
+        views_run, stages = teacher_pass(store, teacher, cfg, rank, mine, images, basis, lock.check if lock else None)
+    finally:
+        if images is not None:
+            images.close()
     clock["pass_s"] = time.perf_counter() - t0
     rank.barrier()
     if rank.main:

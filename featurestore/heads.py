@@ -16,7 +16,11 @@ way as the probe (heads/spread, teacher/logits/spread).
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -29,6 +33,8 @@ from featurestore.config import BuildConfig
 from featurestore.log import logger
 from featurestore.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED
 from featurestore.writer import StoreWriter
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -95,16 +101,29 @@ def views_per_row(num_train: int, k: int, max_rows: int) -> int:
     return max(1, min(k, max_rows // max(num_train, 1)))
 
 
+def at_once(jobs: list[Callable[[], T]]) -> list[T]:
+    """Independent fits side by side on threads, one BLAS thread each (the limit is set around them
+    all, so that no fit's exit restores another's threads): the same results as one after another,
+    in the jobs' order. The heads phase waits on the longest fit rather than on their sum."""
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [job() for job in jobs]
+    with threadpool_limits(1), ThreadPoolExecutor(workers, thread_name_prefix="fit") as pool:
+        return list(pool.map(lambda job: job(), jobs))
+
+
 def fit_probes(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, folds: list[int], num_classes: int,
                c: float = 1.0, seed: int = 0) -> Probes:
     """x (rows, D) normalised fitting rows of labelled training images, y (rows,), row_fold (rows,)."""
     d = x.shape[1]
     fold_w = np.zeros((max(folds, default=-1) + 1, num_classes, d), dtype=np.float32)
     fold_b = np.zeros((len(fold_w), num_classes), dtype=np.float32)
-    for f in folds:
-        keep = row_fold != f
-        fold_w[f], fold_b[f] = fit_linear(x[keep], y[keep], num_classes, c, seed)
-    w, b = fit_linear(x, y, num_classes, c, seed)
+    def fit(f: int | None):
+        keep = row_fold != f if f is not None else slice(None)
+        return fit_linear(x[keep], y[keep], num_classes, c, seed)
+    *per_fold, (w, b) = at_once([lambda f=f: fit(f) for f in folds] + [lambda: fit(None)])
+    for f, (fw, fb) in zip(folds, per_fold):
+        fold_w[f], fold_b[f] = fw, fb
     return Probes(fold_w, fold_b, w, b)
 
 
@@ -166,10 +185,10 @@ def fit_spread(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, x0: np.ndarra
         return fit_linear(np.concatenate([x[keep], x0[graph[take]]]), np.concatenate([y[keep], cls[take]]),
                           num_classes, c, seed)
 
-    for f in folds:
-        fold_w[f], fold_b[f] = fit(f)
-    w, b = fit(None)
-    return Probes(fold_w, fold_b, w, b), added
+    *per_fold, (w, b) = at_once([lambda f=f: fit(f) for f in folds] + [lambda: fit(None)])
+    for f, (fw, fb) in zip(folds, per_fold):
+        fold_w[f], fold_b[f] = fw, fb
+    return Probes(fold_w, fold_b, w, b), dict(sorted(added.items()))
 
 
 def _metrics(prefix: str, y: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:

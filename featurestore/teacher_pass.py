@@ -41,20 +41,43 @@ PCA_KEYS = {"mean": "pca/patches/mean", "basis": "pca/patches/basis", "eigenvalu
 PCA_VIEWS_PER_IMAGE = 4          # unmixed views of each sampled image whose patch tokens fit the basis
 
 
-def decoded(store: StoreReader, cfg: BuildConfig, teacher: Teacher, images: list[int], paths: list[str],
-            shas: list[str]):
-    """(store index, original uint8 (3, H, W), squashed (S, S, 3)) of `images`, in order, decoded by workers."""
-    s = store.attrs["image_size"]
-    data = DecodeSet([(i, paths[i], shas[i]) for i in images], s, decode_side(teacher.pre.size, s),
-                     cfg.min_side, cfg.max_pixels)
-    kw = {"prefetch_factor": 8, "multiprocessing_context": mp_context()} if cfg.workers else {}
-    pin = teacher.device.type == "cuda"                      # copied to the GPU without blocking the loop
-    with worker_deaths(cfg.workers):
-        for i, orig, small, problem in DataLoader(data, batch_size=None, num_workers=cfg.workers, pin_memory=pin,
-                                                  **kw):
-            if problem:
-                raise DatasetError(problem)
-            yield i, orig, small
+class Decoded:
+    """(store index, original uint8 (3, H, W), squashed (S, S, 3)) of `images`, in order, decoded by
+    worker processes that start, and read ahead, as soon as this is made: a build makes it before it
+    compiles the teacher, so that the pass does not open with a wait for the workers."""
+
+    def __init__(self, store: StoreReader, cfg: BuildConfig, teacher: Teacher, images: list[int], paths: list[str],
+                 shas: list[str]):
+        s = store.attrs["image_size"]
+        self.workers = cfg.workers
+        data = DecodeSet([(i, paths[i], shas[i]) for i in images], s, decode_side(teacher.pre.size, s),
+                         cfg.min_side, cfg.max_pixels)
+        kw = {"prefetch_factor": 8, "multiprocessing_context": mp_context()} if cfg.workers else {}
+        pin = teacher.device.type == "cuda"                  # copied to the GPU without blocking the loop
+        with worker_deaths(cfg.workers):
+            self._items = iter(DataLoader(data, batch_size=None, num_workers=cfg.workers, pin_memory=pin, **kw)
+                               if images else ())
+
+    def __iter__(self):
+        with worker_deaths(self.workers):
+            for i, orig, small, problem in self._items:
+                if problem:
+                    raise DatasetError(problem)
+                yield i, orig, small
+
+    def close(self) -> None:
+        """Stop the workers (also when the images were not all taken)."""
+        self._items = iter(())
+
+
+def pending_chunks(store: StoreReader, rank: Rank) -> list[int]:
+    """This rank's chunks not yet done."""
+    done = store.done()
+    return [c for c in range(store.num_chunks) if rank.owns(c) and not done[c]]
+
+
+def images_of(store: StoreReader, chunks: list[int]) -> list[int]:
+    return [i for c in chunks for i in range(*store.chunk_range(c))]
 
 
 class Stages:
@@ -202,13 +225,12 @@ def finite_outputs(teacher: Teacher):
     return check
 
 
-def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: Rank, paths: list[str],
-                 shas: list[str], basis: PatchBasis | None, guard=None) -> tuple[int, dict[str, float]]:
-    """Run the teacher over this rank's unfinished chunks; returns the number of views computed and
-    the seconds of each stage. guard: checks before each chunk's writes that this build still holds its lock."""
+def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: Rank, mine: list[int],
+                 images: Decoded, basis: PatchBasis | None, guard=None) -> tuple[int, dict[str, float]]:
+    """Run the teacher over `mine`, this rank's unfinished chunks, whose images `images` decodes;
+    returns the number of views computed and the seconds of each stage. guard: checks before each
+    chunk's writes that this build still holds its lock."""
     r = store.reader
-    done = r.done()
-    mine = [c for c in range(r.num_chunks) if rank.owns(c) and not done[c]]
     k, g = r.views_per_image, r.attrs["patch_grid"]
 
     def views_in(chunks) -> int:
@@ -219,7 +241,6 @@ def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: R
     stages = Stages(teacher.device)
     if not mine:
         return 0, {}
-    loader = decoded(r, cfg, teacher, [i for c in mine for i in range(*r.chunk_range(c))], paths, shas)
     bar = tqdm(total=total_views, initial=total_views - left_views, unit="view", desc=f"teacher r{rank.rank}",
                position=rank.rank, disable=None, file=sys.stderr, smoothing=0.1)
     writer = ChunkWriter(store, guard, finite_outputs(teacher), stages)
@@ -229,7 +250,7 @@ def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: R
     got: list = []
     try:
         t0 = time.perf_counter()
-        for _, orig, small in loader:
+        for _, orig, small in images:
             stages.host("decode wait", t0)
             got.append((orig, small))
             if len(got) < b - a:
@@ -307,7 +328,8 @@ def fit_patch_basis(store: StoreReader, teacher: Teacher, cfg: BuildConfig, path
         pix = teacher.render(srcs, torch.arange(len(srcs)), torch.from_numpy(np.stack([p for _, p in take])))
         moments.add(teacher.encode(pix, g)[1])                                             # (B, g, g, D)
         del queued[:batch]
-    for i, orig, _ in decoded(store, cfg, teacher, list(range(m)), paths, shas):
+    sample = Decoded(store, cfg, teacher, list(range(m)), paths, shas)
+    for i, orig, _ in sample:
         unmixed = np.flatnonzero(params[i, :, views.COL["mix_mode"]] == views.MIX_NONE)[:PCA_VIEWS_PER_IMAGE]
         queued += [(orig.to(teacher.device), params[i, k]) for k in unmixed]
         while len(queued) >= batch:

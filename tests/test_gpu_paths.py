@@ -80,3 +80,32 @@ def test_outputs_beyond_float16_fail_the_build_naming_the_chunk(tmp_path, demo_i
     check(3, {"teacher/pooled": np.ones((2, 3), np.float16), "images": np.zeros(2, np.uint8)})
     with pytest.raises(TeacherError, match="teacher/patches of chunk 3: overflow float16"):
         check(3, {"teacher/patches": np.array([1, np.inf], np.float16)})
+
+
+def test_chunks_copied_to_the_device_once_render_the_same_bits(small_store):
+    """A GPU loader copies each chunk's images to the device when it reads the chunk, and gathers a
+    batch's sources there: the pixels are those of the per-batch transfer, bit for bit."""
+    from featurestore.devices import Caps
+    from trainer.batches import InlineRenderer, parts
+    from trainer.data import StoreData
+    from trainer.loader import Loader, LoaderConfig
+    data = StoreData(str(small_store), "probe", True, True)
+    idx = np.flatnonzero(data.split != -1)
+    loader = Loader(data, idx, 3, torch.device("cpu"), LoaderConfig(8, 40), caps=Caps("cuda", (8, 0)))
+    plan = loader.plan(1)
+    read = loader._read(plan)
+    b_idx, b_view = plan.batches[0]
+    held = {int(c): read(int(c)) for c in np.unique(b_idx // data.chunk_size)}
+    from featurestore.views import COL
+    partners = {int(p) // data.chunk_size for p in data.params[b_idx, b_view][:, COL["mix_partner"]] if p >= 0}
+    held |= {c: read(c) for c in partners if c not in held}
+    assert all(ch.on_device is not None for ch in held.values())
+    renderer = InlineRenderer(40, (0.5,) * 3, (0.5,) * 3, Caps("cuda", (8, 0)), torch.device("cpu"))
+    _, job = parts(data, b_idx, b_view, held, torch.device("cpu"))
+    gathered = torch.empty(len(b_idx), 3, 40, 40)
+    renderer.render(job, held, gathered)
+    for ch in held.values():
+        ch.on_device = None                                                # the per-batch transfer
+    sent = torch.empty_like(gathered)
+    renderer.render(job, held, sent)
+    assert torch.equal(gathered, sent)

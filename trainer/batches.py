@@ -104,11 +104,14 @@ class InlineRenderer:
         self.size, self.mean, self.std, self.caps, self.device = size, tuple(mean), tuple(std), caps, device
 
     def render(self, job: RenderJob, held: dict[int, Chunk], out: torch.Tensor) -> None:
-        images = [held[c].images[r] for c, r in job.sources]                        # U x (S, S, 3)
-        if self.caps.batched_kernels:                                               # one transfer to the device
-            src = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)   # (U, 3, S, S)
+        if self.caps.batched_kernels and all(held[c].on_device is not None for c, _ in job.sources):
+            # gathered on the device from chunks copied there once each: no per-batch transfer
+            src = torch.stack([held[c].on_device[r] for c, r in job.sources]).permute(0, 3, 1, 2)   # (U, 3, S, S)
+        elif self.caps.batched_kernels:                                             # one transfer to the device
+            images = [held[c].images[r] for c, r in job.sources]                    # U x (S, S, 3)
+            src = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)
         else:                                                                       # zero-copy views
-            src = [torch.from_numpy(im).permute(2, 0, 1) for im in images]
+            src = [torch.from_numpy(held[c].images[r]).permute(2, 0, 1) for c, r in job.sources]
         views.render(src, job.index, job.params, self.size, "bilinear", job.partner, self.mean, self.std,
                      self.caps.batched_kernels, out=out)
 

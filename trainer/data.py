@@ -23,6 +23,7 @@ class Chunk:
     images: np.ndarray                   # (n, S, S, 3) uint8
     targets: dict[str, np.ndarray]       # per-view array -> (n, ...) of this chunk's view
     shared: torch.Tensor | None = None   # the images in shared memory, for render worker processes
+    on_device: torch.Tensor | None = None  # the images on the training GPU, copied once when the chunk is read
 
 
 class StoreData:

@@ -120,7 +120,10 @@ class Loader:
             shared = None
             if self.workers:
                 shared = self.images.take((d.chunk_rows(c),) + d.image_shape, torch.uint8)
-            return d.chunk(c, int(plan.chunk_view[c]), shared)
+            chunk = d.chunk(c, int(plan.chunk_view[c]), shared)
+            if self.caps.batched_kernels:            # one copy per chunk, on the reading thread
+                chunk.on_device = torch.from_numpy(chunk.images).to(self.device)
+            return chunk
         return read
 
     def read_ahead(self, epoch: int) -> None:

@@ -104,7 +104,7 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, m
     model = build_model(cfg, len(data.classes), data.shapes)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    state = TrainState.create(cfg, model, steps, total)
+    state = TrainState.create(cfg, model, steps, total, fused=device.type == "cuda")
     if resume:
         state.load_state_dict(checkpoints.load(out / LAST), cfg, str(out))
         if accelerator.is_main_process:
