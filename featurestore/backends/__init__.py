@@ -1,0 +1,45 @@
+"""Where a store's bytes live: one class per backend, behind the small protocol the reader and the
+writer use, so that nothing else branches on the backend.
+
+- `ZarrBackend`: Zarr v3 on a local disk; each store chunk of an array is one shard file with inner
+  chunks as the schema lays them out, crc32c after the compressor; direct shard reads (shards.py).
+- `RemoteZarr`: the same layout on object storage or any fsspec URL (s3://, gs://, ...), through
+  zarr's FsspecStore; direct shard reads of byte ranges through fsspec. Endpoint, credentials and
+  options come from the usual places (AWS_ENDPOINT_URL, profiles) and from `storage_options`.
+- `Hdf5Backend`: one HDF5 file on a local disk; chunks as the schema's inner chunks, fletcher32.
+
+A backend is opened for reading ("r"), appending ("r+") or created anew ("w"). Reads and writes
+take and return numpy arrays; a backend's own exceptions travel up, and the reader turns them into
+one StoreError naming the array and chunk. A finished Zarr store carries consolidated metadata
+(`seal`), so opening it is one read of its root document, not one per array.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from featurestore.backends.base import (
+    HDF5_SUFFIXES,
+    SMALL_GROUPS,
+    Backend,
+    first_line,
+    is_local,
+    local_path,
+)
+from featurestore.backends.hdf5 import Hdf5Backend, hdf5_codec
+from featurestore.backends.remote import CACHE_ENV, CACHE_GB_ENV, RemoteZarr, filesystem, fresh_listings, read_cache
+from featurestore.backends.zarr_local import ZarrBackend, zarr_codec
+
+__all__ = ["CACHE_ENV", "CACHE_GB_ENV", "HDF5_SUFFIXES", "SMALL_GROUPS", "Backend", "Hdf5Backend", "RemoteZarr",
+           "ZarrBackend", "backend_class", "filesystem", "first_line", "fresh_listings", "hdf5_codec", "is_local",
+           "local_path", "open_backend", "read_cache", "zarr_codec"]
+
+
+def backend_class(path: str | Path) -> type[Backend]:
+    if str(path).lower().endswith(HDF5_SUFFIXES):
+        return Hdf5Backend
+    return ZarrBackend if is_local(path) else RemoteZarr
+
+
+def open_backend(path: str | Path, mode: str, options: dict | None = None) -> Backend:
+    """mode: r (read), r+ (append) or w (create anew); options: fsspec storage options."""
+    return backend_class(path)(str(path), mode, options)
