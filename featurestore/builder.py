@@ -32,13 +32,13 @@ from featurestore.index import make_index, write_index
 from featurestore.lock import store_lock
 from featurestore.log import logger
 from featurestore.options import ConfigError, config_diff, to_dict
+from featurestore.pass_parts import Decoded
 from featurestore.provenance import now, record
 from featurestore.ranks import Rank, check_launch
 from featurestore.scan import decode_side, scan
 from featurestore.schema import FORMAT_VERSION, StoreError
 from featurestore.sources import Listing, class_display_name, discover, file_fingerprint
 from featurestore.teacher_pass import (
-    Decoded,
     fit_patch_basis,
     images_of,
     load_basis,

@@ -10,64 +10,30 @@ On a GPU nothing in the loop waits for the device: sources arrive in pinned memo
 without blocking, each batch's outputs are copied into pinned host buffers as the device reaches them,
 and the writer thread waits for a chunk's copies; the loop meanwhile queues the next chunk's work.
 Each stage's time is kept (`Stages`): the decoding wait, render and teacher (device time on a GPU),
-the writer wait, and the writer's own copy wait and writes.
+the writer wait, and the writer's own copy wait and writes. The parts it runs with are in pass_parts.py.
 """
 from __future__ import annotations
 
-import queue
 import sys
-import threading
 import time
-from collections import defaultdict
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from featurestore import views
 from featurestore.config import BuildConfig
 from featurestore.log import logger
 from featurestore.options import ConfigError
+from featurestore.pass_parts import ChunkOutputs, ChunkWriter, Decoded, Stages
 from featurestore.pca import Moments, PatchBasis, fit_basis
 from featurestore.ranks import Rank
 from featurestore.reader import StoreReader
-from featurestore.scan import decode_side, mp_context, worker_deaths
-from featurestore.sources import DatasetError, DecodeSet
 from featurestore.teacher import Teacher, TeacherError
 from featurestore.writer import StoreWriter
 
 PCA_KEYS = {"mean": "pca/patches/mean", "basis": "pca/patches/basis", "eigenvalues": "pca/patches/eigenvalues"}
 PCA_VIEWS_PER_IMAGE = 4          # unmixed views of each sampled image whose patch tokens fit the basis
-
-
-class Decoded:
-    """(store index, original uint8 (3, H, W), squashed (S, S, 3)) of `images`, in order, decoded by
-    worker processes that start, and read ahead, as soon as this is made: a build makes it before it
-    compiles the teacher, so that the pass does not open with a wait for the workers."""
-
-    def __init__(self, store: StoreReader, cfg: BuildConfig, teacher: Teacher, images: list[int], paths: list[str],
-                 shas: list[str]):
-        s = store.attrs["image_size"]
-        self.workers = cfg.workers
-        data = DecodeSet([(i, paths[i], shas[i]) for i in images], s, decode_side(teacher.pre.size, s),
-                         cfg.min_side, cfg.max_pixels)
-        kw = {"prefetch_factor": 8, "multiprocessing_context": mp_context()} if cfg.workers else {}
-        pin = teacher.device.type == "cuda"                  # copied to the GPU without blocking the loop
-        with worker_deaths(cfg.workers):
-            self._items = iter(DataLoader(data, batch_size=None, num_workers=cfg.workers, pin_memory=pin, **kw)
-                               if images else ())
-
-    def __iter__(self):
-        with worker_deaths(self.workers):
-            for i, orig, small, problem in self._items:
-                if problem:
-                    raise DatasetError(problem)
-                yield i, orig, small
-
-    def close(self) -> None:
-        """Stop the workers (also when the images were not all taken)."""
-        self._items = iter(())
 
 
 def pending_chunks(store: StoreReader, rank: Rank) -> list[int]:
@@ -78,107 +44,6 @@ def pending_chunks(store: StoreReader, rank: Rank) -> list[int]:
 
 def images_of(store: StoreReader, chunks: list[int]) -> list[int]:
     return [i for c in chunks for i in range(*store.chunk_range(c))]
-
-
-class Stages:
-    """Seconds per stage of the pass. Device stages are timed by CUDA events, read once at the end, so
-    timing them never stalls the loop; on a CPU they are the host's clock."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.events: list[tuple[str, object, object]] = []
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def add(self, name: str, start, end) -> None:
-        if self.cuda and not isinstance(start, float):
-            self.events.append((name, start, end))
-        else:
-            self.seconds[name] += end - start
-
-    def host(self, name: str, since: float) -> None:
-        self.seconds[name] += time.perf_counter() - since
-
-    def result(self) -> dict[str, float]:
-        if self.events:
-            torch.cuda.synchronize()
-            for name, a, b in self.events:
-                self.seconds[name] += a.elapsed_time(b) / 1000
-            self.events.clear()
-        return {k: round(v, 3) for k, v in self.seconds.items()}
-
-
-class ChunkOutputs:
-    """A chunk's arrays, the teacher's still on their way from the device: the pinned host tensors
-    its copies fill, and the event recorded after the last of them."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], copies: dict[str, torch.Tensor], shapes: dict[str, tuple],
-                 event=None):
-        self.host, self.copies, self.shapes, self.event = arrays, copies, shapes, event
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host | {k: v.numpy().reshape(self.shapes[k]) for k, v in self.copies.items()}
-
-
-class ChunkWriter:
-    """Writes finished chunks on a thread, then marks each done; errors surface on the next call.
-    guard: called before each chunk is written (the build's lock: raises if it was lost); check: called
-    with each chunk's arrays before they are written (raises on outputs the store cannot keep)."""
-
-    def __init__(self, store: StoreWriter, guard=None, check=None, stages: Stages | None = None):
-        self.store, self.q, self.error, self.guard, self.check = store, queue.Queue(maxsize=2), None, guard, check
-        self.stages = stages
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while (item := self.q.get()) is not None:
-            c, outputs = item
-            if self.error is not None:
-                continue
-            try:
-                t0 = time.perf_counter()
-                arrays = outputs.arrays() if isinstance(outputs, ChunkOutputs) else outputs
-                t1 = time.perf_counter()
-                if self.check is not None:
-                    self.check(c, arrays)
-                if self.guard is not None:
-                    self.guard()
-                a, _ = self.store.reader.chunk_range(c)
-                for name, value in arrays.items():
-                    self.store.write(name, a, value)
-                self.store.flush()
-                self.store.mark_done(c)
-                self.store.flush()
-                if self.stages is not None:
-                    self.stages.seconds["writer: copy wait"] += t1 - t0
-                    self.stages.host("writer: write", t1)
-            except Exception as e:  # noqa: BLE001 - re-raised in the main thread
-                self.error = e
-
-    def put(self, c: int, arrays) -> None:
-        """Queue chunk c's arrays (a dict, or ChunkOutputs still being copied)."""
-        self._raise()
-        self.q.put((c, arrays))
-
-    def close(self, raise_error: bool = True) -> None:
-        """Write what is queued, stop; re-raise a write error unless another error is on its way."""
-        self.q.put(None)
-        self.thread.join()
-        if raise_error:
-            self._raise()
-
-    def _raise(self):
-        if self.error is not None:
-            raise self.error
 
 
 def batch_size(cfg: BuildConfig, teacher: Teacher) -> int:
