@@ -73,12 +73,18 @@ def test_float16_overflow_in_the_teacher_is_reported(tiny_siglip_dir):
         t.encode(x)
 
 
-def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, small_store):
+def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, small_store, monkeypatch):
+    """... and --compile hands its mode to torch.compile (the compiler itself is replaced here: a CPU
+    compile of the student takes minutes)."""
     # a full-precision run first: the second run in one process must still get its own precision
     assert tcli.main([str(a) for a in ("fit", "--store", small_store, "--out", tmp_path / "fp32", *FIT,
                                        "--mixed-precision", "no")]) == 0
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: modes.append(mode) or model)
     assert tcli.main([str(a) for a in ("fit", "--store", small_store, "--out", tmp_path / "r", *FIT,
-                                       "--mixed-precision", "bf16")]) == 0
+                                       "--mixed-precision", "bf16", "--compile", "--compile-mode",
+                                       "reduce-overhead")]) == 0
+    assert modes == ["reduce-overhead"]
     state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     from accelerate.state import AcceleratorState

@@ -12,6 +12,7 @@ from trainer.students import available
 
 HEADS = ["probe", "spread", "zeroshot"]
 PRECISIONS = ["auto", "no", "bf16", "fp16"]
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
 
 
 @dataclass
@@ -61,6 +62,10 @@ class FitConfig:
     cpu: bool = opt(False, "train on the CPU even if a GPU is present", flag="--cpu")
     channels_last: bool = opt(False, "channels_last memory format (default: off)", flag="--channels-last")
     compile: bool = opt(False, "torch.compile the training model (default: off)", flag="--compile")
+    compile_mode: str = opt("default", "torch.compile mode with --compile: reduce-overhead replays each step's "
+                            "kernels as CUDA graphs (a small student on a big GPU spends its step launching them); "
+                            "max-autotune also searches kernel configurations (minutes)", flag="--compile-mode",
+                            choices=COMPILE_MODES)
     train_on_all: bool = opt(False, "train on held-out images too (final model; no validation; default: off)",
                              flag="--train-on-all")
     max_mb: float = opt(25.0, "refuse to export a student.pt larger than this", flag="--max-mb")
@@ -84,6 +89,8 @@ class FitConfig:
             raise ConfigError(f"head must be {'|'.join(HEADS)}, got {self.head!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be auto|no|bf16|fp16, got {self.mixed_precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode must be {'|'.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.loader_workers < 0:
             raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers}")
         if self.buffer_chunks < 1:
@@ -98,7 +105,8 @@ class FitConfig:
     def identity(self) -> dict:
         """Settings a resumed run must share with the interrupted one."""
         d = to_dict(self)
-        for key in ("out", "cpu", "device", "ram_budget_gb", "onnx", "max_mb", "loader_workers", "log_every"):
+        for key in ("out", "cpu", "device", "ram_budget_gb", "onnx", "max_mb", "loader_workers", "log_every",
+                    "compile_mode"):
             d.pop(key)
         return d
 

@@ -114,7 +114,7 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, m
                                                      sort_keys=False), out / "config.yaml")
     train_model, state.optimizer, state.scheduler = accelerator.prepare(model, state.optimizer, state.scheduler)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, mode=cfg.compile_mode)
     if accelerator.is_main_process:
         logger.info(f"training {cfg.student} on {len(train_idx)} images "
                     f"({int((data.split[train_idx] == SPLIT_UNLABELED).sum())} unlabelled), {total} steps "
@@ -131,6 +131,8 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, m
             row |= {"val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"]} if val else {}
             elapsed = time.perf_counter() - t0
             row |= {"epoch_seconds": elapsed, "samples_per_s": row.pop("samples") * accelerator.num_processes / elapsed}
+            if device.type == "cuda":
+                row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
             end_epoch(cfg, state, row, val, out, accelerator.is_main_process)
     except NonFiniteError as e:
         run_folder.fail(out, str(e))
@@ -283,6 +285,7 @@ def finish(cfg: FitConfig, data: StoreData, out: Path) -> dict:
                "teacher_probe_cv_macro_f1": probe.get("cv_macro_f1"),
                "teacher_probe_val_macro_f1": probe.get("val_macro_f1"),
                "seconds_per_epoch": float(np.median([h["epoch_seconds"] for h in _history(out)])),
+               "peak_gpu_mb": max((h.get("peak_gpu_mb", 0.0) for h in _history(out)), default=0.0) or None,
                "samples_per_s": float(np.median([h["samples_per_s"] for h in _history(out)]))}
     plots.training_curves(_history(out), out / "curves.png")
     m = best["val"]                       # validation of exactly these weights, from the epoch loop
