@@ -14,12 +14,11 @@ RUNS := $(DEMO)/labels-alone $(DEMO)/distilled $(DEMO)/distilled+unlabelled
 
 env: $(STAMP)
 
-# --no-compile: modules are byte-compiled when first imported, not all of them at install (half the time)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile --upgrade pip
-	$(PY) -m pip install --quiet --no-compile torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet --no-compile -e '.[teacher,dev]'
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[teacher,dev]'
 	touch $(STAMP)
 
 # A teacher that knows the classes, few labels, many unlabelled images, a store; then three students
@@ -61,7 +60,7 @@ demo-sweep: demo-data
 # two test processes of one thread each: a 2-core machine kept busy without oversubscription
 test: env
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal --durations=15
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --durations=15
 
 bench: env
 	$(PY) -m benchmarks.run --profile cpu
