@@ -119,9 +119,13 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
         if missing:
             raise StoreError(f"{missing} chunk(s) of {out} are not done; run the same command again to resume")
         t0 = time.perf_counter()
-        store.set_attrs({"metrics": fit_heads(store, cfg, text_head), "complete": True, "finished": now()})
-        store.seal()
+        metrics = fit_heads(store, cfg, text_head)
         clock["heads_s"] = time.perf_counter() - t0
+        store.set_attrs({"metrics": metrics, "complete": True, "finished": now(),
+                         "last_build": {"device": str(teacher.device), "ranks": rank.world, "views": views_run,
+                                        "batch": teacher.batch, "compiled": teacher.compiled, "stages": stages,
+                                        "seconds": {k: round(v, 2) for k, v in clock.items() if k != "start"}}})
+        store.seal()
     store.close()
     total = time.perf_counter() - clock.pop("start")
     stats = {"views": views_run, "total_s": total, "batch": teacher.batch, "compiled": teacher.compiled,

@@ -48,6 +48,7 @@ def summarize(store: StoreReader) -> dict:
         "probe": metrics.get("probe", {}),
         "spread": metrics.get("spread", {}),
         "zeroshot": metrics.get("zeroshot", {}),
+        "last_build": a.get("last_build"),
         "view_policy": a["view_policy"], "created": a["created"], "git_sha": a["git_sha"],
         "package_version": a["package_version"],
     }
@@ -113,4 +114,17 @@ def format_summary(s: dict) -> str:
     z = s["zeroshot"]
     if z:
         lines.append(f"zero-shot  macro-F1 {z['zeroshot_macro_f1']:.3f}, accuracy {z['zeroshot_accuracy']:.3f}")
+    if s.get("last_build"):
+        lines.append(format_build(s["last_build"]))
     return "\n".join(lines)
+
+
+def format_build(b: dict) -> str:
+    """The last build (or resume) of the store: where the time went, the teacher pass by stage."""
+    t = b["seconds"]
+    ranks = f", rank 0 of {b['ranks']}" if b["ranks"] > 1 else ""
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in b["stages"].items())
+    return (f"last build {b['views']} views on {b['device']}{ranks}, batch {b['batch']}, "
+            f"{'compiled' if b['compiled'] else 'eager'}: model load {t.get('load_s', 0):.1f} s, compile "
+            f"{t.get('compile_s', 0):.1f} s, teacher pass {t.get('pass_s', 0):.1f} s ({stages}), heads "
+            f"{t.get('heads_s', 0):.1f} s")

@@ -148,10 +148,14 @@ def test_inspect_json_and_class_order(small_store, capsys):
     assert s["bytes_per_view"] > 0 and s["skipped"]["count"] == 0
     assert 0 <= s["probe"]["cv_macro_f1"] <= 1 and 0 <= s["probe"]["cv_accuracy"] <= 1
     assert sum(r["train"] + r["heldout"] for r in s["class_counts"]) == 60
+    b = s["last_build"]
+    assert b["device"] == "cpu" and b["views"] == 240 and b["batch"] == 16 and not b["compiled"]
+    assert {"load_s", "compile_s", "pass_s", "heads_s"} <= set(b["seconds"]) and b["stages"]["teacher"] > 0
     assert run_cli("inspect", small_store) == 0
     text = capsys.readouterr().out
     assert "RANDOM TEACHER WEIGHTS" in text and "    1      " in text and "10. Warts" in text
     assert "20 unlabelled images" in text
+    assert "last build 240 views on cpu, batch 16, eager: model load" in text and "(decode wait " in text
 
 
 def test_classes_file_sets_the_order(tmp_path, demo_images):
