@@ -47,7 +47,8 @@ def images_of(store: StoreReader, chunks: list[int]) -> list[int]:
 
 
 def batch_size(cfg: BuildConfig, teacher: Teacher) -> int:
-    return teacher.batch or cfg.teacher.batch_size or (64 if teacher.device.type == "cuda" else 16)
+    """Views per forward: the batch prepare_teacher fixed (the configured one, else 16)."""
+    return teacher.batch or cfg.teacher.batch_size or 16
 
 
 def prepare_teacher(teacher: Teacher, cfg: BuildConfig, chunk_views: int, patch_grid: int) -> None:
