@@ -126,6 +126,8 @@ def run(profile: dict) -> dict:
             for b in batches(steps):
                 b.release()
         loader_rate = _rate(device, loader_only, steps, batch)
+        # do more render threads feed the GPU faster (they share the GIL)?
+        by_threads = _loader_by_threads(data, device, batch, steps, (1, 4, 8)) if device.type == "cuda" else {}
 
         variants, peak, profiles = {}, {}, {}
         # (name, compile mode, autocast precision, channels_last): the trainer's default first
@@ -166,10 +168,29 @@ def run(profile: dict) -> dict:
     out = {"student": profile["student"], "batch": batch, "device": str(device), "precision": precision,
            "channels_last": cl, "teacher_arch": profile["teacher_arch"], "steps": steps,
            "store_samples_per_s": store_rate, "best": best, "variants": variants,
-           "loader_only_samples_per_s": loader_rate, "peak_gpu_mb": peak.get(best), "peak_gpu_mb_by_variant": peak,
+           "loader_only_samples_per_s": loader_rate, "loader_only_by_render_threads": by_threads,
+           "peak_gpu_mb": peak.get(best), "peak_gpu_mb_by_variant": peak,
            "step_profiles": profiles}
     if online:
         out |= online | {"speedup": store_rate / online["online_samples_per_s"]}
+    return out
+
+
+def _loader_by_threads(data, device: torch.device, batch: int, steps: int, counts) -> dict[int, float]:
+    """samples/s of the loader alone over (at most `steps` batches of) one epoch, by render threads."""
+    out = {}
+    for threads in counts:
+        loader = Loader(data, np.arange(data.n), 0, device, LoaderConfig(batch, 224, threads=threads))
+        n = min(steps, len(loader))
+        next(loader.epoch(0)).release()                                      # starts its threads
+
+        def drain(loader=loader, n=n):
+            it = loader.epoch(0)
+            for _, b in zip(range(n), it):
+                b.release()
+            it.close()
+        out[threads] = _rate(device, drain, n, batch)
+        loader.close()
     return out
 
 
@@ -213,6 +234,9 @@ def rows(r: dict) -> list[list]:
     if "loader_only_samples_per_s" in r:
         out.append(["training: the loader alone (batches rendered, no step)",
                     f"{r['loader_only_samples_per_s']:.1f} samples/s", "bound of the loader"])
+    for threads, rate in r.get("loader_only_by_render_threads", {}).items():
+        out.append([f"training: the loader alone, {threads} render thread(s), one epoch", f"{rate:.1f} samples/s",
+                    "-"])
     if "online_samples_per_s" in r:
         out.append([f"training: {r['student']} with online {r['teacher_arch']} teacher (batch {r['batch']}, "
                     f"{100 * r['online_teacher_share']:.0f}% of time in the teacher)",
