@@ -57,20 +57,18 @@ def test_one_lock_excludes_a_one_process_and_a_two_rank_build(tmp_path, demo_ima
 
 
 def test_a_two_rank_fit_trains_on_every_image_and_exports_from_rank_zero(tmp_path, small_store):
-    one, two = tmp_path / "one", tmp_path / "two"
+    two = tmp_path / "two"
     args = ["--store", small_store, *FIT, "--epochs", "2"]
-    from trainer.cli import main
-    assert main([str(a) for a in ("fit", "--out", one, *args)]) == 0
     r = torchrun("trainer", "fit", "--out", two, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (two / "student.pt").is_file() and (two / "summary.json").is_file()
-    assert images_seen(two) == images_seen(one) == [70, 70]              # 50 labelled + 20 unlabelled, each once
+    assert images_seen(two) == [70, 70]                                  # 50 labelled + 20 unlabelled, each once
     assert r.stdout.count("teacher probe macro-F1 (held-out)") == 1        # one report, from rank 0
 
 
 def test_a_two_rank_run_resumes_with_one_process(tmp_path, small_store):
     out = tmp_path / "run"
-    args = ["--store", small_store, "--out", out, *FIT, "--epochs", "4"]
+    args = ["--store", small_store, "--out", out, *FIT, "--epochs", "3"]
     proc = torchrun("trainer", "fit", *args, wait=False)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (out / "metrics.jsonl").is_file():
@@ -78,10 +76,10 @@ def test_a_two_rank_run_resumes_with_one_process(tmp_path, small_store):
     proc.send_signal(signal.SIGTERM)                  # torchrun hands it to its ranks
     proc.communicate(timeout=60)
     done = len(images_seen(out))
-    assert 1 <= done < 4, "the run finished before it could be stopped"
+    assert 1 <= done < 3, "the run finished before it could be stopped"
     from trainer.cli import main
     assert main([str(a) for a in (*("fit",), *args, "--resume")]) == 0
-    assert images_seen(out) == [70] * 4 and (out / "student.pt").is_file()
+    assert images_seen(out) == [70] * 3 and (out / "student.pt").is_file()
 
 
 def test_accelerate_launch_with_cpu_says_it_would_run_one_process(tmp_path, demo_images):
