@@ -177,10 +177,6 @@ def run(profile: dict) -> dict:
 
 
 def rows(r: dict) -> list[list]:
-    if "model_only" not in r:                     # results written before the model-only measurement
-        r = r | {"careful": {"views_per_s": float("nan"), "batch": 64}, "model_only": {},
-                 "pipeline_efficiency": float("nan"), "end_to_end_vs_model_only": float("nan"),
-                 "speedup_vs_careful": float("nan")}
     out = [
         ["teacher: featurestore build, teacher pass", f"{r['ours']['views_per_s']:.3f} views/s",
          f"{r['pipeline_efficiency']:.2f}x model only, {r['speedup_vs_careful']:.2f}x careful, "

@@ -90,9 +90,11 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
                          f"{teacher.info.embed_dim}")
     paths, shas = _paths_and_shas(store, listing)
     mine = pending_chunks(store.reader, rank)
+
+    def decoding() -> Decoded:                     # the pass's images; its workers start when it is made
+        return Decoded(store.reader, cfg, teacher, images_of(store.reader, mine), paths, shas)
     fit_basis_first = bool(cfg.store.patch_dim) and not store.attrs.get("patch_basis_fitted")
-    images = None if fit_basis_first else Decoded(store.reader, cfg, teacher, images_of(store.reader, mine), paths,
-                                                  shas)                     # the workers start now
+    images = None if fit_basis_first else decoding()          # before the compile, unless the basis decodes first
     try:
         t0 = time.perf_counter()
         prepare_teacher(teacher, cfg, store.reader.chunk_size * store.reader.views_per_image,
@@ -105,8 +107,7 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
                 store_basis(store, fit_patch_basis(store.reader, teacher, cfg, paths, shas))
             rank.barrier()
             basis = load_basis(store.reader)
-        if images is None:
-            images = Decoded(store.reader, cfg, teacher, images_of(store.reader, mine), paths, shas)
+        images = images or decoding()
         t0 = time.perf_counter()
         views_run, stages = teacher_pass(store, teacher, cfg, rank, mine, images, basis, lock.check if lock else None)
     finally:

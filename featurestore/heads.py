@@ -112,19 +112,24 @@ def at_once(jobs: list[Callable[[], T]]) -> list[T]:
         return list(pool.map(lambda job: job(), jobs))
 
 
-def fit_probes(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, folds: list[int], num_classes: int,
-               c: float = 1.0, seed: int = 0) -> Probes:
-    """x (rows, D) normalised fitting rows of labelled training images, y (rows,), row_fold (rows,)."""
-    d = x.shape[1]
-    fold_w = np.zeros((max(folds, default=-1) + 1, num_classes, d), dtype=np.float32)
-    fold_b = np.zeros((len(fold_w), num_classes), dtype=np.float32)
-    def fit(f: int | None):
-        keep = row_fold != f if f is not None else slice(None)
-        return fit_linear(x[keep], y[keep], num_classes, c, seed)
+def cross_fitted(fit: Callable[[int | None], tuple[np.ndarray, np.ndarray]], folds: list[int]) -> Probes:
+    """The head that scores each fold, fit(f) never seeing fold f's labels, and the head on every fold,
+    fit(None); all fitted side by side."""
     *per_fold, (w, b) = at_once([lambda f=f: fit(f) for f in folds] + [lambda: fit(None)])
+    fold_w = np.zeros((max(folds, default=-1) + 1,) + w.shape, dtype=np.float32)
+    fold_b = np.zeros((len(fold_w),) + b.shape, dtype=np.float32)
     for f, (fw, fb) in zip(folds, per_fold):
         fold_w[f], fold_b[f] = fw, fb
     return Probes(fold_w, fold_b, w, b)
+
+
+def fit_probes(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, folds: list[int], num_classes: int,
+               c: float = 1.0, seed: int = 0) -> Probes:
+    """x (rows, D) normalised fitting rows of labelled training images, y (rows,), row_fold (rows,)."""
+    def fit(f: int | None):
+        keep = row_fold != f if f is not None else slice(None)
+        return fit_linear(x[keep], y[keep], num_classes, c, seed)
+    return cross_fitted(fit, folds)
 
 
 def probe_metrics(labels: np.ndarray, split: np.ndarray, view0_logits: np.ndarray, num_classes: int,
@@ -168,8 +173,6 @@ def fit_spread(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, x0: np.ndarra
     the normalised canonical view of every image, labels and split (N,). Returns the probes and, per
     fit, how many spread rows joined it."""
     folds = sorted(int(f) for f in np.unique(split) if f >= 0)
-    fold_w = np.zeros((max(folds, default=-1) + 1, num_classes, x.shape[1]), dtype=np.float32)
-    fold_b = np.zeros((len(fold_w), num_classes), dtype=np.float32)
     added = {}
 
     def fit(hidden: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -185,10 +188,7 @@ def fit_spread(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, x0: np.ndarra
         return fit_linear(np.concatenate([x[keep], x0[graph[take]]]), np.concatenate([y[keep], cls[take]]),
                           num_classes, c, seed)
 
-    *per_fold, (w, b) = at_once([lambda f=f: fit(f) for f in folds] + [lambda: fit(None)])
-    for f, (fw, fb) in zip(folds, per_fold):
-        fold_w[f], fold_b[f] = fw, fb
-    return Probes(fold_w, fold_b, w, b), dict(sorted(added.items()))
+    return cross_fitted(fit, folds), dict(sorted(added.items()))
 
 
 def _metrics(prefix: str, y: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
