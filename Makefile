@@ -14,11 +14,14 @@ RUNS := $(DEMO)/labels-alone $(DEMO)/distilled $(DEMO)/distilled+unlabelled
 
 env: $(STAMP)
 
+# pip takes torch and torchvision (pinned); uv resolves and installs the rest in parallel, three times
+# faster than pip, and pip takes over where uv cannot reach the package index (uv reads no pip.conf)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[teacher,dev]'
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode -e '.[teacher,dev]' \
+		|| $(PY) -m pip install --quiet -e '.[teacher,dev]'
 	touch $(STAMP)
 
 # A teacher that knows the classes, few labels, many unlabelled images, a store; then three students

@@ -11,14 +11,16 @@ import numpy as np
 import torch
 
 from benchmarks.common import build_store
+from featurestore import views
 from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
 from featurestore.devices import caps_of, mixed_precision, pick_device
 from featurestore.teacher import load_teacher
+from featurestore.views import COL
 from trainer.data import StoreData
 from trainer.loader import Loader, LoaderConfig
 from trainer.losses import LossWeights, total_loss
-from trainer.students import create_student
+from trainer.students import IMAGENET_MEAN, IMAGENET_STD, create_student
 
 
 def _step_fn(student, optimizer, device: torch.device, precision: str, channels_last: bool):
@@ -128,6 +130,7 @@ def run(profile: dict) -> dict:
         loader_rate = _rate(device, loader_only, steps, batch)
         # do more render threads feed the GPU faster (they share the GIL)?
         by_threads = _loader_by_threads(data, device, batch, steps, (1, 4, 8)) if device.type == "cuda" else {}
+        render_routes = _render_routes(data, device, batch, min(steps, 10))
 
         variants, peak, profiles = {}, {}, {}
         # (name, compile mode, autocast precision, channels_last): the trainer's default first
@@ -169,11 +172,30 @@ def run(profile: dict) -> dict:
            "channels_last": cl, "teacher_arch": profile["teacher_arch"], "steps": steps,
            "store_samples_per_s": store_rate, "best": best, "variants": variants,
            "loader_only_samples_per_s": loader_rate, "loader_only_by_render_threads": by_threads,
-           "peak_gpu_mb": peak.get(best), "peak_gpu_mb_by_variant": peak,
+           "render_views_per_s": render_routes, "peak_gpu_mb": peak.get(best), "peak_gpu_mb_by_variant": peak,
            "step_profiles": profiles}
     if online:
         out |= online | {"speedup": store_rate / online["online_samples_per_s"]}
     return out
+
+
+def _render_routes(data, device: torch.device, batch: int, reps: int) -> dict[str, float]:
+    """Views/s of rendering one batch (224 px, the student's normalisation) from one chunk's images on
+    the device: each view's geometry on its own, and the whole batch's geometry as batched matrix products."""
+    chunk = torch.from_numpy(data.rows(np.arange(min(data.chunk_size, data.n)))).to(device).permute(0, 3, 1, 2)
+    index = torch.arange(batch) % len(chunk)
+    params = torch.from_numpy(data.params[index.numpy(), (torch.arange(batch) % data.k).numpy()])
+    partner = params[:, COL["mix_partner"]].long() % len(chunk)          # partners among the chunk's images
+    out = torch.empty(batch, 3, 224, 224, device=device)
+    rates = {}
+    for name, batched_geometry in (("per_view_geometry", False), ("batched_geometry", True)):
+        def render(batched_geometry=batched_geometry):
+            for _ in range(reps):
+                views.render(chunk, index, params, 224, "bilinear", partner, IMAGENET_MEAN, IMAGENET_STD,
+                             batched=device.type != "cpu", out=out, batched_geometry=batched_geometry)
+        render()                                                            # warm-up
+        rates[name] = _rate(device, render, reps, batch)
+    return rates
 
 
 def _loader_by_threads(data, device: torch.device, batch: int, steps: int, counts) -> dict[int, float]:
@@ -234,6 +256,9 @@ def rows(r: dict) -> list[list]:
     if "loader_only_samples_per_s" in r:
         out.append(["training: the loader alone (batches rendered, no step)",
                     f"{r['loader_only_samples_per_s']:.1f} samples/s", "bound of the loader"])
+    for route, rate in r.get("render_views_per_s", {}).items():
+        out.append([f"training: rendering one batch from device-resident images, {route.replace('_', ' ')}",
+                    f"{rate:.1f} views/s", "-"])
     for threads, rate in r.get("loader_only_by_render_threads", {}).items():
         out.append([f"training: the loader alone, {threads} render thread(s), one epoch", f"{rate:.1f} samples/s",
                     "-"])

@@ -15,12 +15,14 @@ from pathlib import Path
 
 from featurestore import log
 from featurestore.config import BuildConfig
+from featurestore.errors import not_in_a_reimported_script
 from featurestore.options import load_config
 from featurestore.reader import StoreReader
 
 
 def build(*, config: str | None = None, overwrite: bool = False, **kwargs) -> StoreReader:
     """`featurestore build`; returns the finished store, open for reading."""
+    not_in_a_reimported_script("featurestore.build")
     from featurestore.builder import build as run_build
     log.enable()
     cfg = load_config(BuildConfig, config, kwargs)

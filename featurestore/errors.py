@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
@@ -19,6 +21,15 @@ logger = logging.getLogger("kdstore")
 
 class KdstoreError(Exception):
     """An expected failure; str(error) is the whole message for the user."""
+
+
+def not_in_a_reimported_script(call: str) -> None:
+    """Refuse `call` inside a spawned worker that is re-importing the script which started it: a script
+    that calls it at import time (no main guard) would otherwise run it again in every worker."""
+    preparing = getattr(multiprocessing.current_process(), "_inheriting", False)   # a child, before its task
+    if preparing and "__mp_main__" in sys.modules:
+        raise KdstoreError(f"{call} was called again by a worker process re-importing the script that started "
+                           f"it: call {call} under `if __name__ == \"__main__\":`, or pass workers=0")
 
 
 def debug_wanted(flag: bool = False) -> bool:

@@ -125,6 +125,7 @@ def render(
     std: Sequence[float] | None = None,
     batched: bool | None = None,
     out: torch.Tensor | None = None,
+    batched_geometry: bool = False,
 ) -> torch.Tensor:
     """Render views as float (V, 3, size, size): in [0, 1], or normalised if mean/std are given.
     out: a float32 (V, 3, size, size) tensor on the device to render into (a reused buffer).
@@ -135,14 +136,21 @@ def render(
     Geometry runs per view on uint8 (crop, resize, flips, rot90); colour is one affine map per
     view, clamped once; normalisation is folded into that map. batched: the colour map as one
     batched kernel (default on GPUs) rather than per view (default on CPUs); both give the same result.
+    batched_geometry: with sources one (N, 3, H, W) tensor and bilinear resizing, the geometry of all
+    views as two batched matrix products (a few launches per batch instead of several per view, for
+    GPUs); each pixel is within one uint8 level of the per-view geometry.
     """
     device = sources.device if isinstance(sources, torch.Tensor) else sources[0].device
     host = params.detach().to("cpu", torch.float32)           # control flow reads params on the host
     params = params.to(device=device, dtype=torch.float32)     # colour maths runs where the pixels are
     mode = _INTERP[interpolation]
-    crops = [_geometry(sources[int(s)], host[v], size, mode) for v, s in enumerate(index.tolist())]
     if batched is None:
         batched = caps_of(device).batched_kernels
+    if batched_geometry:
+        if not isinstance(sources, torch.Tensor) or interpolation != "bilinear":
+            raise ValueError("batched_geometry takes one (N, 3, H, W) tensor of sources and bilinear resizing")
+        return _render_batched(sources, index, params, host, size, partner_index, mean, std, out)
+    crops = [_geometry(sources[int(s)], host[v], size, mode) for v, s in enumerate(index.tolist())]
     # per view on a CPU, each crop becomes float once, in its place in `out`, and is summed there:
     # float32 sums of integers stay exact while every partial sum is below 2**24, in any order
     in_place = not batched and 255 * size * size < 2 ** 24
@@ -157,13 +165,7 @@ def render(
     mean_gray = sums @ torch.tensor(_GRAY, device=sums.device) / (255.0 * size * size)     # (V,)
     m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
                          params[:, COL["saturation"]], params[:, COL["hue"]])             # (V,3,3), (V,3)
-    m = m / 255.0
-    lo, hi = [0.0] * 3, [1.0] * 3
-    if mean is not None:
-        sd = torch.tensor(std, device=m.device)
-        m, t = m / sd.view(1, 3, 1), (t - torch.tensor(mean, device=m.device)) / sd       # normalise inside
-        lo = [(0.0 - mu) / s for mu, s in zip(mean, std)]
-        hi = [(1.0 - mu) / s for mu, s in zip(mean, std)]
+    m, t, lo, hi = _normalised(m / 255.0, t, mean, std)
     if in_place:
         _colour_in_place(out, m, t, lo, hi)
     else:
@@ -173,6 +175,101 @@ def render(
             raise ValueError("views mix with partners but no partner_index was given")
         out = _mix(out, sources, partner_index.cpu(), host, size, mode, torch.tensor(lo), torch.tensor(hi))
     return out
+
+
+def _render_batched(sources: torch.Tensor, index: torch.Tensor, params: torch.Tensor, host: torch.Tensor, size: int,
+                    partner_index: torch.Tensor | None, mean, std, out: torch.Tensor | None) -> torch.Tensor:
+    """`render` with every step batched over the views: geometry, colour and mixing."""
+    crops = _geometry_batched(sources, index, host, size)                                  # (V, 3, R, R)
+    sums = crops.sum(dim=(2, 3), dtype=torch.float64).float()                              # whole levels: exact
+    mean_gray = sums @ crops.new_tensor(_GRAY) / (255.0 * size * size)
+    m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
+                         params[:, COL["saturation"]], params[:, COL["hue"]])
+    m, t, lo, hi = _normalised(m / 255.0, t, mean, std)
+    v = len(crops)
+    out = _out(out, v, size, crops.device)
+    torch.baddbmm(t.unsqueeze(-1), m, crops.view(v, 3, -1), out=out.view(v, 3, -1))
+    torch.clamp(out, out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1), out=out)
+    mixed = torch.nonzero(host[:, COL["mix_mode"]].round() != MIX_NONE).flatten()
+    if len(mixed):
+        if partner_index is None:
+            raise ValueError("views mix with partners but no partner_index was given")
+        _mix_batched(out, sources, partner_index.cpu()[mixed], host[mixed], mixed, size, lo, hi)
+    return out
+
+
+def _normalised(m: torch.Tensor, t: torch.Tensor, mean, std):
+    """The colour map (V, 3, 3), (V, 3) with normalisation folded in, and the bounds of [0, 1] after it."""
+    if mean is None:
+        return m, t, [0.0] * 3, [1.0] * 3
+    sd = torch.tensor(std, device=m.device)
+    m, t = m / sd.view(1, 3, 1), (t - torch.tensor(mean, device=m.device)) / sd
+    return m, t, [(0.0 - mu) / s for mu, s in zip(mean, std)], [(1.0 - mu) / s for mu, s in zip(mean, std)]
+
+
+def _geometry_batched(sources: torch.Tensor, index: torch.Tensor, host: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float (V, 3, size, size) of whole uint8 levels: crop + antialiased bilinear
+    resize, hflip, vflip, rot90 of every view at once. Columns and rows resample separately, each
+    through one weight matrix per view; the flips reverse those matrices' rows."""
+    h, w = sources.shape[-2:]
+    box = host[:, :4].double()
+    top = (box[:, 0] * h).round().clamp(max=h - 1)
+    left = (box[:, 1] * w).round().clamp(max=w - 1)
+    bottom = torch.maximum((box[:, 2] * h).round(), top + 1)
+    right = torch.maximum((box[:, 3] * w).round(), left + 1)
+    flips = host[:, COL["hflip"]:COL["vflip"] + 1].round()
+    dev = sources.device
+    # whole pixels and 0/1 flags, exact in float32: one small copy to the device, weights made there
+    geo = torch.stack([top, bottom - top, left, right - left, flips[:, 1], flips[:, 0]], 1).float().to(dev)
+    wy = resample_weights(geo[:, 0], geo[:, 1], h, size, geo[:, 4].bool())                  # (V, size, H)
+    wx = resample_weights(geo[:, 2], geo[:, 3], w, size, geo[:, 5].bool())                  # (V, size, W)
+    x = sources[index.to(dev)].float()                                                      # (V, 3, H, W)
+    y = (wy.unsqueeze(1) @ x @ wx.unsqueeze(1).transpose(-1, -2)).round_()                 # (V, 3, size, size)
+    rot = host[:, COL["rot90"]].round().long()
+    for k in (1, 2, 3):
+        sel = torch.nonzero(rot == k).flatten().to(dev)
+        if len(sel):
+            y[sel] = torch.rot90(y[sel], k, dims=(-2, -1))
+    return y
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, n: int, size: int,
+                     flip: torch.Tensor | None = None) -> torch.Tensor:
+    """(V, size, n) float32 on start's device: row i holds the weights, over a source axis of n pixels,
+    of output pixel i of the crop [start, start + length) resized to `size` by torch's antialiased
+    bilinear filter (a triangle, stretched by the scale when shrinking, normalised over the crop's
+    pixels); rows reversed where `flip`. start, length: (V,) whole pixels."""
+    dev = start.device
+    scale = (length.float() / size).view(-1, 1, 1)
+    stretch = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
+    i = torch.arange(size, dtype=torch.float32, device=dev).view(1, -1, 1)
+    if flip is not None:
+        i = torch.where(flip.view(-1, 1, 1), size - 1 - i, i)
+    centre = scale * (i + 0.5)                                                              # (V, size, 1)
+    j = torch.arange(n, dtype=torch.float32, device=dev).view(1, 1, -1) - start.float().view(-1, 1, 1)
+    weight = (1 - ((j - centre + 0.5) * stretch).abs()).clamp_(min=0)                       # j: crop coordinates
+    weight = weight * ((j >= 0) & (j < length.view(-1, 1, 1)))
+    return weight / weight.sum(-1, keepdim=True)
+
+
+def _mix_batched(out: torch.Tensor, sources: torch.Tensor, partner_index: torch.Tensor, host: torch.Tensor,
+                 mixed: torch.Tensor, size: int, lo: list[float], hi: list[float]) -> None:
+    """Mix the views `mixed` of `out` in place with their partners' canonical views, all at once."""
+    dev = out.device
+    lo_t, hi_t = out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1)
+    canon = torch.from_numpy(canonical_params()).expand(len(mixed), -1)
+    partner = _geometry_batched(sources, partner_index, canon, size).div_(255) * (hi_t - lo_t) + lo_t
+    lam = host[:, COL["mix_lambda"]].to(dev).view(-1, 1, 1, 1)
+    mixup = (host[:, COL["mix_mode"]].round() == MIX_MIXUP).to(dev).view(-1, 1, 1, 1)
+    cut = torch.stack([(host[:, COL[c]].double() * size).round() for c in ("mix_y0", "mix_x0", "mix_y1", "mix_x1")],
+                      dim=1).to(dev)                                                        # (M, 4)
+    pos = torch.arange(size, device=dev, dtype=cut.dtype)
+    rows = (pos >= cut[:, 0:1]) & (pos < cut[:, 2:3])                                       # (M, size)
+    cols = (pos >= cut[:, 1:2]) & (pos < cut[:, 3:4])
+    inside = (rows.unsqueeze(-1) & cols.unsqueeze(-2)).unsqueeze(1)                         # (M, 1, size, size)
+    mixed = mixed.to(dev)
+    x = out[mixed]
+    out[mixed] = torch.where(mixup, lam * x + (1 - lam) * partner, torch.where(inside, partner, x))
 
 
 def _out(out: torch.Tensor | None, v: int, r: int, device: torch.device) -> torch.Tensor:

@@ -227,3 +227,6 @@ def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path, demo_images)
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode != 0
     assert 'call featurestore.build under `if __name__ == "__main__":`, or pass workers=0' in r.stderr.splitlines()[-1]
+    # the worker stops before doing any of the build again (it never reaches the store's lock)
+    assert "featurestore.build was called again by a worker process re-importing the script" in r.stderr
+    assert "LockedError" not in r.stderr

@@ -31,7 +31,7 @@ def run_trainer(*args) -> int:
     return tcli.main([str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def learn_store(tmp_path_factory) -> Path:
     """300 easy images and 40 unlabelled ones, 4 views, mixing on: learnt far above chance in seconds."""
     root = tmp_path_factory.mktemp("learn")
@@ -44,7 +44,7 @@ def learn_store(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, learn_store) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
     assert run_trainer("fit", "--store", learn_store, "--out", out, "--student", "shufflenet_v2_x0_5",

@@ -212,3 +212,52 @@ def test_colour_jitter_calls_no_linear_algebra_at_render_time(monkeypatch):
     f = torch.tensor([0.8, 1.0, 1.2])
     out = views.adjust_colour(x, f, f.flip(0), f, torch.tensor([-0.05, 0.0, 0.05]))
     assert out.shape == x.shape and torch.allclose(out[1], x[1], atol=1e-6)    # the identity view is unchanged
+
+
+def test_resample_weights_are_torchs_antialiased_bilinear_resize():
+    """One weight matrix per axis reproduces F.interpolate(bilinear, antialias) of the crop, shrinking
+    and enlarging, flipped rows included (the oracle: torch itself, on float pixels)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 1, 50, 60, generator=g, dtype=torch.float64) * 255
+    for top, left, h, w, size in [(0, 0, 50, 60, 24), (7, 11, 30, 41, 24), (20, 30, 9, 13, 24), (5, 9, 24, 24, 24)]:
+        want = F.interpolate(x[..., top:top + h, left:left + w], size=(size, size), mode="bilinear",
+                             antialias=True, align_corners=False)[0, 0]
+        wy = views.resample_weights(torch.tensor([top]), torch.tensor([h]), 50, size)[0].double()
+        wx = views.resample_weights(torch.tensor([left]), torch.tensor([w]), 60, size)[0].double()
+        torch.testing.assert_close(wy @ x[0, 0] @ wx.T, want, atol=1e-3, rtol=0)
+        assert (wy[:, :top] == 0).all() and (wy[:, top + h:] == 0).all()       # nothing from outside the crop
+        flipped = views.resample_weights(torch.tensor([left]), torch.tensor([w]), 60, size, torch.tensor([True]))[0]
+        assert torch.equal(flipped, wx.float().flip(0))
+
+
+def test_batched_geometry_is_the_per_view_geometry_within_one_level():
+    """Crop, resize, flips and rot90 of a whole batch at once (the GPU loader's route) against the
+    per-view route: every pixel within one uint8 level, nearly all equal; with mixing and colour."""
+    imgs = torch.stack([torch.from_numpy(smooth_image(64, 64, seed=i)).permute(2, 0, 1) for i in range(4)])
+    params = torch.from_numpy(params_for(policy(views=9, rot90=0.5, vflip=0.5), 4, 4)[:, 1:].reshape(32, -1))
+    assert {0, 1, 2, 3} <= set(params[:, COL["rot90"]].long().tolist())
+    assert params[:, COL["hflip"]].any() and params[:, COL["vflip"]].any()
+    index = torch.arange(4).repeat_interleave(8)
+    batched = views._geometry_batched(imgs, index, params, 24)
+
+    def per_view(source):
+        return torch.stack([views._geometry(source(int(s)), params[v], 24, views._INTERP["bilinear"])
+                            for v, s in enumerate(index.tolist())]).float().round()
+    # the per-view route resizes uint8 on a GPU through float, rounding once: the same levels, to the
+    # last float rounding; on a CPU, in fixed point rounding after each axis: within one level
+    on_gpu, on_cpu = per_view(lambda s: imgs[s].float()), per_view(lambda s: imgs[s])
+    assert (batched == on_gpu).float().mean() > 0.995 and (batched - on_gpu).abs().max() <= 1
+    diff = (batched - on_cpu).abs()
+    assert diff.max() <= 1 and diff.mean() < 0.25, (diff.max(), diff.mean())
+    # the whole render, normalised and mixed (mixup and cutmix both present)
+    modes = params[:, COL["mix_mode"]].long()
+    assert (modes == MIX_MIXUP).any() and (modes == MIX_CUTMIX).any()
+    partner = params[:, COL["mix_partner"]].long()
+    norm = {"mean": (0.5,) * 3, "std": (0.25,) * 3}
+    a = views.render(imgs, index, params, 24, partner_index=partner, batched=True, **norm)
+    b = views.render(imgs, index, params, 24, partner_index=partner, batched=True, batched_geometry=True, **norm)
+    level = 1 / 255 / 0.25
+    gap = (a - b).abs()
+    assert gap.max() <= 3 * level and gap.mean() < 0.3 * level, (gap.max() / level, gap.mean() / level)
+    with pytest.raises(ValueError, match="one .N, 3, H, W. tensor"):
+        views.render(list(imgs), index, params, 24, partner_index=partner, batched_geometry=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featurestore import log
+from featurestore.errors import not_in_a_reimported_script
 from featurestore.options import load_config
 from trainer.config import FitConfig
 from trainer.recipes import DEFAULT_RECIPES
@@ -29,6 +30,7 @@ class Run:
 
 def fit(*, config: str | None = None, resume: bool = False, progress: bool = True, **kwargs) -> Run:
     """`trainer fit`; returns the finished run."""
+    not_in_a_reimported_script("trainer.fit")
     from trainer.training import fit as run_fit
     log.enable()
     out = run_fit(load_config(FitConfig, config, kwargs), resume=resume, progress=progress)
@@ -38,6 +40,7 @@ def fit(*, config: str | None = None, resume: bool = False, progress: bool = Tru
 def sweep(*, recipes: str | list[str] = DEFAULT_RECIPES, seeds: int = 3, search: int = 0,
           eval_images: str | None = None, config: str | None = None, **kwargs):
     """`trainer sweep`; returns its result (path, summary as in sweep.json, table)."""
+    not_in_a_reimported_script("trainer.sweep")
     from trainer.sweeper import sweep as run_sweep
     log.enable()
     names = recipes.split(",") if isinstance(recipes, str) else list(recipes)

@@ -112,8 +112,9 @@ class InlineRenderer:
             src = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)
         else:                                                                       # zero-copy views
             src = [torch.from_numpy(held[c].images[r]).permute(2, 0, 1) for c, r in job.sources]
+        batched = self.caps.batched_kernels
         views.render(src, job.index, job.params, self.size, "bilinear", job.partner, self.mean, self.std,
-                     self.caps.batched_kernels, out=out)
+                     batched, out=out, batched_geometry=batched)
 
     def submit(self, job: RenderJob, held: dict[int, Chunk], out: torch.Tensor):
         self.render(job, held, out)
