@@ -186,10 +186,7 @@ def _render_batched(sources: torch.Tensor, index: torch.Tensor, params: torch.Te
     m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
                          params[:, COL["saturation"]], params[:, COL["hue"]])
     m, t, lo, hi = _normalised(m / 255.0, t, mean, std)
-    v = len(crops)
-    out = _out(out, v, size, crops.device)
-    torch.baddbmm(t.unsqueeze(-1), m, crops.view(v, 3, -1), out=out.view(v, 3, -1))
-    torch.clamp(out, out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1), out=out)
+    out = _apply_colour(crops, m, t, lo, hi, per_view=False, out=out)
     mixed = torch.nonzero(host[:, COL["mix_mode"]].round() != MIX_NONE).flatten()
     if len(mixed):
         if partner_index is None:
@@ -293,14 +290,15 @@ def _colour_in_place(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, lo: list
             torch.clamp(scratch[ch], lo[ch], hi[ch], out=o[ch])
 
 
-def _apply_colour(crops: list[torch.Tensor], m: torch.Tensor, t: torch.Tensor, lo: list[float], hi: list[float],
-                  per_view: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """clamp(m @ crop + t) for each uint8 crop (3, R, R). Per view on a CPU (the crop stays in
-    cache); as one batched kernel on a GPU (few large launches beat many small ones)."""
+def _apply_colour(crops: list[torch.Tensor] | torch.Tensor, m: torch.Tensor, t: torch.Tensor, lo: list[float],
+                  hi: list[float], per_view: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """clamp(m @ crop + t) for each crop (3, R, R) of whole levels (uint8, or float as one (V, 3, R, R)
+    tensor). Per view on a CPU (the crop stays in cache); as one batched kernel on a GPU (few large
+    launches beat many small ones)."""
     v, r = len(crops), crops[0].shape[-1]
     out = _out(out, v, r, m.device)
     if not per_view:
-        x = torch.stack(crops).float().view(v, 3, -1)
+        x = (crops if isinstance(crops, torch.Tensor) else torch.stack(crops)).float().reshape(v, 3, -1)
         torch.baddbmm(t.unsqueeze(-1), m, x, out=out.view(v, 3, -1))
         return torch.clamp(out, out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1), out=out)
     for i, crop in enumerate(crops):
