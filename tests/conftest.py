@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from featurestore import cli
 from featurestore.demo import write_demo_data
@@ -73,22 +76,43 @@ def write_easy_data(root: Path, per_class: int, seed: int, flat: bool = False) -
     return root
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
+    """A read-only artefact of the whole run at <run's temp folder>/shared/<name>: the first test process
+    to ask makes it (make(path)), the others wait for it and share it (pytest-xdist's workers have one
+    parent temp folder). Tests read it and never change it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "shared" / name
+    path.parent.mkdir(exist_ok=True)
+    done = path.with_name(name + ".done")
+    with FileLock(str(path) + ".lock"):
+        if not done.exists():
+            if path.is_dir():                             # left by a process that died making it
+                shutil.rmtree(path)
+            path.unlink(missing_ok=True)
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_images(tmp_path_factory) -> Path:
-    return write_demo_data(tmp_path_factory.mktemp("demo") / "images", per_class=6, seed=0)
+    return made_once(tmp_path_factory, "demo", lambda p: write_demo_data(p / "images", per_class=6, seed=0)) / "images"
 
 
 @pytest.fixture(scope="session")
 def unlabeled_images(tmp_path_factory) -> Path:
-    return write_demo_data(tmp_path_factory.mktemp("unlabeled") / "more", per_class=2, seed=7, flat=True)
+    return made_once(tmp_path_factory, "unlabeled-images",
+                     lambda p: write_demo_data(p, per_class=2, seed=7, flat=True))
 
 
 @pytest.fixture(scope="session")
 def small_store(tmp_path_factory, demo_images, unlabeled_images) -> Path:
     """60 labelled and 20 unlabelled images, 3 views, chunks of 8."""
-    out = tmp_path_factory.mktemp("stores") / "small.zarr"
-    assert run_cli("build", "--images", demo_images, "--unlabeled", unlabeled_images, "--out", out, *SMALL) == 0
-    return out
+    def build(out: Path) -> None:
+        assert run_cli("build", "--images", demo_images, "--unlabeled", unlabeled_images, "--out", out, *SMALL) == 0
+    return made_once(tmp_path_factory, "small.zarr", build)
 
 
 # 15 chunks of 4 images, 8 views: a build slow enough to be stopped part way
@@ -99,15 +123,10 @@ SLOW = [*SMALL, "--views", "8", "--chunk-size", "4"]
 def slow_reference(tmp_path_factory, demo_images):
     """suffix -> an uninterrupted build with the SLOW flags, made once (the number of decoding workers
     changes nothing in a store)."""
-    made: dict[str, Path] = {}
+    def build(out: Path) -> None:
+        assert run_cli("build", "--images", demo_images, "--out", out, *SLOW, "--workers", "0") == 0
 
-    def get(suffix: str) -> Path:
-        if suffix not in made:
-            out = tmp_path_factory.mktemp("slow") / f"ref{suffix}"
-            assert run_cli("build", "--images", demo_images, "--out", out, *SLOW, "--workers", "0") == 0
-            made[suffix] = out
-        return made[suffix]
-    return get
+    return lambda suffix: made_once(tmp_path_factory, f"slow-ref{suffix}", build)
 
 
 @pytest.fixture(scope="session")

@@ -227,26 +227,24 @@ def test_one_class_is_refused_by_build_and_by_fit(tmp_path, demo_images, small_s
 
 
 def test_manifest_rows_that_conflict_or_leave_the_folder_are_named(tmp_path, demo_images, capsys):
-    files = sorted(p for p in demo_images.rglob("*") if p.is_file())
-    rows = [f"{p.relative_to(demo_images)},{p.parent.name}" for p in files]
+    images = shutil.copytree(demo_images, tmp_path / "data" / "images")      # manifests are written beside it
+    files = sorted(p for p in images.rglob("*") if p.is_file())
+    rows = [f"{p.relative_to(images)},{p.parent.name}" for p in files]
     twice = files[4]
     manifest = tmp_path / "m.csv"
-    manifest.write_text("\n".join(["path,label", *rows, f"{twice.relative_to(demo_images)},{files[-1].parent.name}"]))
-    assert run_cli("build", "--manifest", manifest, "--images", demo_images, "--out", tmp_path / "a.zarr", *SMALL) == 2
+    manifest.write_text("\n".join(["path,label", *rows, f"{twice.relative_to(images)},{files[-1].parent.name}"]))
+    assert run_cli("build", "--manifest", manifest, "--images", images, "--out", tmp_path / "a.zarr", *SMALL) == 2
     line = last_line(capsys.readouterr().err)
     assert f"rows 6 and {len(files) + 2} list the same image" in line and "with different labels" in line
-    outside = tmp_path / "elsewhere.jpg"
+    outside = tmp_path / "elsewhere.jpg"                                     # ../elsewhere.jpg from the manifest
     shutil.copyfile(files[0], outside)
     for path in (f"../{outside.name}", str(outside)):
-        (demo_images.parent / "m.csv").write_text("\n".join(["path,label", *[f"images/{r}" for r in rows],
-                                                             f"{path},{files[0].parent.name}"]))
-        args = ["build", "--manifest", demo_images.parent / "m.csv", "--out", tmp_path / "b.zarr", *SMALL]
-        if path.startswith(".."):
-            outside_copy = demo_images.parent.parent / outside.name
-            shutil.copyfile(files[0], outside_copy)
+        (images.parent / "m.csv").write_text("\n".join(["path,label", *[f"images/{r}" for r in rows],
+                                                        f"{path},{files[0].parent.name}"]))
+        args = ["build", "--manifest", images.parent / "m.csv", "--out", tmp_path / "b.zarr", *SMALL]
         assert run_cli(*args) == 2
         line = last_line(capsys.readouterr().err)
-        assert f"{path!r} is outside {demo_images.parent}" in line and "--allow-outside-paths" in line
+        assert f"{path!r} is outside {images.parent}" in line and "--allow-outside-paths" in line
     assert run_cli(*args, "--allow-outside-paths") == 0
     with StoreReader.open(tmp_path / "b.zarr") as s:
         assert str(outside) in s.ids()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cli, write_easy_data
+from conftest import REPO, made_once, run_cli, write_easy_data
 from sklearn.metrics import accuracy_score, f1_score
 
 from featurestore import views
@@ -34,24 +35,23 @@ def run_trainer(*args) -> int:
 @pytest.fixture(scope="session")
 def learn_store(tmp_path_factory) -> Path:
     """300 easy images and 40 unlabelled ones, 4 views, mixing on: learnt far above chance in seconds."""
-    root = tmp_path_factory.mktemp("learn")
-    images = write_easy_data(root / "images", per_class=30, seed=3)
-    more = write_easy_data(root / "more", per_class=4, seed=4, flat=True)
-    out = root / "s.zarr"
-    assert run_cli("build", "--images", images, "--unlabeled", more, "--out", out, "--teacher", "random:tiny",
-                   "--views", "4", "--image-size", "96", "--chunk-size", "16", "--patch-grid", "2", "--workers", "0",
-                   "--mix-prob", "0.3", "--val-fraction", "0.2") == 0
-    return out
+    def build(root: Path) -> None:
+        images = write_easy_data(root / "images", per_class=30, seed=3)
+        more = write_easy_data(root / "more", per_class=4, seed=4, flat=True)
+        assert run_cli("build", "--images", images, "--unlabeled", more, "--out", root / "s.zarr", "--teacher",
+                       "random:tiny", "--views", "4", "--image-size", "96", "--chunk-size", "16", "--patch-grid", "2",
+                       "--workers", "0", "--mix-prob", "0.3", "--val-fraction", "0.2") == 0
+    return made_once(tmp_path_factory, "learn", build) / "s.zarr"
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, learn_store) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert run_trainer("fit", "--store", learn_store, "--out", out, "--student", "shufflenet_v2_x0_5",
-                       "--image-size", "64", "--batch-size", "16", "--epochs", "8", "--lr", "3e-3", "--cpu",
-                       "--w-kd", "0.3", "--w-pooled", "0.1", "--w-patches", "0.1", "--ema", "0.9",
-                       "--no-unlabeled") == 0
-    return out
+    def fit(out: Path) -> None:
+        assert run_trainer("fit", "--store", learn_store, "--out", out, "--student", "shufflenet_v2_x0_5",
+                           "--image-size", "64", "--batch-size", "16", "--epochs", "8", "--lr", "3e-3", "--cpu",
+                           "--w-kd", "0.3", "--w-pooled", "0.1", "--w-patches", "0.1", "--ema", "0.9",
+                           "--no-unlabeled") == 0
+    return made_once(tmp_path_factory, "trained-run", fit)
 
 
 def _loader(store, ram_gb=8.0, **kw):
@@ -362,21 +362,23 @@ def test_export_loads_in_a_fresh_process_and_matches(trained_run, tmp_path):
         torch.testing.assert_close(y, student(x), atol=1e-4, rtol=1e-4)
 
 
-def test_onnx_export_matches_onnxruntime(trained_run):
+def test_onnx_export_matches_onnxruntime(trained_run, tmp_path):
     import onnxruntime as ort
-    assert run_trainer("export", "--run", trained_run, "--format", "onnx") == 0
-    session = ort.InferenceSession(str(trained_run / "student.onnx"), providers=["CPUExecutionProvider"])
-    m = torch.jit.load(str(trained_run / "student.pt"))
+    run = shutil.copytree(trained_run, tmp_path / "run")          # the shared run is only read
+    assert run_trainer("export", "--run", run, "--format", "onnx") == 0
+    session = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"])
+    m = torch.jit.load(str(run / "student.pt"))
     x = torch.randn(5, 3, 64, 64)
     got = session.run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, m(x).detach().numpy(), atol=1e-4, rtol=1e-3)
 
 
-def test_export_refuses_over_budget(trained_run, capsys):
-    assert run_trainer("export", "--run", trained_run, "--max-mb", "0.5") == 2
+def test_export_refuses_over_budget(trained_run, tmp_path, capsys):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    assert run_trainer("export", "--run", run, "--max-mb", "0.5") == 2
     err = capsys.readouterr().err
     assert "student.pt would be 1." in err and "over the budget of 0.5 MB" in err
-    assert (trained_run / "student.pt").is_file()          # the previous export is kept
+    assert (run / "student.pt").read_bytes() == (trained_run / "student.pt").read_bytes()   # the previous export kept
 
 
 def test_eval_matches_sklearn_on_the_grader_pipeline(trained_run, tmp_path, capsys):
