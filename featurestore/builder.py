@@ -27,7 +27,6 @@ from featurestore import views
 from featurestore.backends import backend_class
 from featurestore.config import BuildConfig, stored_identity
 from featurestore.errors import KdstoreError
-from featurestore.heads import fit_heads
 from featurestore.index import make_index, write_index
 from featurestore.lock import store_lock
 from featurestore.log import logger
@@ -120,6 +119,7 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
         if missing:
             raise StoreError(f"{missing} chunk(s) of {out} are not done; run the same command again to resume")
         t0 = time.perf_counter()
+        from featurestore.heads import fit_heads  # scikit-learn: loaded by the one process that fits
         metrics = fit_heads(store, cfg, text_head)
         clock["heads_s"] = time.perf_counter() - t0
         store.set_attrs({"metrics": metrics, "complete": True, "finished": now(),

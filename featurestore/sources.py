@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from featurestore.errors import KdstoreError
@@ -319,6 +318,7 @@ class DecodeSet:
         return len(self.items)
 
     def __getitem__(self, j):
+        import torch  # here: the scan's workers never load torch
         i, path, sha = self.items[j]
         try:
             d = decode(path, self.min_side, self.max_pixels, self.max_side)

@@ -13,12 +13,12 @@ leaks into a training view, and a mixed labelled view always has two labels.
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+import torch.nn.functional as F
 
 from featurestore.devices import caps_of
 
@@ -31,8 +31,7 @@ PARAM_NAMES = (
 )
 COL = {name: i for i, name in enumerate(PARAM_NAMES)}
 MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
-_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-           "nearest": InterpolationMode.NEAREST}
+_INTERP = ("bilinear", "bicubic", "nearest")
 
 
 def canonical_params() -> np.ndarray:
@@ -143,7 +142,9 @@ def render(
     device = sources.device if isinstance(sources, torch.Tensor) else sources[0].device
     host = params.detach().to("cpu", torch.float32)           # control flow reads params on the host
     params = params.to(device=device, dtype=torch.float32)     # colour maths runs where the pixels are
-    mode = _INTERP[interpolation]
+    if interpolation not in _INTERP:
+        raise ValueError(f"interpolation must be one of {_INTERP}, got {interpolation!r}")
+    mode = interpolation
     if batched is None:
         batched = caps_of(device).batched_kernels
     if batched_geometry:
@@ -331,7 +332,38 @@ def _crop_resize(img: torch.Tensor, box: torch.Tensor, size: int, mode) -> torch
     crop = img[:, top:bottom, left:right]
     if crop.shape[-2:] == (size, size):
         return crop
-    return TF.resize(crop, [size, size], interpolation=mode, antialias=True)
+    return resize(crop, size, mode)
+
+
+def resize(img: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """(C, H, W) -> (C, size, size) with antialiasing, the value torchvision's v2 `resize` gives: uint8
+    resized natively on a CPU where torch has a uint8 kernel (bilinear with AVX2/AVX-512 or on ARM,
+    bicubic), otherwise through float32, clamped (bicubic) and rounded back. Here rather than imported,
+    so that building a store does not load torchvision."""
+    c, h, w = img.shape
+    if (h, w) == (size, size):
+        return img
+    native = img.dtype != torch.uint8 or mode == "nearest" or (img.device.type == "cpu" and _native_uint8(mode))
+    x = img.reshape(1, c, h, w)
+    if x.is_contiguous(memory_format=torch.channels_last) and x.numel() != x.stride(0):
+        # a (1, C, H, W) view of channels-last pixels: restrided so that interpolate keeps the layout (and
+        # takes its uint8 fast path), pytorch#68430
+        x = x.as_strided((1, c, h, w), (x.numel(), *x.stride()[1:]))
+    y = F.interpolate(x if native else x.float(), size=[size, size], mode=mode,
+                      align_corners=None if mode == "nearest" else False, antialias=mode != "nearest")
+    if not native:
+        if mode == "bicubic":
+            y = y.clamp_(0, 255)
+        y = y.round_().to(torch.uint8)
+    return y.reshape(c, size, size)
+
+
+def _native_uint8(mode: str) -> bool:
+    """Whether torch resizes uint8 natively on this CPU (as torchvision decides)."""
+    if mode == "bilinear":
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64",
+                                                                                                      "arm64")
+    return mode == "bicubic"
 
 
 _GRAY = (0.299, 0.587, 0.114)        # sums to 1: gray stays gray under saturation and hue

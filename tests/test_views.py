@@ -241,7 +241,7 @@ def test_batched_geometry_is_the_per_view_geometry_within_one_level():
     batched = views._geometry_batched(imgs, index, params, 24)
 
     def per_view(source):
-        return torch.stack([views._geometry(source(int(s)), params[v], 24, views._INTERP["bilinear"])
+        return torch.stack([views._geometry(source(int(s)), params[v], 24, "bilinear")
                             for v, s in enumerate(index.tolist())]).float().round()
     # the per-view route resizes uint8 on a GPU through float, rounding once: the same levels, to the
     # last float rounding; on a CPU, in fixed point rounding after each axis: within one level
@@ -261,3 +261,35 @@ def test_batched_geometry_is_the_per_view_geometry_within_one_level():
     assert gap.max() <= 3 * level and gap.mean() < 0.3 * level, (gap.max() / level, gap.mean() / level)
     with pytest.raises(ValueError, match="one .N, 3, H, W. tensor"):
         views.render(list(imgs), index, params, 24, partner_index=partner, batched_geometry=True)
+
+
+def test_resize_is_torchvisions_resize_bit_for_bit():
+    """The renderer's resize against torchvision's v2 `resize` (the oracle): uint8 and float32, bilinear,
+    bicubic and nearest, shrinking and enlarging, contiguous, channels-last and cropped inputs."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+    hwc = smooth_image(70, 90, seed=5)
+    inputs = {"contiguous": torch.from_numpy(hwc).permute(2, 0, 1).contiguous(),
+              "channels-last": torch.from_numpy(hwc).permute(2, 0, 1),
+              "crop": torch.from_numpy(hwc).permute(2, 0, 1)[:, 5:61, 7:80]}
+    inputs |= {f"{k}, float": v.float() * 0.7 for k, v in list(inputs.items())}
+    modes = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+             "nearest": InterpolationMode.NEAREST}
+    for name, img in inputs.items():
+        for mode, tv_mode in modes.items():
+            for size in (24, 56, 131):
+                want = TF.resize(img, [size, size], interpolation=tv_mode, antialias=True)
+                got = views.resize(img, size, mode)
+                assert got.dtype == want.dtype and torch.equal(got, want), (name, mode, size)
+    assert views.resize(inputs["crop"], 56, "bilinear").shape == (3, 56, 56)
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        views.render([inputs["contiguous"]], torch.zeros(1, dtype=torch.long),
+                     torch.from_numpy(views.canonical_params())[None], 24, "lanczos")
+
+
+def test_building_a_store_does_not_import_torchvision():
+    import subprocess
+    import sys
+    code = "import sys, featurestore.builder; print('torchvision' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stdout + r.stderr
