@@ -12,6 +12,7 @@ import torch
 
 from benchmarks.common import build_store
 from featurestore import views
+from featurestore.batch_render import render_batch
 from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
 from featurestore.devices import caps_of, mixed_precision, pick_device
@@ -191,8 +192,11 @@ def _render_routes(data, device: torch.device, batch: int, reps: int) -> dict[st
     for name, batched_geometry in (("per_view_geometry", False), ("batched_geometry", True)):
         def render(batched_geometry=batched_geometry):
             for _ in range(reps):
-                views.render(chunk, index, params, 224, "bilinear", partner, IMAGENET_MEAN, IMAGENET_STD,
-                             batched=device.type != "cpu", out=out, batched_geometry=batched_geometry)
+                if batched_geometry:
+                    render_batch(chunk, index, params, 224, partner, IMAGENET_MEAN, IMAGENET_STD, out=out)
+                else:
+                    views.render(chunk, index, params, 224, "bilinear", partner, IMAGENET_MEAN, IMAGENET_STD,
+                                 batched=device.type != "cpu", out=out)
         render()                                                            # warm-up
         rates[name] = _rate(device, render, reps, batch)
     return rates

@@ -13,14 +13,13 @@ leaks into a training view, and a mixed labelled view always has two labels.
 from __future__ import annotations
 
 import math
-import platform
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from featurestore.devices import caps_of
+from featurestore.resize import resize
 
 PARAM_NAMES = (
     "y0", "x0", "y1", "x1",                 # crop box, normalised
@@ -124,7 +123,6 @@ def render(
     std: Sequence[float] | None = None,
     batched: bool | None = None,
     out: torch.Tensor | None = None,
-    batched_geometry: bool = False,
 ) -> torch.Tensor:
     """Render views as float (V, 3, size, size): in [0, 1], or normalised if mean/std are given.
     out: a float32 (V, 3, size, size) tensor on the device to render into (a reused buffer).
@@ -135,9 +133,7 @@ def render(
     Geometry runs per view on uint8 (crop, resize, flips, rot90); colour is one affine map per
     view, clamped once; normalisation is folded into that map. batched: the colour map as one
     batched kernel (default on GPUs) rather than per view (default on CPUs); both give the same result.
-    batched_geometry: with sources one (N, 3, H, W) tensor and bilinear resizing, the geometry of all
-    views as two batched matrix products (a few launches per batch instead of several per view, for
-    GPUs); each pixel is within one uint8 level of the per-view geometry.
+    `batch_render.render_batch` renders one (N, 3, H, W) tensor of sources with the geometry batched too.
     """
     device = sources.device if isinstance(sources, torch.Tensor) else sources[0].device
     host = params.detach().to("cpu", torch.float32)           # control flow reads params on the host
@@ -147,10 +143,6 @@ def render(
     mode = interpolation
     if batched is None:
         batched = caps_of(device).batched_kernels
-    if batched_geometry:
-        if not isinstance(sources, torch.Tensor) or interpolation != "bilinear":
-            raise ValueError("batched_geometry takes one (N, 3, H, W) tensor of sources and bilinear resizing")
-        return _render_batched(sources, index, params, host, size, partner_index, mean, std, out)
     crops = [_geometry(sources[int(s)], host[v], size, mode) for v, s in enumerate(index.tolist())]
     # per view on a CPU, each crop becomes float once, in its place in `out`, and is summed there:
     # float32 sums of integers stay exact while every partial sum is below 2**24, in any order
@@ -163,14 +155,14 @@ def render(
     else:
         exact = torch.int32 if 255 * size * size < 2 ** 31 else torch.int64              # integer sums are exact
         sums = torch.stack([c.sum(dim=(1, 2), dtype=exact) for c in crops]).double().float()  # (V, 3)
-    mean_gray = sums @ torch.tensor(_GRAY, device=sums.device) / (255.0 * size * size)     # (V,)
+    mean_gray = sums @ torch.tensor(GRAY, device=sums.device) / (255.0 * size * size)     # (V,)
     m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
                          params[:, COL["saturation"]], params[:, COL["hue"]])             # (V,3,3), (V,3)
-    m, t, lo, hi = _normalised(m / 255.0, t, mean, std)
+    m, t, lo, hi = fold_normalisation(m / 255.0, t, mean, std)
     if in_place:
         _colour_in_place(out, m, t, lo, hi)
     else:
-        out = _apply_colour(crops, m, t, lo, hi, per_view=not batched, out=out)           # (V, 3, size, size)
+        out = apply_colour(crops, m, t, lo, hi, per_view=not batched, out=out)           # (V, 3, size, size)
     if (host[:, COL["mix_mode"]].round() != MIX_NONE).any():
         if partner_index is None:
             raise ValueError("views mix with partners but no partner_index was given")
@@ -178,96 +170,13 @@ def render(
     return out
 
 
-def _render_batched(sources: torch.Tensor, index: torch.Tensor, params: torch.Tensor, host: torch.Tensor, size: int,
-                    partner_index: torch.Tensor | None, mean, std, out: torch.Tensor | None) -> torch.Tensor:
-    """`render` with every step batched over the views: geometry, colour and mixing."""
-    crops = _geometry_batched(sources, index, host, size)                                  # (V, 3, R, R)
-    sums = crops.sum(dim=(2, 3), dtype=torch.float64).float()                              # whole levels: exact
-    mean_gray = sums @ crops.new_tensor(_GRAY) / (255.0 * size * size)
-    m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
-                         params[:, COL["saturation"]], params[:, COL["hue"]])
-    m, t, lo, hi = _normalised(m / 255.0, t, mean, std)
-    out = _apply_colour(crops, m, t, lo, hi, per_view=False, out=out)
-    mixed = torch.nonzero(host[:, COL["mix_mode"]].round() != MIX_NONE).flatten()
-    if len(mixed):
-        if partner_index is None:
-            raise ValueError("views mix with partners but no partner_index was given")
-        _mix_batched(out, sources, partner_index.cpu()[mixed], host[mixed], mixed, size, lo, hi)
-    return out
-
-
-def _normalised(m: torch.Tensor, t: torch.Tensor, mean, std):
+def fold_normalisation(m: torch.Tensor, t: torch.Tensor, mean, std):
     """The colour map (V, 3, 3), (V, 3) with normalisation folded in, and the bounds of [0, 1] after it."""
     if mean is None:
         return m, t, [0.0] * 3, [1.0] * 3
     sd = torch.tensor(std, device=m.device)
     m, t = m / sd.view(1, 3, 1), (t - torch.tensor(mean, device=m.device)) / sd
     return m, t, [(0.0 - mu) / s for mu, s in zip(mean, std)], [(1.0 - mu) / s for mu, s in zip(mean, std)]
-
-
-def _geometry_batched(sources: torch.Tensor, index: torch.Tensor, host: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float (V, 3, size, size) of whole uint8 levels: crop + antialiased bilinear
-    resize, hflip, vflip, rot90 of every view at once. Columns and rows resample separately, each
-    through one weight matrix per view; the flips reverse those matrices' rows."""
-    h, w = sources.shape[-2:]
-    box = host[:, :4].double()
-    top = (box[:, 0] * h).round().clamp(max=h - 1)
-    left = (box[:, 1] * w).round().clamp(max=w - 1)
-    bottom = torch.maximum((box[:, 2] * h).round(), top + 1)
-    right = torch.maximum((box[:, 3] * w).round(), left + 1)
-    flips = host[:, COL["hflip"]:COL["vflip"] + 1].round()
-    dev = sources.device
-    # whole pixels and 0/1 flags, exact in float32: one small copy to the device, weights made there
-    geo = torch.stack([top, bottom - top, left, right - left, flips[:, 1], flips[:, 0]], 1).float().to(dev)
-    wy = resample_weights(geo[:, 0], geo[:, 1], h, size, geo[:, 4].bool())                  # (V, size, H)
-    wx = resample_weights(geo[:, 2], geo[:, 3], w, size, geo[:, 5].bool())                  # (V, size, W)
-    x = sources[index.to(dev)].float()                                                      # (V, 3, H, W)
-    y = (wy.unsqueeze(1) @ x @ wx.unsqueeze(1).transpose(-1, -2)).round_()                 # (V, 3, size, size)
-    rot = host[:, COL["rot90"]].round().long()
-    for k in (1, 2, 3):
-        sel = torch.nonzero(rot == k).flatten().to(dev)
-        if len(sel):
-            y[sel] = torch.rot90(y[sel], k, dims=(-2, -1))
-    return y
-
-
-def resample_weights(start: torch.Tensor, length: torch.Tensor, n: int, size: int,
-                     flip: torch.Tensor | None = None) -> torch.Tensor:
-    """(V, size, n) float32 on start's device: row i holds the weights, over a source axis of n pixels,
-    of output pixel i of the crop [start, start + length) resized to `size` by torch's antialiased
-    bilinear filter (a triangle, stretched by the scale when shrinking, normalised over the crop's
-    pixels); rows reversed where `flip`. start, length: (V,) whole pixels."""
-    dev = start.device
-    scale = (length.float() / size).view(-1, 1, 1)
-    stretch = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
-    i = torch.arange(size, dtype=torch.float32, device=dev).view(1, -1, 1)
-    if flip is not None:
-        i = torch.where(flip.view(-1, 1, 1), size - 1 - i, i)
-    centre = scale * (i + 0.5)                                                              # (V, size, 1)
-    j = torch.arange(n, dtype=torch.float32, device=dev).view(1, 1, -1) - start.float().view(-1, 1, 1)
-    weight = (1 - ((j - centre + 0.5) * stretch).abs()).clamp_(min=0)                       # j: crop coordinates
-    weight = weight * ((j >= 0) & (j < length.view(-1, 1, 1)))
-    return weight / weight.sum(-1, keepdim=True)
-
-
-def _mix_batched(out: torch.Tensor, sources: torch.Tensor, partner_index: torch.Tensor, host: torch.Tensor,
-                 mixed: torch.Tensor, size: int, lo: list[float], hi: list[float]) -> None:
-    """Mix the views `mixed` of `out` in place with their partners' canonical views, all at once."""
-    dev = out.device
-    lo_t, hi_t = out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1)
-    canon = torch.from_numpy(canonical_params()).expand(len(mixed), -1)
-    partner = _geometry_batched(sources, partner_index, canon, size).div_(255) * (hi_t - lo_t) + lo_t
-    lam = host[:, COL["mix_lambda"]].to(dev).view(-1, 1, 1, 1)
-    mixup = (host[:, COL["mix_mode"]].round() == MIX_MIXUP).to(dev).view(-1, 1, 1, 1)
-    cut = torch.stack([(host[:, COL[c]].double() * size).round() for c in ("mix_y0", "mix_x0", "mix_y1", "mix_x1")],
-                      dim=1).to(dev)                                                        # (M, 4)
-    pos = torch.arange(size, device=dev, dtype=cut.dtype)
-    rows = (pos >= cut[:, 0:1]) & (pos < cut[:, 2:3])                                       # (M, size)
-    cols = (pos >= cut[:, 1:2]) & (pos < cut[:, 3:4])
-    inside = (rows.unsqueeze(-1) & cols.unsqueeze(-2)).unsqueeze(1)                         # (M, 1, size, size)
-    mixed = mixed.to(dev)
-    x = out[mixed]
-    out[mixed] = torch.where(mixup, lam * x + (1 - lam) * partner, torch.where(inside, partner, x))
 
 
 def _out(out: torch.Tensor | None, v: int, r: int, device: torch.device) -> torch.Tensor:
@@ -291,7 +200,7 @@ def _colour_in_place(x: torch.Tensor, m: torch.Tensor, t: torch.Tensor, lo: list
             torch.clamp(scratch[ch], lo[ch], hi[ch], out=o[ch])
 
 
-def _apply_colour(crops: list[torch.Tensor] | torch.Tensor, m: torch.Tensor, t: torch.Tensor, lo: list[float],
+def apply_colour(crops: list[torch.Tensor] | torch.Tensor, m: torch.Tensor, t: torch.Tensor, lo: list[float],
                   hi: list[float], per_view: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """clamp(m @ crop + t) for each crop (3, R, R) of whole levels (uint8, or float as one (V, 3, R, R)
     tensor). Per view on a CPU (the crop stays in cache); as one batched kernel on a GPU (few large
@@ -335,38 +244,7 @@ def _crop_resize(img: torch.Tensor, box: torch.Tensor, size: int, mode) -> torch
     return resize(crop, size, mode)
 
 
-def resize(img: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """(C, H, W) -> (C, size, size) with antialiasing, the value torchvision's v2 `resize` gives: uint8
-    resized natively on a CPU where torch has a uint8 kernel (bilinear with AVX2/AVX-512 or on ARM,
-    bicubic), otherwise through float32, clamped (bicubic) and rounded back. Here rather than imported,
-    so that building a store does not load torchvision."""
-    c, h, w = img.shape
-    if (h, w) == (size, size):
-        return img
-    native = img.dtype != torch.uint8 or mode == "nearest" or (img.device.type == "cpu" and _native_uint8(mode))
-    x = img.reshape(1, c, h, w)
-    if x.is_contiguous(memory_format=torch.channels_last) and x.numel() != x.stride(0):
-        # a (1, C, H, W) view of channels-last pixels: restrided so that interpolate keeps the layout (and
-        # takes its uint8 fast path), pytorch#68430
-        x = x.as_strided((1, c, h, w), (x.numel(), *x.stride()[1:]))
-    y = F.interpolate(x if native else x.float(), size=[size, size], mode=mode,
-                      align_corners=None if mode == "nearest" else False, antialias=mode != "nearest")
-    if not native:
-        if mode == "bicubic":
-            y = y.clamp_(0, 255)
-        y = y.round_().to(torch.uint8)
-    return y.reshape(c, size, size)
-
-
-def _native_uint8(mode: str) -> bool:
-    """Whether torch resizes uint8 natively on this CPU (as torchvision decides)."""
-    if mode == "bilinear":
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64",
-                                                                                                      "arm64")
-    return mode == "bicubic"
-
-
-_GRAY = (0.299, 0.587, 0.114)        # sums to 1: gray stays gray under saturation and hue
+GRAY = (0.299, 0.587, 0.114)        # sums to 1: gray stays gray under saturation and hue
 # RGB <-> YIQ: hue rotates the (I, Q) chroma plane
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
 # inverted once, here on the CPU: every device renders with the same matrix, and render threads never
@@ -383,7 +261,7 @@ def colour_affine(mean_gray, brightness, contrast, saturation, hue):
     M = c b H S,  t = (1 - c) b m (1, 1, 1).   Shapes: (V,) in, (V, 3, 3) and (V, 3) out.
     """
     v, dev = len(brightness), brightness.device
-    w = torch.tensor(_GRAY, device=dev)
+    w = torch.tensor(GRAY, device=dev)
     eye = torch.eye(3, device=dev).expand(v, 3, 3)
     s = saturation.view(-1, 1, 1)
     sat = s * eye + (1 - s) * w.view(1, 1, 3).expand(v, 3, 3)                 # each row: s e_i + (1-s) w
@@ -400,7 +278,7 @@ def colour_affine(mean_gray, brightness, contrast, saturation, hue):
 
 def adjust_colour(x: torch.Tensor, brightness, contrast, saturation, hue) -> torch.Tensor:
     """Colour jitter on float (V, 3, H, W) in [0, 1], clamped once; factor 1 / hue 0 is identity."""
-    mean_gray = torch.einsum("c,vchw->v", x.new_tensor(_GRAY), x) / (x.shape[-1] * x.shape[-2])
+    mean_gray = torch.einsum("c,vchw->v", x.new_tensor(GRAY), x) / (x.shape[-1] * x.shape[-2])
     m, t = colour_affine(mean_gray, brightness.float(), contrast.float(), saturation.float(), hue.float())
     out = torch.baddbmm(t.unsqueeze(-1), m, x.reshape(len(x), 3, -1)).view_as(x)
     return out.clamp_(0, 1)

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from featurestore import views
+from featurestore import batch_render, views
 from featurestore.config import ViewPolicy
+from featurestore.resize import resize
 from featurestore.sources import squash
 from featurestore.views import COL, MIX_CUTMIX, MIX_MIXUP
 
@@ -167,8 +168,8 @@ def test_batched_and_per_view_colour_paths_agree():
     crops = [torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g) for _ in range(5)]
     m, t = torch.rand(5, 3, 3, generator=g) / 100, torch.rand(5, 3, generator=g) - 0.5
     lo, hi = [-1.0, -0.5, 0.0], [1.0, 0.5, 0.8]
-    a = views._apply_colour(crops, m, t, lo, hi, per_view=True)
-    b = views._apply_colour(crops, m, t, lo, hi, per_view=False)
+    a = views.apply_colour(crops, m, t, lo, hi, per_view=True)
+    b = views.apply_colour(crops, m, t, lo, hi, per_view=False)
     torch.testing.assert_close(a, b)
     assert a[:, 2].min() >= 0 and a[:, 1].max() <= 0.5
     # the whole renderer, each branch forced on the CPU: the GPU branch gives what the CPU branch gives
@@ -222,11 +223,12 @@ def test_resample_weights_are_torchs_antialiased_bilinear_resize():
     for top, left, h, w, size in [(0, 0, 50, 60, 24), (7, 11, 30, 41, 24), (20, 30, 9, 13, 24), (5, 9, 24, 24, 24)]:
         want = F.interpolate(x[..., top:top + h, left:left + w], size=(size, size), mode="bilinear",
                              antialias=True, align_corners=False)[0, 0]
-        wy = views.resample_weights(torch.tensor([top]), torch.tensor([h]), 50, size)[0].double()
-        wx = views.resample_weights(torch.tensor([left]), torch.tensor([w]), 60, size)[0].double()
+        wy = batch_render.resample_weights(torch.tensor([top]), torch.tensor([h]), 50, size)[0].double()
+        wx = batch_render.resample_weights(torch.tensor([left]), torch.tensor([w]), 60, size)[0].double()
         torch.testing.assert_close(wy @ x[0, 0] @ wx.T, want, atol=1e-3, rtol=0)
         assert (wy[:, :top] == 0).all() and (wy[:, top + h:] == 0).all()       # nothing from outside the crop
-        flipped = views.resample_weights(torch.tensor([left]), torch.tensor([w]), 60, size, torch.tensor([True]))[0]
+        flipped = batch_render.resample_weights(torch.tensor([left]), torch.tensor([w]), 60, size,
+                                                torch.tensor([True]))[0]
         assert torch.equal(flipped, wx.float().flip(0))
 
 
@@ -238,7 +240,7 @@ def test_batched_geometry_is_the_per_view_geometry_within_one_level():
     assert {0, 1, 2, 3} <= set(params[:, COL["rot90"]].long().tolist())
     assert params[:, COL["hflip"]].any() and params[:, COL["vflip"]].any()
     index = torch.arange(4).repeat_interleave(8)
-    batched = views._geometry_batched(imgs, index, params, 24)
+    batched = batch_render.geometry(imgs, index, params, 24)
 
     def per_view(source):
         return torch.stack([views._geometry(source(int(s)), params[v], 24, "bilinear")
@@ -255,12 +257,10 @@ def test_batched_geometry_is_the_per_view_geometry_within_one_level():
     partner = params[:, COL["mix_partner"]].long()
     norm = {"mean": (0.5,) * 3, "std": (0.25,) * 3}
     a = views.render(imgs, index, params, 24, partner_index=partner, batched=True, **norm)
-    b = views.render(imgs, index, params, 24, partner_index=partner, batched=True, batched_geometry=True, **norm)
+    b = batch_render.render_batch(imgs, index, params, 24, partner, **norm)
     level = 1 / 255 / 0.25
     gap = (a - b).abs()
     assert gap.max() <= 3 * level and gap.mean() < 0.3 * level, (gap.max() / level, gap.mean() / level)
-    with pytest.raises(ValueError, match="one .N, 3, H, W. tensor"):
-        views.render(list(imgs), index, params, 24, partner_index=partner, batched_geometry=True)
 
 
 def test_resize_is_torchvisions_resize_bit_for_bit():
@@ -279,9 +279,9 @@ def test_resize_is_torchvisions_resize_bit_for_bit():
         for mode, tv_mode in modes.items():
             for size in (24, 56, 131):
                 want = TF.resize(img, [size, size], interpolation=tv_mode, antialias=True)
-                got = views.resize(img, size, mode)
+                got = resize(img, size, mode)
                 assert got.dtype == want.dtype and torch.equal(got, want), (name, mode, size)
-    assert views.resize(inputs["crop"], 56, "bilinear").shape == (3, 56, 56)
+    assert resize(inputs["crop"], 56, "bilinear").shape == (3, 56, 56)
     with pytest.raises(ValueError, match="interpolation must be one of"):
         views.render([inputs["contiguous"]], torch.zeros(1, dtype=torch.long),
                      torch.from_numpy(views.canonical_params())[None], 24, "lanczos")

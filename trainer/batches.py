@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from featurestore import views
+from featurestore.batch_render import render_batch
 from featurestore.devices import Caps
 from trainer.buffers import BufferPool
 from trainer.data import Chunk, StoreData
@@ -112,9 +113,11 @@ class InlineRenderer:
             src = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)
         else:                                                                       # zero-copy views
             src = [torch.from_numpy(held[c].images[r]).permute(2, 0, 1) for c, r in job.sources]
-        batched = self.caps.batched_kernels
-        views.render(src, job.index, job.params, self.size, "bilinear", job.partner, self.mean, self.std,
-                     batched, out=out, batched_geometry=batched)
+        if self.caps.batched_kernels:                                               # the whole batch at once
+            render_batch(src, job.index, job.params, self.size, job.partner, self.mean, self.std, out=out)
+        else:
+            views.render(src, job.index, job.params, self.size, "bilinear", job.partner, self.mean, self.std,
+                         False, out=out)
 
     def submit(self, job: RenderJob, held: dict[int, Chunk], out: torch.Tensor):
         self.render(job, held, out)
