@@ -12,16 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from featurestore.views import (
-    COL,
-    GRAY,
-    MIX_MIXUP,
-    MIX_NONE,
-    apply_colour,
-    canonical_params,
-    colour_affine,
-    fold_normalisation,
-)
+from featurestore.views import COL, MIX_MIXUP, MIX_NONE, apply_colour, canonical_params, colour_map
 
 
 def render_batch(
@@ -39,10 +30,7 @@ def render_batch(
     params = params.to(device=sources.device, dtype=torch.float32)
     crops = geometry(sources, index, host, size)                                           # (V, 3, R, R)
     sums = crops.sum(dim=(2, 3), dtype=torch.float64).float()                              # whole levels: exact
-    mean_gray = sums @ crops.new_tensor(GRAY) / (255.0 * size * size)
-    m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
-                         params[:, COL["saturation"]], params[:, COL["hue"]])
-    m, t, lo, hi = fold_normalisation(m / 255.0, t, mean, std)
+    m, t, lo, hi = colour_map(sums, params, size, mean, std)
     out = apply_colour(crops, m, t, lo, hi, per_view=False, out=out)
     mixed = torch.nonzero(host[:, COL["mix_mode"]].round() != MIX_NONE).flatten()
     if len(mixed):
@@ -98,7 +86,7 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, n: int, size: in
 
 
 def _mix(out: torch.Tensor, sources: torch.Tensor, partner_index: torch.Tensor, host: torch.Tensor,
-                 mixed: torch.Tensor, size: int, lo: list[float], hi: list[float]) -> None:
+         mixed: torch.Tensor, size: int, lo: list[float], hi: list[float]) -> None:
     """Mix the views `mixed` of `out` in place with their partners' canonical views, all at once."""
     dev = out.device
     lo_t, hi_t = out.new_tensor(lo).view(1, 3, 1, 1), out.new_tensor(hi).view(1, 3, 1, 1)

@@ -155,10 +155,7 @@ def render(
     else:
         exact = torch.int32 if 255 * size * size < 2 ** 31 else torch.int64              # integer sums are exact
         sums = torch.stack([c.sum(dim=(1, 2), dtype=exact) for c in crops]).double().float()  # (V, 3)
-    mean_gray = sums @ torch.tensor(GRAY, device=sums.device) / (255.0 * size * size)     # (V,)
-    m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
-                         params[:, COL["saturation"]], params[:, COL["hue"]])             # (V,3,3), (V,3)
-    m, t, lo, hi = fold_normalisation(m / 255.0, t, mean, std)
+    m, t, lo, hi = colour_map(sums, params, size, mean, std)
     if in_place:
         _colour_in_place(out, m, t, lo, hi)
     else:
@@ -170,8 +167,13 @@ def render(
     return out
 
 
-def fold_normalisation(m: torch.Tensor, t: torch.Tensor, mean, std):
-    """The colour map (V, 3, 3), (V, 3) with normalisation folded in, and the bounds of [0, 1] after it."""
+def colour_map(sums: torch.Tensor, params: torch.Tensor, size: int, mean, std):
+    """Each view's colour jitter and normalisation as one map on uint8 levels, x -> m x + t ((V, 3, 3),
+    (V, 3)), and the bounds of [0, 1] after it; sums (V, 3): each crop's channel sums, size x size pixels."""
+    mean_gray = sums @ torch.tensor(_GRAY, device=sums.device) / (255.0 * size * size)     # (V,)
+    m, t = colour_affine(mean_gray, params[:, COL["brightness"]], params[:, COL["contrast"]],
+                         params[:, COL["saturation"]], params[:, COL["hue"]])             # (V,3,3), (V,3)
+    m = m / 255.0
     if mean is None:
         return m, t, [0.0] * 3, [1.0] * 3
     sd = torch.tensor(std, device=m.device)
@@ -244,7 +246,7 @@ def _crop_resize(img: torch.Tensor, box: torch.Tensor, size: int, mode) -> torch
     return resize(crop, size, mode)
 
 
-GRAY = (0.299, 0.587, 0.114)        # sums to 1: gray stays gray under saturation and hue
+_GRAY = (0.299, 0.587, 0.114)        # sums to 1: gray stays gray under saturation and hue
 # RGB <-> YIQ: hue rotates the (I, Q) chroma plane
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
 # inverted once, here on the CPU: every device renders with the same matrix, and render threads never
@@ -261,7 +263,7 @@ def colour_affine(mean_gray, brightness, contrast, saturation, hue):
     M = c b H S,  t = (1 - c) b m (1, 1, 1).   Shapes: (V,) in, (V, 3, 3) and (V, 3) out.
     """
     v, dev = len(brightness), brightness.device
-    w = torch.tensor(GRAY, device=dev)
+    w = torch.tensor(_GRAY, device=dev)
     eye = torch.eye(3, device=dev).expand(v, 3, 3)
     s = saturation.view(-1, 1, 1)
     sat = s * eye + (1 - s) * w.view(1, 1, 3).expand(v, 3, 3)                 # each row: s e_i + (1-s) w
@@ -278,7 +280,7 @@ def colour_affine(mean_gray, brightness, contrast, saturation, hue):
 
 def adjust_colour(x: torch.Tensor, brightness, contrast, saturation, hue) -> torch.Tensor:
     """Colour jitter on float (V, 3, H, W) in [0, 1], clamped once; factor 1 / hue 0 is identity."""
-    mean_gray = torch.einsum("c,vchw->v", x.new_tensor(GRAY), x) / (x.shape[-1] * x.shape[-2])
+    mean_gray = torch.einsum("c,vchw->v", x.new_tensor(_GRAY), x) / (x.shape[-1] * x.shape[-2])
     m, t = colour_affine(mean_gray, brightness.float(), contrast.float(), saturation.float(), hue.float())
     out = torch.baddbmm(t.unsqueeze(-1), m, x.reshape(len(x), 3, -1)).view_as(x)
     return out.clamp_(0, 1)
