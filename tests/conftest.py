@@ -129,18 +129,30 @@ def slow_reference(tmp_path_factory, demo_images):
     return lambda suffix: made_once(tmp_path_factory, f"slow-ref{suffix}", build)
 
 
+# moto's S3 server in a process of its own (requests are served outside the test's GIL, as a real server
+# serves them), which stops when the test process ends, however it ends
+MOTO = """
+import logging, os, time
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+parent = os.getppid()
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print("%s:%d" % server.get_host_and_port(), flush=True)
+while os.getppid() == parent:
+    time.sleep(0.2)
+server.stop()
+"""
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """An S3 server on the loopback (moto), its bucket, and the environment that points every client at
     it (this process and the commands it starts); stopped at the end."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "kdstore",
+    server = subprocess.Popen([sys.executable, "-c", MOTO], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    address = server.stdout.readline().strip()
+    assert address.startswith("127.0.0.1:"), f"moto's server did not start: {address!r}"
+    env = {"AWS_ENDPOINT_URL": f"http://{address}", "AWS_ACCESS_KEY_ID": "kdstore",
            "AWS_SECRET_ACCESS_KEY": "kdstore", "AWS_DEFAULT_REGION": "us-east-1",
            "KDSTORE_CACHE": str(tmp_path_factory.mktemp("cache"))}
     saved = {k: os.environ.get(k) for k in env}
@@ -152,7 +164,8 @@ def s3(tmp_path_factory):
     try:
         yield {"bucket": "s3://kdstore-test", "fs": fs, "env": env}
     finally:
-        server.stop()
+        server.kill()
+        server.wait()
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         s3fs.S3FileSystem.clear_instance_cache()
