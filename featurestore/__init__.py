@@ -3,6 +3,14 @@
 Python API (same names and defaults as the CLI): build, plan, slim, inspect, verify, demo_data,
 demo_teacher.
 """
-from featurestore.api import build, demo_data, demo_teacher, inspect, plan, slim, verify
 
 __all__ = ["build", "plan", "slim", "inspect", "verify", "demo_data", "demo_teacher"]
+
+
+def __getattr__(name: str):
+    """The API loads on first use, so that a worker process importing one module of the package does
+    not load the whole of it."""
+    if name in __all__:
+        from featurestore import api
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
