@@ -564,14 +564,16 @@ def test_python_api_matches_the_cli(tmp_path, learn_store):
 
 
 def test_trainer_fit_never_loads_a_teacher(small_store, tmp_path):
-    """A whole `trainer fit` run, not only its imports: no teacher, no transformers, no benchmark code."""
+    """A whole `trainer fit` run, not only its imports: no teacher, no transformers, no benchmark code, and
+    no scikit-learn (its metrics are computed without it)."""
     code = ("import sys\n"
             "from trainer.cli import main\n"
             f"rc = main(['fit', '--store', {str(small_store)!r}, '--out', {str(tmp_path / 'run')!r}, '--cpu',\n"
             "           '--student', 'shufflenet_v2_x0_5', '--image-size', '32', '--batch-size', '16',\n"
             "           '--steps', '3'])\n"
             "import trainer.evaluate, trainer.exporter, trainer.sweeper\n"
-            "loaded = [m for m in ('transformers', 'featurestore.teacher', 'featurestore.builder', 'benchmarks')\n"
+            "loaded = [m for m in ('transformers', 'featurestore.teacher', 'featurestore.builder', 'benchmarks',\n"
+            "                    'sklearn')\n"
             "          if m in sys.modules]\n"
             "print('RC', rc, 'LOADED', loaded)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
