@@ -39,9 +39,16 @@ class RemoteZarr(ZarrBackend):
     def foreign_links(self) -> list[str]:
         return []                                      # object storage has no links
 
+    def _sizes(self, key: str) -> dict[str, int]:
+        """Every object of array `key` and its size, from one listing."""
+        return {k: int(v["size"]) for k, v in self.fs.find(f"{self.key}/{key}", detail=True).items()}
+
+    def stored_bytes(self, key: str) -> int:
+        """The array's objects, its metadata document included (zarr's own count asks for each object)."""
+        return sum(self._sizes(key).values())
+
     def payload_bytes(self, key: str) -> int:
-        sizes = self.fs.du(f"{self.key}/{key}", total=False)
-        return sum(v for k, v in sizes.items() if not k.endswith("zarr.json"))
+        return sum(v for k, v in self._sizes(key).items() if not k.endswith("zarr.json"))
 
     @classmethod
     def occupied(cls, path: str, options: dict | None = None) -> bool:

@@ -52,7 +52,8 @@ class ZarrBackend:
         return dict(self.root.attrs)
 
     def set_attrs(self, values: dict[str, Any]) -> None:
-        self.root.attrs.update(values)
+        """One write of the root document (`attrs.update` writes it once per key)."""
+        self.root.update_attributes(values)
 
     # ---- arrays ------------------------------------------------------------------------------
     def create(self, field: Field, layout: Layout, compression: str, id_bytes: int) -> None:
