@@ -64,7 +64,7 @@ demo-sweep: demo-data
 # two test processes of one thread each: a 2-core machine kept busy without oversubscription
 test: env
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --durations=15
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal --durations=15
 
 bench: env
 	$(PY) -m benchmarks.run --profile cpu

@@ -24,6 +24,15 @@ SMALL = ["--teacher", "random:tiny", "--views", "3", "--image-size", "64", "--ch
          "--patch-grid", "2", "--workers", "0", "--folds", "2", "--mix-prob", "0.5"]
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first, longest first: the workers then end together on short tests, where a long
+    test collected last would leave one of them idle."""
+    def seconds(item) -> float:
+        mark = item.get_closest_marker("slow")
+        return -mark.args[0] if mark else 0.0
+    items.sort(key=seconds)
+
+
 def run_cli(*args: str) -> int:
     return cli.main([str(a) for a in args])
 

@@ -38,7 +38,8 @@ def done_count(path: Path) -> int:
     return -1
 
 
-@pytest.mark.parametrize("suffix,workers", [(".zarr", 1), (".h5", 0)])
+@pytest.mark.parametrize("suffix,workers", [pytest.param(".zarr", 1, marks=pytest.mark.slow(22)),
+                                            pytest.param(".h5", 0, marks=pytest.mark.slow(12))])
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, demo_images, slow_reference, suffix, workers):
     """Killed mid-write (with its decoding workers alive, where it has any), the same command run at
     once resumes (the lock is the build's own, not its workers'), and the result equals an
@@ -53,7 +54,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, demo_images, slow_r
             break
         if suffix == ".h5" and out.exists() and out.stat().st_size > 200_000:
             break
-        time.sleep(0.005)
+        time.sleep(0.02)
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -217,6 +218,7 @@ def test_hdf5_and_zarr_builds_hold_the_same_arrays(tmp_path, demo_images, unlabe
         assert s.backend.kind == "hdf5" and s.ids()[0].endswith((".jpg", ".png"))
 
 
+@pytest.mark.slow(9)
 def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path, demo_images):
     """Spawned decoding workers re-import the calling script; one that builds at import time must be
     told so, in one line, instead of a broken process pool."""

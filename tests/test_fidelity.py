@@ -89,6 +89,7 @@ def test_fresh_views_come_from_the_stores_distribution_and_are_never_the_stored_
     assert len({r.tobytes() for r in fresh}) == len(fresh)
 
 
+@pytest.mark.slow(18)
 def test_the_fidelity_benchmark_writes_its_table_on_tiny_data(demo_images, unlabeled_images, tmp_path):
     build = tmp_path / "build.yaml"
     build.write_text("views:\n  views: 3\n  mix_prob: 0.5\nstore:\n  image_size: 64\n  chunk_size: 8\n"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
@@ -149,6 +150,7 @@ def test_the_spread_head_is_cross_fitted():
     assert not np.allclose(a.fold_weight[1], b.fold_weight[1]) and not np.allclose(a.weight, b.weight)
 
 
+@pytest.mark.slow(8)
 def test_a_build_with_the_spread_head_stores_it_and_a_student_can_follow_it(tmp_path, demo_images, unlabeled_images,
                                                                           capsys):
     from conftest import SMALL, run_cli

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO, SMALL, build_lock_held, run_cli
 from test_build import assert_same_store
@@ -31,6 +32,7 @@ def images_seen(run: Path) -> list[int]:
     return [json.loads(line)["images_seen"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow(18)
 def test_a_two_rank_build_equals_a_one_process_build_whatever_the_threads(tmp_path, demo_images):
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     threads = torch.get_num_threads()
@@ -45,6 +47,7 @@ def test_a_two_rank_build_equals_a_one_process_build_whatever_the_threads(tmp_pa
     assert_same_store(one, two)
 
 
+@pytest.mark.slow(7)
 def test_one_lock_excludes_a_one_process_and_a_two_rank_build(tmp_path, demo_images):
     out = tmp_path / "s.zarr"
     with build_lock_held(out) as pid:
@@ -56,6 +59,7 @@ def test_one_lock_excludes_a_one_process_and_a_two_rank_build(tmp_path, demo_ima
         assert not out.exists()
 
 
+@pytest.mark.slow(22)
 def test_a_fit_stopped_in_one_process_resumes_on_two_ranks_over_every_image_exporting_from_rank_zero(
         tmp_path, small_store):
     """One process, stopped after its first epoch; resumed by two ranks, which cover every image once an

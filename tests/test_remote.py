@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import REPO, SMALL, run_cli, run_module
 from test_build import assert_same_store
 
@@ -32,6 +33,7 @@ def done_chunks(s3, url: str) -> int:
     return len(s3["fs"].ls(key, refresh=True)) if s3["fs"].exists(key) else 0
 
 
+@pytest.mark.slow(30)
 def test_a_fresh_bucket_path_killed_resumes_and_is_verified_trained_from_and_slimmed_into(
         s3, demo_images, unlabeled_images, small_store, tmp_path, capsys):
     """A fresh bucket path, no --overwrite. While one build writes it, a second is refused naming the
@@ -44,12 +46,12 @@ def test_a_fresh_bucket_path_killed_resumes_and_is_verified_trained_from_and_sli
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and done_chunks(s3, url) < 1:
-        time.sleep(0.02)
+        time.sleep(0.1)
     assert run_cli("build", *args) == 2
     line = last_line(capsys.readouterr().err)
     assert f"another build is writing {url}: process {proc.pid} on {socket.gethostname()} holds the lease" in line
     while time.time() < deadline and proc.poll() is None and done_chunks(s3, url) < 2:
-        time.sleep(0.02)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"

@@ -317,6 +317,7 @@ def reference(tmp_path_factory, small_store) -> tuple[list[str], Path]:
     return args, ref
 
 
+@pytest.mark.slow(6)
 def test_a_full_disk_in_fit_ends_in_one_line_and_resume_equals_an_uninterrupted_run(tmp_path, reference, capsys,
                                                                                     monkeypatch):
     args, ref = reference
@@ -361,7 +362,7 @@ def signal_when(ready, sig: int):
                 fired.set()
                 os.kill(os.getpid(), sig)
                 return
-            time.sleep(0.002)
+            time.sleep(0.01)
     old = signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_IGN)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -375,6 +376,7 @@ def signal_when(ready, sig: int):
         signal.signal(sig, old)
 
 
+@pytest.mark.slow(9)
 def test_sigterm_stops_fit_in_one_line_that_says_exactly_what_to_run(tmp_path, reference):
     """A real SIGTERM to a real process (as `timeout` or `docker stop` send it): exit 143, one line with
     the exact command that continues the run, and that command equals never stopping."""
@@ -386,7 +388,7 @@ def test_sigterm_stops_fit_in_one_line_that_says_exactly_what_to_run(tmp_path, r
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").is_file():
             break
-        time.sleep(0.005)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err

@@ -188,6 +188,7 @@ def test_an_epoch_reads_each_chunk_once_and_one_view_of_it(learn_store, monkeypa
     assert sum(len(b.index) for b in batches) == len(loader.indices) == plan.images      # every image, once
 
 
+@pytest.mark.slow(9)
 def test_worker_processes_render_the_same_batches(learn_store):
     """Views rendered in worker processes equal those rendered in the loop, batch for batch, streamed,
     across epochs that read ahead; the workers stay up between epochs (streamed equals in RAM: above)."""
@@ -264,6 +265,7 @@ def test_ranks_share_every_image_once_and_take_the_same_number_of_steps(learn_st
         assert max(sizes) <= 8 and max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.slow(20)
 def test_resume_equals_uninterrupted(tmp_path, small_store):
     """Killed during a streamed epoch (unlabelled images in the mix), resumed: equal to never stopping.
     The killed run renders in a worker process, which exits with it; the other two render in the loop."""
@@ -280,7 +282,7 @@ def test_resume_equals_uninterrupted(tmp_path, small_store):
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 1:
             break
-        time.sleep(0.005)
+        time.sleep(0.02)
     workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
                if "render_pool" in " ".join(c.cmdline()) or "spawn_main" in " ".join(c.cmdline())]
     proc.send_signal(signal.SIGKILL)
@@ -329,6 +331,7 @@ def test_resume_refusal_names_old_and_new_values(tmp_path, learn_store, capsys):
     assert "optim.epochs: stored 1, now 2" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow(17)
 def test_end_to_end_learns_well_above_chance(trained_run):
     summary = json.loads((trained_run / "summary.json").read_text())
     # chance is 0.1 with 10 classes; the classes differ by colour, which a student learns in a few epochs
@@ -510,6 +513,7 @@ def test_eval_skips_and_names_unreadable_files(trained_run, tmp_path, capsys):
     assert err.count("\n") == 1 and "cannot read" in err and ("truncated.jpg" in err or "notes.jpg" in err)
 
 
+@pytest.mark.slow(16)
 def test_sweep_compares_recipes_and_keeps_the_best_run(tmp_path, small_store):
     out = tmp_path / "sweep"
     assert run_trainer("sweep", "--store", small_store, "--out", out, *TINY, "--epochs", "1",
@@ -540,6 +544,7 @@ def test_sweep_compares_recipes_and_keeps_the_best_run(tmp_path, small_store):
     assert (out / "runs" / "labels-s0" / "student.pt").stat().st_mtime == mtime
 
 
+@pytest.mark.slow(13)
 def test_sweep_search_tunes_with_optuna_and_adds_the_best_trial(tmp_path, small_store):
     out = tmp_path / "search"
     assert run_trainer("sweep", "--store", small_store, "--out", out, *TINY, "--epochs", "1", "--recipes", "labels",
@@ -563,6 +568,7 @@ def test_python_api_matches_the_cli(tmp_path, learn_store):
         trainer.fit(store=str(learn_store), out=str(tmp_path / "x"), epoch=3)
 
 
+@pytest.mark.slow(10)
 def test_trainer_fit_never_loads_a_teacher(small_store, tmp_path):
     """A whole `trainer fit` run, not only its imports: no teacher, no transformers, no benchmark code, and
     no scikit-learn (its metrics are computed without it)."""

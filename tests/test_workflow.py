@@ -79,6 +79,7 @@ def test_float16_overflow_in_the_teacher_is_reported(tiny_siglip_dir):
         t.encode(x)
 
 
+@pytest.mark.slow(7)
 def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, small_store, monkeypatch):
     """... and --compile hands its mode to torch.compile (the compiler itself is replaced here: a CPU
     compile of the student takes minutes)."""
@@ -193,6 +194,7 @@ def test_python_api_build_inspect_verify_slim(tmp_path, demo_images):
         featurestore.build(images=str(demo_images), out=str(tmp_path / "x.zarr"), patchgrid=2)
 
 
+@pytest.mark.slow(20)
 def test_notebooks_run_on_the_demo_data(tmp_path):
     """examples/*.ipynb, executed top to bottom (nbclient) on small demo data with a random teacher: one
     kernel, its namespace cleared between the notebooks, so each must import and define what it uses."""
@@ -217,6 +219,7 @@ def test_notebooks_run_on_the_demo_data(tmp_path):
     shutil.rmtree(tmp_path / "demo.zarr")
 
 
+@pytest.mark.slow(7)
 def test_the_demo_teacher_is_the_same_on_a_free_and_a_busy_machine(tmp_path):
     """A fixed number of seeded steps, not a time budget: the same weights whatever else the machine does."""
     import subprocess
