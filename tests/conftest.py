@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -10,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from featurestore import cli
 from featurestore.demo import write_demo_data
@@ -95,7 +95,10 @@ def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Pa
     path = root / "shared" / name
     path.parent.mkdir(exist_ok=True)
     done = path.with_name(name + ".done")
-    with FileLock(str(path) + ".lock"):
+    # a lock file of its own, never deleted, so every process locks the same file (a store's build takes
+    # and deletes <store>.lock)
+    with open(path.with_name(name + ".making"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                       # released when the file closes
         if not done.exists():
             if path.is_dir():                             # left by a process that died making it
                 shutil.rmtree(path)
