@@ -33,8 +33,9 @@ from pathlib import Path
 from benchmarks.common import RESULTS, build_store, machine, md_table
 from featurestore.config import BuildConfig
 from featurestore.errors import KdstoreError
-from featurestore.options import ConfigError, from_dict, load_yaml, merge
+from featurestore.options import ConfigError, from_dict, merge
 from featurestore.reader import StoreReader
+from featurestore.untrusted import load_yaml
 from trainer import recipes
 from trainer.config import FitConfig
 from trainer.plan import steps_per_epoch

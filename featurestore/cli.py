@@ -10,7 +10,7 @@ from featurestore import api, log
 from featurestore.config import BuildConfig
 from featurestore.errors import run_command
 from featurestore.log import logger
-from featurestore.options import add_options, command_parser, json_options, storage_options_flag, values_of
+from featurestore.options import add_options, command_parser, json_options, storage_options_flag, values_of, whole
 
 EPILOG = """examples:
   featurestore demo-data data/demo
@@ -43,8 +43,8 @@ def parser() -> argparse.ArgumentParser:
                         "teacher time on common GPUs", description="Takes the flags of `build` (without --out) "
                         "and estimates the store and the teacher pass before any GPU time is paid.")
     add_options(pl, BuildConfig)
-    pl.add_argument("--sample-images", type=int, default=8, help="images run through the teacher here to measure "
-                    "bytes per view and this machine's speed (default: 8)")
+    pl.add_argument("--sample-images", type=whole(0, 1000), default=8, help="images run through the teacher here to "
+                    "measure bytes per view and this machine's speed (default: 8)")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("slim", parents=[common], help="copy a store keeping only the arrays named",
@@ -66,12 +66,14 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("store")
     v.add_argument("--fix", action="store_true", help="mark what is damaged for repair: then run the same "
                    "`featurestore build` command, which recomputes exactly that")
+    v.add_argument("--digest", type=hex_digest, help="the store digest its builder published (64 hex digits, as "
+                   "`featurestore inspect` prints it): the store must give exactly this one")
     storage_options_flag(v)
 
     d = sub.add_parser("demo-data", parents=[common], help="write a synthetic 10-class ImageFolder of JPEG/PNG files")
     d.add_argument("out")
-    d.add_argument("--per-class", type=int, default=40, help="images per class (default: 40)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the images (default: 0)")
+    d.add_argument("--per-class", type=whole(1, 100_000), default=40, help="images per class (default: 40)")
+    d.add_argument("--seed", type=whole(0), default=0, help="seed of the images (default: 0)")
     d.add_argument("--flat", action="store_true", help="one folder without class subfolders (unlabelled images)")
 
     t = sub.add_parser("demo-teacher", parents=[common], help="train a small SigLIP vision teacher on synthetic "
@@ -80,10 +82,18 @@ def parser() -> argparse.ArgumentParser:
                        "on the CPU for a fixed number of seeded steps (the same weights on any machine), then "
                        "saves it with save_pretrained plus a preprocessor config.")
     t.add_argument("out", help="directory for the checkpoint")
-    t.add_argument("--images", type=int, default=3000, help="synthetic training images (default: 3000)")
-    t.add_argument("--steps", type=int, default=300, help="optimizer steps of 64 views (default: 300)")
-    t.add_argument("--seed", type=int, default=1000, help="seed of the corpus and the weights (default: 1000)")
+    t.add_argument("--images", type=whole(10, 1_000_000), default=3000,
+                   help="synthetic training images (default: 3000)")
+    t.add_argument("--steps", type=whole(1, 1_000_000), default=300, help="optimizer steps of 64 views (default: 300)")
+    t.add_argument("--seed", type=whole(0), default=1000, help="seed of the corpus and the weights (default: 1000)")
     return p
+
+
+def hex_digest(text: str) -> str:
+    value = text.strip().lower().removeprefix("sha256:")
+    if len(value) != 64 or any(ch not in "0123456789abcdef" for ch in value):
+        raise argparse.ArgumentTypeError(f"a store digest is 64 hex digits, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,25 +128,27 @@ def _run(args: argparse.Namespace) -> int:
         s = api.inspect(args.store, json_options(args.storage_options))
         print(json.dumps(s, indent=2) if args.json else format_summary(s))
         return 0
-    return _verify(args.store, args.fix, json_options(args.storage_options))
+    return _verify(args.store, args.fix, json_options(args.storage_options), args.digest)
 
 
-def _verify(path: str, fix: bool, options: dict) -> int:
+def _verify(path: str, fix: bool, options: dict, published: str | None) -> int:
     from featurestore.integrity import check
     from featurestore.schema import StoreError
     try:
-        problems, actions = check(path, fix, options)
+        found, actions = check(path, fix, options, published)
     except StoreError as e:
         logger.error(f"{path}: {e}")
         logger.error(f"{path}: 1 problem(s); it cannot be opened, so --fix cannot mark it: rebuild it with --overwrite"
                      if fix else f"{path}: 1 problem(s)")
         return 1
-    if not problems:
-        print(f"{path}: OK, every chunk of every array read back whole and finite")
+    if not found.problems:
+        print(f"{path}: OK, every chunk of every array read back whole and finite; digest {found.digest}"
+              + (" (the published one)" if published else " (as its build recorded)" if found.recorded else
+                 " (computed now: its build recorded none)"))
         return 0
-    for p in problems:
+    for p in found.problems:
         logger.error(f"{path}: {p.line()}")
-    logger.error(f"{path}: {len(problems)} problem(s)")
+    logger.error(f"{path}: {len(found.problems)} problem(s)")
     for a in actions:
         logger.info(f"fixed: {a}")
     if actions:

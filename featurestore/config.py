@@ -6,9 +6,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featurestore.options import STORAGE_HELP, ConfigError, coerce, json_options, load_yaml, merge, opt, to_dict
+from featurestore.options import (
+    STORAGE_HELP,
+    ConfigError,
+    coerce,
+    from_dict,
+    in_range,
+    json_options,
+    merge,
+    opt,
+    to_dict,
+)
+from featurestore.untrusted import load_yaml
 
 MAX_VIEWS = 1024
+MAX_WORKERS = 64                # decoding processes; more is a typo, and each holds decoded images in memory
+MAX_IMAGE_SIDE = 2048           # stored image side S: crops are rendered from it at the student's size
 
 
 def batch_arg(text: str) -> int:
@@ -77,6 +90,7 @@ class ViewPolicy:
             raise ConfigError(f"views.hue must be in [0, 0.5], got {self.hue}")
         if self.mixup_alpha <= 0:
             raise ConfigError(f"views.mixup_alpha must be > 0, got {self.mixup_alpha}")
+        in_range("views.seed", self.seed, 0)
 
 
 @dataclass
@@ -104,8 +118,7 @@ class TeacherConfig:
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"teacher.dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
-        if self.batch_size < 0:
-            raise ConfigError(f"teacher.batch_size must be >= 0, got {self.batch_size}")
+        in_range("teacher.batch_size", self.batch_size, 0, 4096, "views per teacher forward (0: auto)")
         if "{name}" not in self.prompt_template:
             raise ConfigError(f"teacher.prompt_template must contain {{name}}, got {self.prompt_template!r}")
         for name, texts in self.prompts.items():
@@ -125,18 +138,15 @@ class StoreLayout:
     pca_images: int = opt(128, "images whose patch tokens (4 views each) fit the PCA basis", flag="--pca-images")
 
     def validate(self) -> None:
-        if self.image_size < 8:
-            raise ConfigError(f"store.image_size must be >= 8, got {self.image_size}")
-        if self.chunk_size < 1:
-            raise ConfigError(f"store.chunk_size must be >= 1, got {self.chunk_size}")
+        in_range("store.image_size", self.image_size, 8, MAX_IMAGE_SIDE, "the side of the stored square images")
+        in_range("store.chunk_size", self.chunk_size, 1, 4096, "images per chunk, which a writer and a reader hold "
+                 "in memory at once")
         if self.compression not in ("default", "none", "zstd", "blosc", "lz4", "gzip", "lzf"):
             raise ConfigError(f"store.compression unknown: {self.compression!r}")
-        if self.patch_grid < 0:
-            raise ConfigError(f"store.patch_grid must be >= 0, got {self.patch_grid}")
+        in_range("store.patch_grid", self.patch_grid, 0, 64)
         if self.patch_dim < 0 or (self.patch_dim and not self.patch_grid):
             raise ConfigError(f"store.patch_dim needs a patch grid and must be >= 0, got {self.patch_dim}")
-        if self.pca_images < 1:
-            raise ConfigError(f"store.pca_images must be >= 1, got {self.pca_images}")
+        in_range("store.pca_images", self.pca_images, 1)
 
 
 @dataclass
@@ -162,8 +172,9 @@ class ProbeConfig:
             raise ConfigError(f"probe.spread_neighbors must be >= 1, got {self.spread_neighbors}")
         if not 0 <= self.spread_confidence <= 1:
             raise ConfigError(f"probe.spread_confidence must be in [0, 1], got {self.spread_confidence}")
-        if self.folds < 2:
-            raise ConfigError(f"probe.folds must be >= 2, got {self.folds}")
+        in_range("probe.folds", self.folds, 2, 100)
+        in_range("probe.max_rows", self.max_rows, 1)
+        in_range("probe.seed", self.seed, 0)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"probe.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.c <= 0:
@@ -199,18 +210,19 @@ class BuildConfig:
     workers: int = opt(2, "decoding processes", flag="--workers")
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...", flag="--device")
 
-    def validate(self) -> None:
+    def validate(self, out: bool = True) -> None:
+        """out: the store path is needed (`plan` needs none)."""
         if self.images is None and self.manifest is None:
             raise ConfigError("give --images (an ImageFolder root) or --manifest (a CSV of path,label)")
-        if self.out is None:
+        if out and self.out is None:
             raise ConfigError("give --out, the store path (.zarr or .h5)")
-        if self.out.lower().endswith((".h5", ".hdf5")) and "://" in self.out and not self.out.startswith("file://"):
-            raise ConfigError(f"--out {self.out}: an HDF5 store is one file on a local disk; write it there, then "
-                              "copy it (or use a .zarr store, which lives in a bucket too)")
+        if self.out is not None:
+            check_store_url(self.out, "--out")
         if self.on_bad_image not in ("skip", "fail"):
             raise ConfigError(f"on_bad_image must be skip|fail, got {self.on_bad_image!r}")
-        if self.workers < 0:
-            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        in_range("workers", self.workers, 0, MAX_WORKERS, "decoding processes")
+        in_range("min_side", self.min_side, 1)
+        in_range("max_pixels", self.max_pixels, 1)
         for part in (self.views, self.teacher, self.store, self.probe):
             part.validate()
         if "spread" in self.probe.heads and self.unlabeled is None and self.manifest is None:
@@ -225,6 +237,23 @@ class BuildConfig:
         d["teacher"].pop("batch_size")
         d["teacher"].pop("compile")
         return d
+
+
+def check_store_url(path: str, flag: str) -> None:
+    """A store path: an HDF5 file on a local disk, or a Zarr folder (locally or under a bucket, never a
+    bucket's root, which holds other things than the store)."""
+    remote = "://" in path and not path.startswith("file://")
+    if remote and path.lower().endswith((".h5", ".hdf5")):
+        raise ConfigError(f"{flag} {path}: an HDF5 store is one file on a local disk; write it there, then copy it "
+                          "(or use a .zarr store, which lives in a bucket too)")
+    if remote and not path.split("://", 1)[1].strip("/").partition("/")[2]:
+        raise ConfigError(f"{flag} {path}: a store is a folder inside a bucket (such as {path.rstrip('/')}/derm.zarr), "
+                          "never the bucket itself")
+
+
+def stored_policy(attrs: dict[str, Any]) -> ViewPolicy:
+    """The view policy a store records (settings added since it was written at their defaults)."""
+    return from_dict(ViewPolicy, merge(to_dict(ViewPolicy()), attrs["view_policy"]), "view_policy.")
 
 
 def stored_identity(stored: dict[str, Any]) -> dict[str, Any]:

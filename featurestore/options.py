@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from featurestore.errors import KdstoreError
+from featurestore.untrusted import load_yaml
 
 
 class ConfigError(KdstoreError, ValueError):
@@ -38,6 +38,13 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None 
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def in_range(name: str, value, lo=None, hi=None, why: str = "") -> None:
+    """Refuse a number outside [lo, hi] (None: no bound on that side), naming the setting and the range."""
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f"{lo}..{hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+        raise ConfigError(f"{name} must be {span}, got {value}" + (f": {why}" if why else ""))
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,31 @@ def values_of(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {o.dest: getattr(args, o.dest, None) for o in walk(cls)}
 
 
+def whole(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in [lo, hi] (None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {lo}..{hi}, got {value}" if hi is not None else
+                                             f"must be >= {lo}, got {value}")
+        return value
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def command_parser(prog: str, description: str, epilog: str):
     """The top-level parser of a kdstore command, its subcommand table, and the parent parser that
     gives every subcommand --debug."""
@@ -118,6 +150,11 @@ def load_config(cls: type, config_path: str | None, values: dict[str, Any]) -> A
         raise ConfigError(f"unknown keyword {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else
                                                              f"; known: {', '.join(sorted(table))}"))
     base = load_yaml(config_path) if config_path else {}
+    if config_path:
+        try:
+            from_dict(cls, base)                    # the file's own types first: a flag must not hide them
+        except ConfigError as e:
+            raise ConfigError(f"{config_path}: {e}") from None
     top: dict[str, Any] = {}
     for dest, value in values.items():
         if value is None:
@@ -133,28 +170,7 @@ def load_config(cls: type, config_path: str | None, values: dict[str, Any]) -> A
     return from_dict(cls, merge(base, top))
 
 
-# ---- YAML and typed dataclasses ----------------------------------------------------------------
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping (safe_load: plain data, no tags that build objects); a problem is one line naming
-    the file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        with path.open(encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: {problem} (not valid YAML for kdstore)") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (YAML expected)") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return data
-
-
+# ---- typed dataclasses ----------------------------------------------------------------------
 def to_dict(obj: Any) -> Any:
     """A config as plain data, for records: secret fields (credentials) are left out."""
     if dataclasses.is_dataclass(obj):
@@ -182,6 +198,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
 
 def coerce(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of its settings, got {value!r}")
         return from_dict(hint, value or {}, where + ".")
     origin = typing.get_origin(hint)
     if origin is dict:
@@ -201,8 +219,12 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise ConfigError(f"{where} must be a list of {len(typing.get_args(hint))} numbers, got {value!r}")
         return tuple(float(v) for v in value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where} expects a number, got {value!r}")
+    if hint is float and isinstance(value, int):
+        value = float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     expected = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     if value is not None and not any(isinstance(value, t) for t in expected if isinstance(t, type)):
         raise ConfigError(f"{where} expects {' or '.join(t.__name__ for t in expected)}, got {value!r}")

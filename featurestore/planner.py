@@ -19,11 +19,11 @@ import torch
 from featurestore import views
 from featurestore.backends import backend_class
 from featurestore.config import BuildConfig
-from featurestore.options import ConfigError, to_dict
+from featurestore.options import to_dict
 from featurestore.pca import Moments, fit_basis
 from featurestore.schema import FORMAT_VERSION, SPLIT_HELD_OUT, fields
 from featurestore.sources import BadImage, decode, discover, squash
-from featurestore.teacher import flops_per_view, vision_config, zeroshot_logits
+from featurestore.teacher import check_patch_grid, flops_per_view, vision_config, zeroshot_logits
 from featurestore.writer import StoreWriter
 
 # dense tensor-core peak (TFLOP/s) in the dtype `--dtype auto` picks on each card
@@ -33,12 +33,12 @@ UTILISATION = 0.4                     # assumed share of the peak a ViT forward 
 
 
 def plan(cfg: BuildConfig, sample_images: int = 8) -> dict:
-    if cfg.images is None and cfg.manifest is None:
-        raise ConfigError("give --images (an ImageFolder root) or --manifest (a CSV of path,label)")
+    cfg.validate(out=False)
     listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
     n, k = len(listing.sources), cfg.views.views
     unlabeled = sum(1 for s in listing.sources if s.label < 0)
     vcfg = vision_config(cfg.teacher.id, cfg.teacher.revision)
+    check_patch_grid(cfg.store.patch_grid, vcfg, cfg.teacher.id)
     flops = flops_per_view(vcfg)
     out = {"num_images": n, "labelled": n - unlabeled, "unlabeled": unlabeled, "views_per_image": k, "views": n * k,
            "teacher": cfg.teacher.id, "teacher_image_size": vcfg.image_size, "embed_dim": vcfg.hidden_size,

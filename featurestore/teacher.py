@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from featurestore import devices, views
+from featurestore import devices, untrusted, views
 from featurestore.errors import KdstoreError
 
 RANDOM_ARCHS = {
@@ -60,9 +60,9 @@ class Teacher:
 
     `prepare(batch, compiled=True)` compiles the tower for one batch shape (a shorter batch is padded)."""
 
-    def __init__(self, model, preprocess: Preprocess, info: TeacherInfo, tokenizer, device, dtype):
+    def __init__(self, model, preprocess: Preprocess, info: TeacherInfo, tokenizer, device, dtype, vision_config):
         self.model, self.pre, self.info, self.tokenizer = model, preprocess, info, tokenizer
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.vision_config = device, dtype, vision_config
         self.vision = getattr(model, "vision_model", model)     # SiglipVisionModel is the tower in v5
         self._mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
@@ -189,11 +189,11 @@ def load_teacher(spec: str, revision: str | None = None, device: str = "auto", d
     info = TeacherInfo(
         id=spec, revision=rev, weights=weights, dtype=str(dt).replace("torch.", ""),
         image_size=pre.size, mean=list(pre.mean), std=list(pre.std), resize=pre.resample,
-        embed_dim=vcfg.hidden_size, num_patches=(vcfg.image_size // vcfg.patch_size) ** 2,
+        embed_dim=vcfg.hidden_size, num_patches=token_grid(vcfg) ** 2,
         has_text=has_text and tokenizer is not None,
         extra={"layers": vcfg.num_hidden_layers, "patch_size": vcfg.patch_size,
                "attn_implementation": getattr(model.config, "_attn_implementation", None)})
-    return Teacher(model, pre, info, tokenizer, dev, dt)
+    return Teacher(model, pre, info, tokenizer, dev, dt, vcfg)
 
 
 def vision_config(spec: str, revision: str | None = None):
@@ -201,11 +201,31 @@ def vision_config(spec: str, revision: str | None = None):
     if spec.startswith("random:"):
         return random_config(spec.split(":", 1)[1]).vision_config
     from transformers import AutoConfig
+    config = _hub_call(spec, lambda: untrusted.hf_load(AutoConfig, spec, revision))
+    return getattr(config, "vision_config", config)
+
+
+def token_grid(vcfg) -> int:
+    """Side of the tower's square grid of patch tokens (448 px / 14 px patches: 32)."""
+    return vcfg.image_size // vcfg.patch_size
+
+
+def check_patch_grid(grid: int, vcfg, spec: str) -> None:
+    """A stored patch grid pools the tower's token grid: it cannot be finer than that grid."""
+    side = token_grid(vcfg)
+    if grid > side:
+        raise TeacherError(f"--patch-grid {grid} exceeds the {side} x {side} grid of patch tokens of {spec} "
+                           f"({vcfg.image_size} px in {vcfg.patch_size} px patches); choose 1..{side} (0: no patches)")
+
+
+def _hub_call(spec: str, call):
+    """A transformers call on a teacher spec; what fails becomes one TeacherError saying why."""
     try:
-        config = AutoConfig.from_pretrained(spec, revision=revision)
+        return call()
+    except KdstoreError:
+        raise
     except Exception as e:  # noqa: BLE001 - hub and file errors become one actionable message
         raise TeacherError(_access_message(spec, e)) from None
-    return getattr(config, "vision_config", config)
 
 
 def flops_per_view(vcfg) -> float:
@@ -278,11 +298,7 @@ def _pretrained_teacher(spec: str, revision: str | None, dtype: torch.dtype):
     local = Path(spec).is_dir()
     if not local and (spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).parent.exists()):
         raise TeacherError(f"teacher directory not found: {spec}")
-    kw = dict(revision=revision, trust_remote_code=False)
-    try:
-        config = AutoConfig.from_pretrained(spec, **kw)
-    except Exception as e:  # noqa: BLE001 - hub and file errors become one actionable message
-        raise TeacherError(_access_message(spec, e)) from None
+    config = _hub_call(spec, lambda: untrusted.hf_load(AutoConfig, spec, revision))
     model_type = getattr(config, "model_type", "")
     if model_type == "siglip":
         cls = SiglipModel
@@ -291,19 +307,20 @@ def _pretrained_teacher(spec: str, revision: str | None, dtype: torch.dtype):
     else:
         raise TeacherError(f"{spec} is a {model_type!r} model; kdstore teachers are SigLIP models "
                            "(SiglipModel or SiglipVisionModel)")
-    model = cls.from_pretrained(spec, dtype=dtype, attn_implementation="sdpa", **kw)
+    model = _hub_call(spec, lambda: untrusted.hf_load(cls, spec, revision, weights=True, dtype=dtype,
+                                                              attn_implementation="sdpa"))
     try:
-        proc = SiglipImageProcessor.from_pretrained(spec, revision=revision)
+        proc = untrusted.hf_load(SiglipImageProcessor, spec, revision)
     except Exception as e:  # noqa: BLE001
-        raise TeacherError(f"{spec} has no usable preprocessor_config.json ({e}); it sets the input "
-                           "size, mean/std and resize method") from None
+        raise TeacherError(f"{spec} has no usable preprocessor_config.json ({untrusted.first_line(e)}); it sets the "
+                           "input size, mean/std and resize method") from None
     size = proc.size.get("height") or proc.size.get("shortest_edge")
     pre = Preprocess(int(size), tuple(proc.image_mean), tuple(proc.image_std),
                      _RESAMPLE.get(int(proc.resample), "bicubic"))
     tokenizer = None
     if cls is SiglipModel:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(spec, **kw)
+            tokenizer = untrusted.hf_load(AutoTokenizer, spec, revision)
         except Exception:  # noqa: BLE001 - a model without tokenizer files still gives the probe head
             tokenizer = None
     rev = getattr(config, "_commit_hash", None) or revision
@@ -311,10 +328,15 @@ def _pretrained_teacher(spec: str, revision: str | None, dtype: torch.dtype):
 
 
 def _access_message(spec: str, err: Exception) -> str:
-    text = str(err)
-    if any(s in text for s in ("401", "403", "gated", "restricted", "awaiting a review")):
+    text = untrusted.first_line(err)
+    if Path(spec).is_dir():
+        return f"cannot load the teacher folder {spec}: {text}"
+    if any(s in str(err) for s in ("401", "403", "gated", "restricted", "awaiting a review")):
         return (f"access to {spec} was refused: it is a gated model. Accept its terms on the Hugging Face "
-                f"page of {spec}, then set HF_TOKEN (or run `hf auth login`) and retry. ({text.splitlines()[0]})")
-    return (f"cannot load teacher {spec!r}: not a local directory, and the hub could not provide it "
-            f"({text.splitlines()[0] if text else type(err).__name__}). Offline? Pass a local directory "
-            "saved with save_pretrained, or random:medsiglip-448 / random:tiny for random weights.")
+                f"page of {spec}, then set HF_TOKEN (or run `hf auth login`) and retry. ({text})")
+    if "model.safetensors" in str(err):
+        return (f"{spec} publishes no safetensors weights, and kdstore loads teacher weights from safetensors only "
+                "(pickled .bin weights can run code when they are read); convert them where you trust the file")
+    return (f"cannot load teacher {spec!r}: it is not a local folder, and the hub could not provide it ({text}). "
+            "Offline? Pass a local directory saved with save_pretrained, or random:medsiglip-448 / random:tiny for "
+            "random weights.")

@@ -139,8 +139,9 @@ def test_class_names_are_cleaned_for_prompts():
 def test_reference_config_ships_prompts_for_the_ten_classes():
     from featurestore.config import BuildConfig
     from featurestore.demo import REFERENCE_CLASSES
-    from featurestore.options import from_dict, load_yaml
+    from featurestore.options import from_dict
     from featurestore.sources import class_display_name
+    from featurestore.untrusted import load_yaml
     cfg = from_dict(BuildConfig, load_yaml(REPO / "configs" / "medsiglip-448.yaml") | {"images": "x", "out": "y"})
     cfg.validate()
     cleaned = {class_display_name(c) for c in REFERENCE_CLASSES}

@@ -7,7 +7,6 @@ defaults (the command line calls these same functions).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from featurestore.errors import not_in_a_reimported_script
 from featurestore.options import load_config
 from trainer.config import FitConfig
 from trainer.recipes import DEFAULT_RECIPES
+from trainer.tables import summary_of
 
 
 @dataclass
@@ -33,8 +33,8 @@ def fit(*, config: str | None = None, resume: bool = False, progress: bool = Tru
     not_in_a_reimported_script("trainer.fit")
     from trainer.training import fit as run_fit
     log.enable()
-    out = run_fit(load_config(FitConfig, config, kwargs), resume=resume, progress=progress)
-    return Run(out, json.loads((out / "summary.json").read_text()))
+    out = run_fit(load_config(FitConfig, config, kwargs), resume=resume, progress=progress, config_file=config)
+    return Run(out, summary_of(out))
 
 
 def sweep(*, recipes: str | list[str] = DEFAULT_RECIPES, seeds: int = 3, search: int = 0,

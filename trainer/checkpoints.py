@@ -1,9 +1,10 @@
 """Run files: written whole or not at all, read without running anything they hold.
 
 Checkpoints travel (a run folder shared with a classmate, a `best.pt` from a forum), and a pickle can
-carry code that runs when it is read. Every checkpoint kdstore reads is loaded with
-`torch.load(weights_only=True)`: tensors, numbers, strings and plain containers only; a file that
-needs anything else is refused in one line naming it. kdstore writes nothing else into them.
+carry code that runs when it is read. Every checkpoint kdstore reads is loaded by
+`featurestore.untrusted.load_checkpoint` (`torch.load(weights_only=True)`): tensors, numbers, strings
+and plain containers only; a file that needs anything else is refused in one line naming it. kdstore
+writes nothing else into them.
 
 Writes go to a temporary file with a name of this process's own in the same folder, then replace the
 target in one rename: a crash, a kill or a full disk leaves the previous file whole, and two
@@ -15,20 +16,15 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from featurestore.errors import KdstoreError
+from featurestore.untrusted import load_checkpoint
 
 TMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(KdstoreError, ValueError):
-    """A checkpoint could not be read, or holds more than tensors and plain data."""
 
 
 def write_bytes_atomic(data: bytes | memoryview, path: Path) -> None:
@@ -61,19 +57,7 @@ def save(obj: Any, path: Path) -> None:
 
 def load(path: Path) -> Any:
     """A checkpoint's tensors and plain data; anything else is refused, and nothing in it runs."""
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain data, and kdstore "
-                              f"loads nothing that could run code ({first[:200]}); use a checkpoint written by "
-                              "`trainer fit`") from None
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({first[:200]})") from None
+    return load_checkpoint(path)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

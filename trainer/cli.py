@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from featurestore import log
+from featurestore.config import MAX_WORKERS
 from featurestore.errors import run_command
-from featurestore.options import add_options, command_parser, load_config, values_of
+from featurestore.options import add_options, command_parser, load_config, positive, values_of, whole
 from trainer import api
 from trainer.config import FitConfig
 from trainer.recipes import RECIPES
@@ -48,9 +49,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes: " + ", ".join(
         f"{k} ({v.about})" for k, v in RECIPES.items()) + "; append ':labelled' to ignore unlabelled images "
         f"(default: {','.join(RECIPES)})")
-    s.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default: 3)")
-    s.add_argument("--search", type=int, default=0, help="Optuna trials tuning lr, temperature and loss weights on "
-                   "the held-out images; the best trial becomes the recipe 'search' (default: 0, no search)")
+    s.add_argument("--seeds", type=whole(1, 100), default=3, help="seeds per recipe (default: 3)")
+    s.add_argument("--search", type=whole(0, 10_000), default=0, help="Optuna trials tuning lr, temperature and loss "
+                   "weights on the held-out images; the best trial becomes the recipe 'search' (default: 0, no search)")
     s.add_argument("--eval-images", help="also score every run's student.pt on this ImageFolder as the grader does")
 
     e = sub.add_parser("eval", parents=[common], help="score a TorchScript model on an image folder exactly as "
@@ -59,15 +60,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--images", required=True, help="ImageFolder root")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--save", help="also write the JSON report to this file")
-    e.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
-    e.add_argument("--workers", type=int, default=2, help="decoding processes (default: 2)")
+    e.add_argument("--batch-size", type=whole(1, 4096), default=64, help="images per forward (default: 64)")
+    e.add_argument("--workers", type=whole(0, MAX_WORKERS), default=2, help="decoding processes (default: 2)")
     e.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip", help="skip unreadable files and "
                    "list them in the report, or stop at the first (default: skip)")
 
     x = sub.add_parser("export", parents=[common], help="export a run's best student again (TorchScript or ONNX)")
     x.add_argument("--run", required=True, help="a finished run directory")
     x.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="(default: torchscript)")
-    x.add_argument("--max-mb", type=float, default=25.0, help="refuse a student.pt over this size (default: 25)")
+    x.add_argument("--max-mb", type=positive, default=25.0, help="refuse a student.pt over this size (default: 25)")
 
     r = sub.add_parser("report", parents=[common], help="print a run's summary table, or one table comparing runs",
                        description="One run: its summary. Several runs: one row each (held-out macro-F1 from the "

@@ -6,11 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from featurestore.options import STORAGE_HELP, ConfigError, json_options, opt, to_dict
+from featurestore.config import MAX_WORKERS, check_store_url
+from featurestore.options import STORAGE_HELP, ConfigError, in_range, json_options, opt, to_dict
 from trainer.losses import LossWeights
 from trainer.students import available
 
 HEADS = ["probe", "spread", "zeroshot"]
+MAX_TRAIN_SIDE = 1024
 PRECISIONS = ["auto", "no", "bf16", "fp16"]
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
 
@@ -29,12 +31,13 @@ class OptimConfig:
     ema: float = opt(0.0, "EMA decay per step (0: off); the EMA weights are exported", flag="--ema")
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("optim.epochs and optim.batch_size must be >= 1")
-        if self.steps < 0:
-            raise ConfigError(f"optim.steps must be >= 0 (0: --epochs passes), got {self.steps}")
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        in_range("optim.epochs", self.epochs, 1, 100_000)
+        in_range("optim.batch_size", self.batch_size, 1, 8192)
+        in_range("optim.steps", self.steps, 0, 100_000_000, "0: --epochs passes")
+        if not 0 < self.lr <= 10:
+            raise ConfigError(f"optim.lr must be in (0, 10], got {self.lr}")
+        in_range("optim.weight_decay", self.weight_decay, 0, 10)
+        in_range("optim.warmup_epochs", self.warmup_epochs, 0, 100_000)
         if not 0 <= self.ema < 1:
             raise ConfigError(f"optim.ema is a decay in [0, 1), got {self.ema}")
 
@@ -82,6 +85,7 @@ class FitConfig:
     def validate(self) -> None:
         if not self.store or not self.out:
             raise ConfigError("give --store (a featurestore store) and --out (the run directory)")
+        check_store_url(self.store, "--store")
         if "://" in self.out and not self.out.startswith("file://"):
             raise ConfigError(f"--out {self.out}: a run directory lives on a local disk (its checkpoints are written "
                               "whole and renamed into place); train into a local folder, then copy the run")
@@ -91,14 +95,14 @@ class FitConfig:
             raise ConfigError(f"mixed_precision must be auto|no|bf16|fp16, got {self.mixed_precision!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"compile_mode must be {'|'.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if self.loader_workers < 0:
-            raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers}")
-        if self.buffer_chunks < 1:
-            raise ConfigError(f"buffer_chunks must be >= 1, got {self.buffer_chunks}")
-        if self.image_size < 32:
-            raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
-        if self.log_every < 1:
-            raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
+        in_range("loader_workers", self.loader_workers, 0, MAX_WORKERS, "render processes")
+        in_range("buffer_chunks", self.buffer_chunks, 1, 1024)
+        in_range("image_size", self.image_size, 32, MAX_TRAIN_SIDE, "the training resolution (the grader feeds 224)")
+        in_range("log_every", self.log_every, 1)
+        in_range("seed", self.seed, 0)
+        if not self.max_mb > 0:
+            raise ConfigError(f"max_mb must be > 0, got {self.max_mb}")
+        in_range("ram_budget_gb", self.ram_budget_gb, 0)
         self.loss.validate()
         self.optim.validate()
 

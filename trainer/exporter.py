@@ -2,6 +2,7 @@
 `trainer export`, which exports a finished run's best student again without the store."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from featurestore.errors import KdstoreError
 from featurestore.options import ConfigError
+from featurestore.untrusted import load_yaml, read_json
 from trainer.checkpoints import load as load_checkpoint
 from trainer.checkpoints import write_bytes_atomic, write_text_atomic
 from trainer.run_folder import BEST
@@ -79,9 +80,26 @@ def export_torchscript(student: nn.Module, path: Path, sidecar: dict, max_mb: fl
         raise ExportError(f"{path.name} would be {mb:.2f} MB, over the budget of {max_mb} MB (--max-mb); "
                           "choose a smaller student")
     write_bytes_atomic(buf.getbuffer(), path)
-    sidecar = sidecar | {"mean": list(GRADER_MEAN), "std": list(GRADER_STD), "format": "torchscript", "size_mb": mb}
+    sidecar = sidecar | {"mean": list(GRADER_MEAN), "std": list(GRADER_STD), "format": "torchscript", "size_mb": mb,
+                         "sha256": hashlib.sha256(buf.getbuffer()).hexdigest()}
     write_text_atomic(json.dumps(sidecar, indent=2), path.with_suffix(".json"))
     return path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sidecar_check(model: Path, sidecar: dict | None) -> str:
+    """"matches" when the sidecar (student.json) was written for exactly this file, "differs" when it
+    was written for another (the file was replaced or edited since), "unknown" when it cannot tell."""
+    if not sidecar or not sidecar.get("sha256"):
+        return "unknown"
+    return "matches" if file_sha256(model) == sidecar["sha256"] else "differs"
 
 
 def export_onnx(student: nn.Module, path: Path, size: int, mean=GRADER_MEAN, std=GRADER_STD) -> Path:
@@ -108,12 +126,12 @@ def export_run(run: Path, fmt: str, max_mb: float) -> Path:
     for p in (best, sidecar_path, config):
         if not p.is_file():
             raise ConfigError(f"{run} is not a finished run ({p.name} is missing)")
-    sidecar = json.loads(sidecar_path.read_text())
-    cfg = yaml.safe_load(config.read_text())
+    sidecar = read_json(sidecar_path, f"it is written by `trainer fit`; {run} cannot be exported without it")
+    cfg = load_yaml(config)
     student = create_student(cfg["student"], len(sidecar["classes"]))
     student.load_state_dict(load_checkpoint(best)["student"])
     spec = spec_of(cfg["student"])
     if fmt == "onnx":
         return export_onnx(student, run / "student.onnx", sidecar["input_size"][-1], spec.mean, spec.std)
-    keep = {k: v for k, v in sidecar.items() if k not in ("format", "size_mb", "mean", "std")}
+    keep = {k: v for k, v in sidecar.items() if k not in ("format", "size_mb", "mean", "std", "sha256")}
     return export_torchscript(student, run / "student.pt", keep, max_mb, spec.mean, spec.std)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featurestore.options import ConfigError, opt
+from featurestore.options import ConfigError, in_range, opt
 
 
 def soft_cross_entropy(s: torch.Tensor, q: torch.Tensor, label_smoothing: float = 0.0,
@@ -123,8 +123,12 @@ class LossWeights:
                        choices=GATES)
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError("loss.temperature must be > 0")
+        for term in ("ce", "kd", "dist", "pooled", "patches"):
+            in_range(f"loss.{term}", getattr(self, term), 0, 1000, "a loss weight")
+        if not 0 < self.temperature <= 100:
+            raise ConfigError(f"loss.temperature must be in (0, 100], got {self.temperature}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.kd_gate not in GATES:
             raise ConfigError(f"loss.kd_gate must be none|correct|confidence, got {self.kd_gate!r}")
 

@@ -19,9 +19,12 @@ from pathlib import Path
 
 from featurestore.options import ConfigError
 from featurestore.reader import StoreReader
+from featurestore.untrusted import read_json
 from trainer import recipes as recipes_mod
 from trainer.config import FitConfig
 from trainer.tables import md_table
+
+SWEEP_MARKER = ".kdstore-sweep"
 
 
 @dataclass
@@ -38,6 +41,8 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     out = Path(base.out)
+    from trainer.run_folder import claim
+    claim(out, SWEEP_MARKER, "sweep", made_before=("sweep.json", "runs"))
     with StoreReader.open(base.store, base.storage_options) as s:
         has_patches = "teacher/patches" in {f.name for f in s.fields()}
         teacher = s.attrs.get("metrics", {}).get("probe", {}).get("val_macro_f1")
@@ -107,10 +112,10 @@ def fit_or_reuse(cfg: FitConfig, eval_images: str | None, batches=None) -> dict:
         resume = (run / "checkpoints" / "last.pt").is_file()     # a run started anew if no epoch finished
         t0 = time.perf_counter()
         fit(cfg, resume=resume, progress=False, batches=batches or Loader)
-        summary = json.loads((run / "summary.json").read_text())
+        summary = read_json(run / "summary.json", f"delete the run folder {run} and run the sweep again")
         record.write_text(json.dumps({"seed": cfg.seed, "run": str(run), "val_macro_f1": summary["val_macro_f1"],
                                       "seconds": time.perf_counter() - t0}))
-    result = json.loads(record.read_text())
+    result = read_json(record, f"delete {record} and run the sweep again: it takes the run's summary anew")
     if eval_images and "eval_macro_f1" not in result:
         from trainer.evaluate import evaluate
         m = evaluate(run / "student.pt", eval_images, workers=0)

@@ -1,10 +1,10 @@
 """The tables a person reads at the end: one run's summary, several runs side by side, markdown."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from featurestore.options import ConfigError
+from featurestore.untrusted import read_json
 
 
 def md_table(header: list[str], rows: list) -> str:
@@ -20,7 +20,27 @@ def summary_of(run: Path) -> dict:
     path = Path(run) / "summary.json"
     if not path.is_file():
         raise ConfigError(f"{run} has no summary.json (the run did not finish)")
-    return json.loads(path.read_text())
+    return read_json(path, f"run `trainer fit ... --out {run} --resume` to write it again")
+
+
+def eval_of(path: Path) -> dict:
+    """What `trainer eval --save` wrote."""
+    return read_json(path, f"run `trainer eval --model ... --save {path}` to write it again")
+
+
+def file_state(run: Path, e: dict | None = None) -> str:
+    """Whether run/student.pt is the file the run exported (its sidecar's SHA-256), and whether the
+    grader-style score in eval.json was taken of that very file."""
+    from trainer.evaluate import load_sidecar
+    from trainer.exporter import file_sha256, sidecar_check
+    model = Path(run) / "student.pt"
+    if not model.is_file():
+        return "missing"
+    state = {"matches": "as exported", "differs": "CHANGED since the export (SHA-256 differs from student.json)",
+             "unknown": "not checked (student.json records no SHA-256)"}[sidecar_check(model, load_sidecar(model))]
+    if e is not None and e.get("model_sha256") and e["model_sha256"] != file_sha256(model):
+        state += "; eval.json scored another file"
+    return state
 
 
 def compare_table(runs: list[Path]) -> str:
@@ -28,9 +48,11 @@ def compare_table(runs: list[Path]) -> str:
     rows, fresh = [], None
     for run in runs:
         s = summary_of(run)
-        e = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else None
+        e = eval_of(run / "eval.json") if (run / "eval.json").is_file() else None
         fresh = fresh or (e and e["num_images"])
-        rows.append((run.name, s["student"], s.get("steps", "-"), f3(s.get("val_macro_f1")),
+        state = file_state(run, e)
+        name = run.name if state == "as exported" else f"{run.name} (student.pt {state})"
+        rows.append((name, s["student"], s.get("steps", "-"), f3(s.get("val_macro_f1")),
                      f3(e["macro_f1"]) if e else "-", f"{s['size_mb']:.2f}"))
     teacher = summary_of(runs[0]).get("teacher_probe_val_macro_f1")
     rows.insert(0, ("teacher probe", "-", "-", f3(teacher), "-", "-"))
@@ -46,9 +68,10 @@ def report_table(run: Path, eval_json: str | None = None) -> str:
             ("teacher probe macro-F1 (cross-validated)", f3(s.get("teacher_probe_cv_macro_f1"))),
             ("teacher probe macro-F1 (held-out)", f3(s.get("teacher_probe_val_macro_f1"))),
             ("student macro-F1 (held-out, from store)", f3(s.get("val_macro_f1")))]
-    if eval_json:
-        e = json.loads(Path(eval_json).read_text())
+    e = eval_of(Path(eval_json)) if eval_json else None
+    if e is not None:
         rows.append((f"student macro-F1 (grader eval, {e['num_images']} images)", f3(e["macro_f1"])))
+    rows.append(("student.pt", file_state(Path(run), e)))
     rows += [("student.pt size (MB)", f"{s['size_mb']:.2f}"), ("time per epoch (s)", f"{s['seconds_per_epoch']:.1f}"),
              ("training samples/s", f"{s['samples_per_s']:.0f}"), ("best epoch", str(s["best_epoch"])),
              ("optimizer steps", str(s.get("steps", "-")))]
