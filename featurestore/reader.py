@@ -19,7 +19,7 @@ import numpy as np
 
 from featurestore.backends import Backend, is_local, local_path, open_backend
 from featurestore.errors import STORAGE_HINT
-from featurestore.schema import PROGRESS, Field, StoreError, check_attrs, fields, num_chunks
+from featurestore.schema import PROGRESS, Field, StoreError, check_attrs, fields, layouts, num_chunks
 from featurestore.shards import ShardReadError
 
 
@@ -35,15 +35,28 @@ class StoreReader:
     """A kdstore store, for reading. `StoreReader.open(path)`; the writer hands out one over its own
     backend (`StoreWriter.reader`) for the reads a build makes of what it wrote."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, lock=None):
         self.backend = backend
         self.path = backend.path
         self._attrs: dict[str, Any] | None = None
+        self._lock = lock
 
     @classmethod
-    def open(cls, path: str | Path, storage_options: dict | None = None) -> StoreReader:
-        """storage_options: fsspec options for a store at a URL (endpoint, credentials, ...)."""
-        return cls(open_checked(str(path), "r", storage_options))
+    def open(cls, path: str | Path, storage_options: dict | None = None, reader: str | None = None) -> StoreReader:
+        """storage_options: fsspec options for a store at a URL (endpoint, credentials, ...). reader: who
+        reads ("trainer fit"): hold a reader's lock until `close`, so that no build or repair changes the
+        store meanwhile (and none is under way now); None: a short look, no lock."""
+        lock = None
+        if reader is not None:
+            from featurestore.lock import reader_lock
+            lock = reader_lock(str(path), reader, storage_options)
+            lock.__enter__()
+        try:
+            return cls(open_checked(str(path), "r", storage_options), lock)
+        except BaseException:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+            raise
 
     # ---- what the store is ---------------------------------------------------------------------
     @property
@@ -216,6 +229,9 @@ class StoreReader:
 
     def close(self) -> None:
         self.backend.close()
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
     def __enter__(self) -> StoreReader:
         return self
@@ -242,6 +258,9 @@ def open_checked(path: str, mode: str, options: dict | None = None) -> Backend:
     try:
         attrs = backend.get_attrs()
         check_attrs(attrs, path)
+        if len(attrs["classes"]) < 2:
+            raise StoreError(f"{path} has {len(attrs['classes'])} class ({', '.join(attrs['classes'])}); a classifier "
+                             "needs at least two (one class would score macro-F1 1.0 and learn nothing)")
         links = backend.foreign_links()
         if links:
             raise StoreError(f"{path} holds {'; '.join(links[:5])}: a store holds its own data, and kdstore refuses "
@@ -250,6 +269,11 @@ def open_checked(path: str, mode: str, options: dict | None = None) -> Backend:
         missing = [f.name for f in fields(attrs) + [PROGRESS] if not backend.has(f.name)]
         if missing:
             raise StoreError(f"{path} lacks arrays {missing}; the store is damaged (rebuild it with --overwrite)")
+        wrong = layout_problems(backend, attrs)
+        if wrong:
+            more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+            raise StoreError(f"{path}: {'; '.join(wrong[:3])}{more}; the store is damaged or was edited: rebuild it "
+                             "with --overwrite")
     except StoreError:
         backend.close()
         raise
@@ -257,6 +281,22 @@ def open_checked(path: str, mode: str, options: dict | None = None) -> Backend:
         backend.close()
         raise StoreError(f"cannot open {path} as a {_kind(path)} store: {first_line(e)}") from None
     return backend
+
+
+def layout_problems(backend: Backend, attrs: dict) -> list[str]:
+    """Arrays whose shape or dtype is not the one the store format lays out for these attributes."""
+    out = []
+    dtypes = {f.name: f.dtype for f in fields(attrs) + [PROGRESS]}
+    for name, layout in layouts(attrs).items():
+        if not backend.has(name):
+            continue
+        shape = backend.shape(name)
+        if shape != layout.shape:
+            out.append(f"{name} has shape {shape} where the store format has {layout.shape}")
+        want = dtypes.get(name)
+        if want not in (None, "str") and backend.dtype(name) != np.dtype(want):
+            out.append(f"{name} has dtype {backend.dtype(name)} where the store format has {want}")
+    return out
 
 
 def _kind(path: str) -> str:

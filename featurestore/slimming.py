@@ -19,11 +19,11 @@ ALWAYS = ("labels", "split", "ids", "sha256")
 
 def slim(src: str, dst: str, keep: list[str], storage_options: dict | None = None) -> None:
     """storage_options: for stores at URLs (the source, the copy, or both: slim straight into a bucket)."""
-    from featurestore.integrity import verify
+    from featurestore.integrity import seal_with_digest
     keep = [k.strip() for k in keep if k.strip()]
     if occupied(dst, storage_options):
         raise ConfigError(f"{dst} exists; slim writes a new store")
-    with StoreReader.open(src, storage_options) as s:
+    with StoreReader.open(src, storage_options, reader="featurestore slim") as s:
         if not s.complete:
             raise StoreError(f"{src} is not complete; finish its build before slimming it")
         names = [f.name for f in s.fields()]
@@ -31,7 +31,9 @@ def slim(src: str, dst: str, keep: list[str], storage_options: dict | None = Non
         if unknown:
             raise ConfigError(f"{src} has no arrays {unknown}; its arrays are {', '.join(names)}")
         dropped = [name for name in names if name not in keep and name not in ALWAYS]
-        attrs = dict(s.attrs) | {"dropped": sorted(set(s.attrs.get("dropped", [])) | set(dropped)), "slimmed_from": src}
+        attrs = {k: v for k, v in s.attrs.items() if k != "digest"} | {
+            "dropped": sorted(set(s.attrs.get("dropped", [])) | set(dropped)), "slimmed_from": src,
+            "slimmed_from_digest": s.attrs.get("digest")}
         compression = s.attrs.get("config", {}).get("store", {}).get("compression", "default")
         if backend_class(dst).kind != s.backend.kind:
             compression = "default"
@@ -45,14 +47,13 @@ def slim(src: str, dst: str, keep: list[str], storage_options: dict | None = Non
             for key in s.small_keys():
                 d.write_small(key, s.small(key))
             d.set_attrs({"format_version": attrs["format_version"]})
-            d.seal()
+            try:
+                seal_with_digest(d)
+            except StoreError as e:
+                raise StoreError(f"{dst} did not verify: {e}") from None
             before = sum(s.stored_bytes(f.name) for f in s.fields())
             after = sum(d.reader.stored_bytes(f.name) for f in d.reader.fields())
         finally:
             d.close()
-    with StoreReader.open(dst, storage_options) as d:
-        problems = verify(d)
-    if problems:
-        raise StoreError(f"{dst} did not verify: {problems[0].line()} ({len(problems)} problem(s))")
     logger.info(f"wrote {dst}: kept {', '.join(f.name for f in fields(attrs))}; dropped "
                 f"{', '.join(dropped) or 'nothing'}; {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB; verified")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from featurestore.backends import is_local
+from featurestore.integrity import index_problems
 from featurestore.reader import StoreReader
 from featurestore.schema import StoreError, bad_target_rows
 
@@ -29,13 +30,18 @@ class Chunk:
 class StoreData:
     def __init__(self, path: str, head: str | None, need_pooled: bool, need_patches: bool,
                  ram_budget_gb: float = 2.0, storage_options: dict | None = None):
-        self.store = s = StoreReader.open(path, storage_options)
+        self.store = StoreReader.open(path, storage_options, reader="trainer fit")
+        try:
+            self._open(path, head, need_pooled, need_patches, ram_budget_gb)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _open(self, path: str, head: str | None, need_pooled: bool, need_patches: bool, ram_budget_gb: float) -> None:
+        s = self.store
         if not s.complete:
             raise StoreError(f"{path} is not complete ({int(s.done().sum())}/{s.num_chunks} chunks done, or its "
                              "heads not fitted); finish it with the same `featurestore build` command first")
-        if len(s.classes) < 2:
-            raise StoreError(f"{path} has {len(s.classes)} class ({', '.join(s.classes)}); a classifier needs at least "
-                             "two (one class would score macro-F1 1.0 and learn nothing)")
         if head is not None and head not in s.heads():
             raise StoreError(f"{path} has no {head!r} head; it has {s.heads()}")
         present = {f.name for f in s.fields()}
@@ -48,7 +54,12 @@ class StoreData:
                              "to 0")
         if need_pooled and "teacher/pooled" not in present:
             raise StoreError(f"{path} holds no teacher/pooled (slimmed away); set the pooled loss weight to 0")
-        s.ids(), s.read("sha256"), s.done()                       # the small arrays are read whole: damage stops here
+        problems = index_problems(s)                              # what verify refuses, fit refuses
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise StoreError(f"{path}: {problems[0].line()}{more}; `featurestore verify {path}` lists every problem, "
+                             f"and `featurestore verify --fix {path}` then the build command repair them")
+        s.read("sha256"), s.done()                                # the small arrays are read whole: damage stops here
         for key in s.small_keys():
             s.small(key)
         self.classes, self.n, self.k, self.chunk_size = s.classes, s.num_images, s.views_per_image, s.chunk_size
@@ -69,6 +80,10 @@ class StoreData:
             for name in self.names.values():
                 self.ram[name] = s.read(name)
                 check_targets(s, name, self.ram[name], 0)
+
+    def close(self) -> None:
+        """Done reading: the store's reader lock is released."""
+        self.store.close()
 
     def bytes_needed(self) -> int:
         """Raw bytes of everything a run reads: images and every view of each needed target."""

@@ -40,12 +40,13 @@ from trainer.state import TrainState, best_dict, build_model
 from trainer.students import create_student, size_mb, spec_of
 
 
-def fit(cfg: FitConfig, resume: bool = False, progress: bool = True, batches=Loader) -> Path:
+def fit(cfg: FitConfig, resume: bool = False, progress: bool = True, batches=Loader,
+        config_file: str | None = None) -> Path:
     """Train (or resume) the run in cfg.out, on one process or all of a `torchrun`/`accelerate launch`.
     Rank 0 alone owns the run folder: it holds the run lock throughout and makes the folder ready
     while the other ranks wait (a refusal stops them all); a full disk ends in one sentence that says
     how to go on. batches: what makes the training batches, called as Loader is (a Loader subclass:
-    the same plan, other targets)."""
+    the same plan, other targets). config_file: the YAML the config came from (never overwritten)."""
     cfg.validate()
     check_launch()
     out = Path(cfg.out)
@@ -57,7 +58,7 @@ def fit(cfg: FitConfig, resume: bool = False, progress: bool = True, batches=Loa
         if accelerator.is_main_process:
             try:
                 stack.enter_context(FileLock(out, "trainer fit"))
-                run_folder.prepare(out, resume)
+                run_folder.prepare(out, resume, config_file)
             except Exception as e:  # noqa: BLE001 - raised below, once the other ranks heard of it
                 error = e
         stopped = _share(accelerator, None if error is None else " ".join(str(error).split()))
@@ -84,6 +85,12 @@ def _fit(cfg: FitConfig, out: Path, resume: bool, progress: bool, accelerator, m
         data = open_data(cfg)
     except NonFiniteError as e:
         run_folder.fail(out, str(e))
+    with contextlib.closing(data):                   # the store's reader lock, held while it is read
+        return _train(cfg, data, out, resume, progress, accelerator, mp, batches)
+
+
+def _train(cfg: FitConfig, data: StoreData, out: Path, resume: bool, progress: bool, accelerator, mp: str,
+           batches) -> Path:
     train_idx, val_idx = training_images(cfg, data.split)
     device, spec = accelerator.device, spec_of(cfg.student)
     batched = devices.caps_of(device).batched_kernels
@@ -275,12 +282,14 @@ def finish(cfg: FitConfig, data: StoreData, out: Path) -> dict:
     spec = spec_of(cfg.student)
     sidecar = {"classes": data.classes, "input_size": [3, cfg.image_size, cfg.image_size],
                "student": cfg.student, "store": str(cfg.store), "teacher": data.store.attrs["teacher"]["id"],
-               "teacher_weights": data.store.attrs["teacher"]["weights"], "epoch": best["epoch"] + 1}
+               "teacher_weights": data.store.attrs["teacher"]["weights"],
+               "store_digest": data.store.attrs.get("digest"), "epoch": best["epoch"] + 1}
     path = exporter.export_torchscript(student, out / "student.pt", sidecar, cfg.max_mb, spec.mean, spec.std)
     if cfg.onnx:
         exporter.export_onnx(student, out / "student.onnx", cfg.image_size, spec.mean, spec.std)
     probe = data.store.attrs.get("metrics", {}).get("probe", {})
     summary = {"student": cfg.student, "size_mb": path.stat().st_size / 1e6, "params_mb": size_mb(student),
+               "student_sha256": exporter.file_sha256(path), "store_digest": data.store.attrs.get("digest"),
                "best_epoch": best["epoch"] + 1, "steps": sum(h.get("steps", 0) for h in _history(out)),
                "teacher_probe_cv_macro_f1": probe.get("cv_macro_f1"),
                "teacher_probe_val_macro_f1": probe.get("val_macro_f1"),
@@ -305,4 +314,4 @@ def _history(out: Path) -> list[dict]:
 def _store_summary(data: StoreData) -> dict:
     a = data.store.attrs
     return {"path": data.store.path, "teacher": a["teacher"]["id"], "weights": a["teacher"]["weights"],
-            "created": a["created"], "num_images": data.n, "views_per_image": data.k}
+            "created": a["created"], "digest": a.get("digest"), "num_images": data.n, "views_per_image": data.k}
