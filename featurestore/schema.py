@@ -88,6 +88,16 @@ class Field:
 PROGRESS = Field("progress/done", "bool", ("Nc",), "progress", "none")
 INDEX_FIELDS = ("labels", "split", "sha256", "ids", "views/params")
 
+# The small arrays, each written whole as one checksummed chunk: what recomputes each head's logits
+# (under heads/<head>/), and the patch basis (under pca/patches/). F: the probe's folds.
+HEAD_ARRAYS = {
+    "probe": {"weight": ("C", "D"), "bias": ("C",), "fold_weight": ("F", "C", "D"), "fold_bias": ("F", "C")},
+    "spread": {"weight": ("C", "D"), "bias": ("C",), "fold_weight": ("F", "C", "D"), "fold_bias": ("F", "C")},
+    "zeroshot": {"text_embeds": ("C", "D"), "logit_scale": ("1",), "logit_bias": ("1",)},
+}
+PCA_ARRAYS = {"mean": ("D",), "basis": ("d", "D"), "eigenvalues": ("D",)}
+PCA_GROUP = "pca/patches"
+
 
 def fields(attrs: dict) -> list[Field]:
     """The data arrays of a store with these attributes (slim stores list what they dropped)."""
@@ -111,7 +121,26 @@ def sizes(attrs: dict) -> dict[str, int]:
     n, chunk = attrs["num_images"], attrs["chunk_size"]
     return {"N": n, "K": attrs["views_per_image"], "P": len(attrs["param_names"]), "C": len(attrs["classes"]),
             "D": attrs["embed_dim"], "g": attrs["patch_grid"], "d": attrs.get("patch_dim") or attrs["embed_dim"],
-            "S": attrs["image_size"], "Nc": num_chunks(n, chunk)}
+            "S": attrs["image_size"], "Nc": num_chunks(n, chunk),
+            "F": attrs.get("identity", {}).get("probe", {}).get("folds", 0)}
+
+
+def small_arrays(attrs: dict) -> dict[str, tuple[int, ...]]:
+    """key -> shape of every small array a finished store with these attributes holds."""
+    size = sizes(attrs) | {"1": 1}
+    dims = {f"heads/{h}/{name}": d for h in attrs["heads"] for name, d in HEAD_ARRAYS[h].items()}
+    if attrs.get("patch_basis_fitted"):
+        dims |= {f"{PCA_GROUP}/{name}": d for name, d in PCA_ARRAYS.items()}
+    return {key: tuple(size[x] for x in d) for key, d in dims.items()}
+
+
+def layouts(attrs: dict) -> dict[str, Layout]:
+    """Every array a store with these attributes holds (once finished), by name: the fields, the progress
+    marks and the small arrays (one chunk each). What `--overwrite` may delete, and what verify checks
+    the store's arrays against, derive from this."""
+    size, chunk = sizes(attrs), attrs["chunk_size"]
+    out = {f.name: f.layout(size, chunk) for f in fields(attrs) + [PROGRESS]}
+    return out | {key: Layout(shape, shape, shape) for key, shape in small_arrays(attrs).items()}
 
 
 def num_chunks(n: int, chunk_size: int) -> int:

@@ -29,10 +29,11 @@ from featurestore.pass_parts import ChunkOutputs, ChunkWriter, Decoded, Stages
 from featurestore.pca import Moments, PatchBasis, fit_basis
 from featurestore.ranks import Rank
 from featurestore.reader import StoreReader
+from featurestore.schema import PCA_ARRAYS, PCA_GROUP
 from featurestore.teacher import Teacher, TeacherError
 from featurestore.writer import StoreWriter
 
-PCA_KEYS = {"mean": "pca/patches/mean", "basis": "pca/patches/basis", "eigenvalues": "pca/patches/eigenvalues"}
+PCA_KEYS = {name: f"{PCA_GROUP}/{name}" for name in PCA_ARRAYS}
 PCA_VIEWS_PER_IMAGE = 4          # unmixed views of each sampled image whose patch tokens fit the basis
 
 

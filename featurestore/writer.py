@@ -62,6 +62,15 @@ class StoreWriter:
         for name, value in arrays.items():
             self.write_small(f"heads/{head}/{name}", np.asarray(value))
 
+    def drop_head(self, head: str, why: str) -> None:
+        """Remove a head (its logits and small arrays) from the store, noting why in the build report."""
+        for key in (f"teacher/logits/{head}", f"heads/{head}"):               # an array and a group
+            if self.backend.has(key):
+                self.backend.delete(key)
+        report = dict(self.attrs["report"])
+        report["notes"] = list(report.get("notes", [])) + [{"id": f"heads/{head}", "note": why}]
+        self.set_attrs({"heads": [h for h in self.attrs["heads"] if h != head], "report": report})
+
     def mark_done(self, c: int, value: bool = True) -> None:
         self.backend.write(PROGRESS.name, c, np.array([value]))
 

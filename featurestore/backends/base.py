@@ -2,13 +2,13 @@
 small groups, and the check that a folder or file is a kdstore store."""
 from __future__ import annotations
 
-import json
+import itertools
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from featurestore.schema import MARKER_ATTRS, Field, Layout
+from featurestore.schema import MARKER_ATTRS, Field, Layout, layouts
 from featurestore.shards import ShardReader
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -54,15 +54,41 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def not_a_store(names: list[str], read_root, entries: set[str]) -> str | None:
-    foreign = sorted(n for n in names if n not in entries)
+def foreign_entries(entries: list[str], attrs: dict | None, expected) -> str | None:
+    """None if `entries` (what is at a store's path: files, folders, objects, relative names) are all
+    what a store kdstore made with these attributes may hold (`expected(attrs)`, the manifest the schema
+    gives), else why not, naming what else is there. attrs None: its root document could not be read."""
+    if attrs is None:
+        shown = sorted(e for e in entries if "/" not in e)
+        return (f"it holds {', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''} and no readable zarr.json"
+                if shown else "it has no readable zarr.json")
+    if not all(a in attrs for a in MARKER_ATTRS):
+        return "it lacks kdstore's format attributes"
+    try:
+        known = expected(attrs)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return "its attributes are damaged, so what it should hold cannot be told"
+    foreign = sorted(set(entries) - known)
     if foreign:
         return f"it holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which a store does not"
-    try:
-        attrs = set(json.loads(read_root()).get("attributes") or {})
-    except (OSError, ValueError, AttributeError):
-        return "it has no readable zarr.json"
-    return None if all(a in attrs for a in MARKER_ATTRS) else "it lacks kdstore's format attributes"
+    return None
+
+
+def zarr_manifest(attrs: dict) -> set[str]:
+    """Every file (object) a Zarr store with these attributes may hold, and the folders they lie in:
+    the root's, each group's and each array's zarr.json, and each chunk (shard) of each array, as
+    zarr's default chunk keys name them (`<array>/c/<i>/<j>/...`)."""
+    out = {"zarr.json"}
+    for name, layout in layouts(attrs).items():
+        parts = name.split("/")
+        out |= {"/".join(parts[:i]) for i in range(1, len(parts) + 1)}                 # folders
+        out |= {"/".join(parts[:i]) + "/zarr.json" for i in range(1, len(parts) + 1)}
+        grid = [-(-size // chunk) for size, chunk in zip(layout.shape, layout.chunk)]
+        for index in itertools.product(*map(range, grid)):
+            key = "/".join(map(str, index))
+            out |= {f"{name}/c", f"{name}/c/{key}"} | {f"{name}/c/" + "/".join(map(str, index[:i]))
+                                                       for i in range(1, len(index))}
+    return out
 
 
 def first_line(e: BaseException) -> str:

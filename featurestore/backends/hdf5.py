@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.backends.base import SMALL_GROUPS, first_line, is_local, local_path
-from featurestore.schema import MARKER_ATTRS, Field, Layout, StoreError
+from featurestore.backends.base import SMALL_GROUPS, first_line, foreign_entries, is_local, local_path
+from featurestore.schema import Field, Layout, StoreError, layouts
 from featurestore.shards import ShardReader
 
 _JSON_ATTRS = "json_attributes"              # names of the attributes stored as JSON text
@@ -142,16 +142,27 @@ class Hdf5Backend:
     # ---- what kdstore made ---------------------------------------------------------------------
     @classmethod
     def not_made_by_kdstore(cls, path: str, options: dict | None = None) -> str | None:
+        """None if the file at `path` is a store kdstore made, holding no group or dataset a store does
+        not, else why not."""
         p = Path(local_path(path))
         if not p.is_file():
             return "it is not a file"
         try:
-            import h5py
-            with h5py.File(p, "r") as f:
-                names = set(f.attrs)
+            store = cls(str(p), "r")
         except Exception as e:  # noqa: BLE001 - unreadable: it cannot be shown to be a store
             return f"it cannot be read as HDF5 ({first_line(e)})"
-        return None if all(a in names for a in MARKER_ATTRS) else "it lacks kdstore's format attributes"
+        try:
+            names: list[str] = []
+            store.root.visit(names.append)
+            attrs = store.get_attrs()
+        except Exception:  # noqa: BLE001 - attributes that do not parse cannot be a store's
+            attrs = {}
+        finally:
+            store.close()
+
+        def manifest(a: dict) -> set[str]:
+            return {"/".join(n.split("/")[:i]) for n in layouts(a) for i in range(1, n.count("/") + 2)}
+        return foreign_entries(names, attrs, manifest)
 
     @classmethod
     def remove(cls, path: str, options: dict | None = None) -> None:

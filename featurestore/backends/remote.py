@@ -5,10 +5,11 @@ Endpoint, credentials and options come from the usual places (AWS_ENDPOINT_URL, 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
-from featurestore.backends.base import first_line, not_a_store
+from featurestore.backends.base import first_line, foreign_entries, zarr_manifest
 from featurestore.backends.zarr_local import ZarrBackend
 from featurestore.schema import StoreError
 from featurestore.shards import CachedFiles, FsspecFiles
@@ -56,17 +57,32 @@ class RemoteZarr(ZarrBackend):
         return bool(fs.exists(key) and fs.ls(key, detail=False))
 
     @classmethod
-    def not_made_by_kdstore(cls, path: str, options: dict | None = None) -> str | None:
+    def _listing(cls, path: str, options: dict | None) -> tuple[object, str, list[str], dict | None]:
+        """(filesystem, key, every object under the store's key relative to it, the root attributes)."""
         fs, key = filesystem(path, options or {})
-        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(key, detail=False)] if fs.exists(key) else []
+        names = [n[len(key) + 1:] for n in fs.find(key)] if fs.exists(key) else []
+        try:
+            attrs = json.loads(fs.cat_file(f"{key}/zarr.json")).get("attributes") or {}
+        except (OSError, ValueError, AttributeError):
+            attrs = None
+        return fs, key, names, attrs
+
+    @classmethod
+    def not_made_by_kdstore(cls, path: str, options: dict | None = None) -> str | None:
+        _, _, names, attrs = cls._listing(path, options)
         if not names:
             return "it holds nothing"
-        return not_a_store(names, lambda: fs.cat_file(f"{key}/zarr.json"), cls.ENTRIES)
+        folders = {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
+        return foreign_entries(names + sorted(folders), attrs, zarr_manifest)
 
     @classmethod
     def remove(cls, path: str, options: dict | None = None) -> None:
-        fs, key = filesystem(path, options or {})
-        fs.rm(key, recursive=True)
+        """Delete the objects of the store's own manifest, and nothing else under its key."""
+        fs, key, names, attrs = cls._listing(path, options)
+        known = zarr_manifest(attrs)
+        doomed = [f"{key}/{n}" for n in names if n in known]
+        if doomed:
+            fs.rm(doomed)
 
 
 CACHE_ENV, CACHE_GB_ENV = "KDSTORE_CACHE", "KDSTORE_CACHE_GB"

@@ -4,6 +4,7 @@ carries consolidated metadata (`seal`), so opening it is one read of its root do
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.backends.base import SMALL_GROUPS, local_path, not_a_store
+from featurestore.backends.base import SMALL_GROUPS, foreign_entries, local_path, zarr_manifest
 from featurestore.schema import Field, Layout, StoreError
 from featurestore.shards import LocalFiles, ShardReader
 
@@ -158,8 +159,6 @@ class ZarrBackend:
         pass
 
     # ---- what kdstore made ---------------------------------------------------------------------
-    ENTRIES = {"zarr.json", "images", "labels", "split", "sha256", "ids", "views", "teacher", "progress", *SMALL_GROUPS}
-
     @classmethod
     def occupied(cls, path: str, options: dict | None = None) -> bool:
         """Whether anything is at `path` (an empty folder is nothing)."""
@@ -167,18 +166,47 @@ class ZarrBackend:
         return p.exists() and not (p.is_dir() and not any(p.iterdir()))
 
     @classmethod
+    def _entries(cls, p: Path) -> list[str]:
+        """Every file, folder and link below p, relative (links are entries, never followed)."""
+        out = []
+        for folder, dirs, files in os.walk(p):
+            here = Path(folder).relative_to(p)
+            out += [(here / n).as_posix() for n in dirs + files]
+        return out
+
+    @classmethod
+    def _root_attrs(cls, p: Path) -> dict | None:
+        try:
+            return json.loads((p / "zarr.json").read_text()).get("attributes") or {}
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    @classmethod
     def not_made_by_kdstore(cls, path: str, options: dict | None = None) -> str | None:
-        """None if the folder at `path` is a store kdstore made, else why not."""
+        """None if the folder at `path` is a store kdstore made, holding nothing else, else why not."""
         p = Path(local_path(path))
         if not p.is_dir():
             return "it is not a folder"
-        return not_a_store([e.name for e in p.iterdir()], lambda: (p / "zarr.json").read_text(), cls.ENTRIES)
+        return foreign_entries(cls._entries(p), cls._root_attrs(p), zarr_manifest)
 
     @classmethod
     def remove(cls, path: str, options: dict | None = None) -> None:
-        import shutil
+        """Delete the store's own files (its manifest), then the folders they leave empty."""
         p = Path(local_path(path))
-        p.unlink() if p.is_symlink() else shutil.rmtree(p)
+        if p.is_symlink():
+            p.unlink()
+            return
+        known = zarr_manifest(cls._root_attrs(p))
+        for name in sorted(known, key=lambda n: -n.count("/")):         # files first, deepest folders first
+            q = p / name
+            if q.is_file() and not q.is_symlink():
+                q.unlink()
+        for name in sorted(known, key=lambda n: -n.count("/")):
+            q = p / name
+            if q.is_dir() and not q.is_symlink() and not any(q.iterdir()):
+                q.rmdir()
+        if not any(p.iterdir()):
+            p.rmdir()
 
 
 @contextlib.contextmanager
