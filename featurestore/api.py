@@ -52,10 +52,10 @@ def inspect(store: str, storage_options: dict | None = None) -> dict:
         return summarize(s)
 
 
-def verify(store: str, fix: bool = False, storage_options: dict | None = None) -> list[str]:
-    """`featurestore verify [--fix]`: one line per problem (empty: the store is whole)."""
+def verify(store: str, fix: bool = False, storage_options: dict | None = None, digest: str | None = None) -> list[str]:
+    """`featurestore verify [--fix] [--digest HEX]`: one line per problem (empty: the store is whole)."""
     from featurestore.integrity import check
-    return [p.line() for p in check(store, fix, storage_options)[0]]
+    return [p.line() for p in check(store, fix, storage_options, digest)[0].problems]
 
 
 def demo_data(out: str, per_class: int = 40, seed: int = 0, flat: bool = False) -> Path:

@@ -28,6 +28,7 @@ from featurestore.backends import backend_class
 from featurestore.config import BuildConfig, stored_identity
 from featurestore.errors import KdstoreError
 from featurestore.index import make_index, write_index
+from featurestore.integrity import seal_with_digest
 from featurestore.lock import store_lock
 from featurestore.log import logger
 from featurestore.options import ConfigError, config_diff, to_dict
@@ -37,6 +38,7 @@ from featurestore.ranks import Rank, check_launch
 from featurestore.scan import decode_side, scan
 from featurestore.schema import FORMAT_VERSION, StoreError
 from featurestore.sources import Listing, class_display_name, discover, file_fingerprint
+from featurestore.teacher import check_patch_grid, vision_config
 from featurestore.teacher_pass import (
     fit_patch_basis,
     images_of,
@@ -69,6 +71,7 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
     clock = {"start": time.perf_counter()}
     out, options = cfg.out, cfg.storage_options
     listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
+    check_patch_grid(cfg.store.patch_grid, vision_config(cfg.teacher.id, cfg.teacher.revision), cfg.teacher.id)
     fingerprint = file_fingerprint(listing.sources)
     store = main_first(rank, lambda: _resume(out, cfg, fingerprint, overwrite),
                        lambda: _resume(out, cfg, fingerprint, False))
@@ -126,7 +129,10 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
                          "last_build": {"device": str(teacher.device), "ranks": rank.world, "views": views_run,
                                         "batch": teacher.batch, "compiled": teacher.compiled, "stages": stages,
                                         "seconds": {k: round(v, 2) for k, v in clock.items() if k != "start"}}})
-        store.seal()
+        t0 = time.perf_counter()
+        seal_with_digest(store)
+        logger.info(f"verified {out} and recorded its digest {store.attrs['digest']} "
+                    f"({time.perf_counter() - t0:.1f}s)")
     store.close()
     total = time.perf_counter() - clock.pop("start")
     stats = {"views": views_run, "total_s": total, "batch": teacher.batch, "compiled": teacher.compiled,

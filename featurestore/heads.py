@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from featurestore.config import BuildConfig
 from featurestore.log import logger
-from featurestore.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED
+from featurestore.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED, bad_target_rows
 from featurestore.writer import StoreWriter
 
 T = TypeVar("T")
@@ -246,6 +246,7 @@ def fit_heads(store: StoreWriter, cfg: BuildConfig, zeroshot: dict[str, np.ndarr
     del x, rows
     view0 = {name: np.empty((n, c), np.float32) for name in heads}
     zeroshot0 = np.empty((n, c), np.float32) if zeroshot is not None else None
+    degenerate = 0                                  # zero-shot views whose logits no student could learn from
     for ch in range(r.num_chunks):
         a, b = r.chunk_range(ch)
         pooled = r.read("teacher/pooled", a, b)                                               # (chunk, K, D)
@@ -257,6 +258,7 @@ def fit_heads(store: StoreWriter, cfg: BuildConfig, zeroshot: dict[str, np.ndarr
             z = zeroshot_from_pooled(pooled, zeroshot)                                        # (chunk, K, C)
             store.write("teacher/logits/zeroshot", a, z)
             zeroshot0[a:b] = z[:, 0]
+            degenerate += sum(int(rows.sum()) for _, rows in bad_target_rows(z, lead=2))
     metrics = {}
     for name, head in heads.items():
         store.write_head(name, head.arrays())
@@ -264,6 +266,12 @@ def fit_heads(store: StoreWriter, cfg: BuildConfig, zeroshot: dict[str, np.ndarr
     if spread_rows:
         metrics["spread"] |= {"neighbors": cfg.probe.spread_neighbors, "confidence": cfg.probe.spread_confidence,
                               "spread_rows": spread_rows}
-    if zeroshot0 is not None:
+    if degenerate:
+        why = (f"the zero-shot head is left out: its logits are constant (or not finite) for {degenerate} of {n * k} "
+               "views, so they carry nothing a student could learn (the class prompts embed all but identically "
+               f"under {r.attrs['teacher']['id']}; other --prompts may help)")
+        logger.warning(why)
+        store.drop_head("zeroshot", why)
+    elif zeroshot0 is not None:
         metrics["zeroshot"] = zeroshot_metrics(zeroshot0, labels, c)
     return metrics

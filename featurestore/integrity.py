@@ -1,25 +1,41 @@
-"""`featurestore verify [--fix]`: read every chunk of every array and say, one line each, what is wrong.
+"""`featurestore verify [--fix] [--digest HEX]`: read every chunk of every array and say, one line
+each, what is wrong.
 
 Problems: checksum mismatches, unreadable or missing chunks (a deleted shard, a damaged shard
-index), non-finite or constant teacher outputs (all-zero: never written), values outside their range.
-`fix` marks what the same `featurestore build` command can recompute: damaged chunks of the teacher
-pass become not done, damaged index arrays are rewritten from the image files, damaged heads are
-refitted; the build then repairs exactly those.
+index), arrays of another shape or dtype than the format lays out, non-finite or constant teacher
+outputs (all-zero: never written), labels, splits and ids that cannot be, view params that are not the
+ones the view seed draws (rows swapped or edited), and a store digest that differs from the one its
+build recorded (or from the published one). The whole-store checks (`index_problems`) are the very
+ones `trainer fit` refuses a store on. `fix` marks what the same `featurestore build` command can
+recompute: damaged chunks of the teacher pass become not done, damaged index arrays are rewritten
+from the image files, damaged heads are refitted; the build then repairs exactly those.
 """
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
 from featurestore import views
+from featurestore.config import stored_policy
+from featurestore.digest import Digest
 from featurestore.lock import store_lock
+from featurestore.options import ConfigError
 from featurestore.reader import ChunkError, StoreReader
-from featurestore.schema import INDEX_FIELDS, NO_LABEL, PROGRESS, SPLIT_UNLABELED, StoreError, bad_target_rows
+from featurestore.schema import (
+    INDEX_FIELDS,
+    NO_LABEL,
+    PROGRESS,
+    SPLIT_UNLABELED,
+    StoreError,
+    bad_target_rows,
+    small_arrays,
+)
 from featurestore.writer import StoreWriter
 
 PASS_ARRAYS = ("images", "teacher/pooled", "teacher/patches")                              # teacher pass
-TEACHER_OUTPUTS = ("teacher/pooled", "teacher/patches", "teacher/logits/zeroshot", "teacher/logits/probe")
 
 
 @dataclass(frozen=True)
@@ -42,25 +58,40 @@ _WORDS = {"checksum": "checksum mismatch (the bytes on disk were changed)",
           "missing": "missing (file deleted or never written)"}
 
 
-def check(path: str, fix: bool = False, storage_options: dict | None = None) -> tuple[list[Problem], list[str]]:
-    """Open the store at `path` and verify it; with fix, mark what is damaged (see `fix`), holding the
-    build lock as a build does, so that no build writes the store meanwhile. Returns the problems and
-    what was marked. A store that cannot be opened raises StoreError."""
+@dataclass
+class Verification:
+    problems: list[Problem]
+    digest: str | None          # the store digest computed from what was read; None where it is not whole
+    recorded: str | None        # the digest its build recorded
+
+
+def check(path: str, fix: bool = False, storage_options: dict | None = None,
+          published: str | None = None) -> tuple[Verification, list[str]]:
+    """Open the store at `path` and verify it (against the `published` digest too, when given); with fix,
+    mark what is damaged (see `fix`), holding the build lock as a build does, so that no build writes
+    the store meanwhile. Returns what was found and what was marked. A store that cannot be opened
+    raises StoreError."""
     if not fix:
-        with StoreReader.open(path, storage_options) as store:
-            return verify(store), []
+        with StoreReader.open(path, storage_options, reader="featurestore verify") as store:
+            return examine(store, published), []
     with store_lock(path, "build", storage_options), StoreWriter.open(path, storage_options) as writer:
-        problems = verify(writer.reader)
-        actions = fix_store(writer, problems) if problems else []
+        found = examine(writer.reader, published)
+        actions = fix_store(writer, found.problems) if found.problems else []
         if actions:
             writer.seal()
-        return problems, actions
+        return found, actions
 
 
 def verify(store: StoreReader) -> list[Problem]:
-    """Every problem found; an empty list means the store is whole (links out of a store are refused
-    when it is opened, naming them)."""
+    """Every problem found; an empty list means the store is whole (links out of a store, and arrays of
+    another layout, are refused when it is opened, naming them)."""
+    return examine(store).problems
+
+
+def examine(store: StoreReader, published: str | None = None) -> Verification:
+    """verify's pass: every chunk of every array read and checked, the digest computed on the way."""
     problems: list[Problem] = []
+    digest = Digest()
     try:
         done = store.done()
     except ChunkError as e:
@@ -77,30 +108,60 @@ def verify(store: StoreReader) -> list[Problem]:
                 continue
             if f.name.startswith("teacher/logits/") and not store.complete:
                 continue
-            problems += _check_chunk(store, f.name, c)
-    problems += _check_index(store)
+            found, x = _check_chunk(store, f.name, c)
+            problems += found
+            if x is not None:
+                digest.array(f.name, c, x)
+    with contextlib.suppress(ChunkError):           # a damaged chunk: already named by the chunk pass
+        problems += index_problems(store)
     for key in store.small_keys():
         try:
             value = store.small(key)
         except ChunkError as e:
             problems.append(Problem(key, None, None, _describe(e)))
             continue
+        digest.small(key, value)
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             problems.append(Problem(key, None, None, "non-finite values"))
-    if store.attrs.get("patch_dim") and store.attrs["patch_dim"] != store.attrs["embed_dim"] \
-            and store.attrs.get("patch_basis_fitted") and "pca/patches/basis" not in store.small_keys():
-        problems.append(Problem("pca/patches/basis", None, None, "missing"))
+    if store.complete:
+        held = set(store.small_keys())
+        problems += [Problem(key, None, None, "missing (the build writes it with the heads; run the build again "
+                             "after `verify --fix`)") for key in small_arrays(store.attrs) if key not in held]
     if not store.complete and not len(waiting):
         problems.append(Problem("heads", None, None, "the heads are not fitted (the build did not finish); "
                                 "run the build again"))
-    return problems
+    whole = store.complete and not problems
+    computed = digest.finish(store.attrs) if whole else None
+    recorded = store.attrs.get("digest")
+    if whole and recorded is not None and computed != recorded:
+        problems.append(Problem("digest", None, None, f"the store's content gives the digest {computed}, not the "
+                                f"{recorded} its build recorded: it was changed after the build (a chunk rewritten "
+                                "with its checksum recomputed, or an attribute edited)"))
+    if published is not None and computed != published.lower():
+        got = computed or "not computable (see the problems above)"
+        problems.append(Problem("digest", None, None, f"the store's digest is {got}, not the published {published}: "
+                                "it is not the store that was published, or it was changed since"))
+    return Verification(problems, computed, recorded)
+
+
+def seal_with_digest(store: StoreWriter) -> None:
+    """Read the finished store back as `verify` does and record its digest (the store must verify)."""
+    store.set_attrs({"digest": None})                # a repaired store's old digest no longer holds
+    store.seal()
+    found = examine(store.reader)
+    if found.problems:
+        raise StoreError(f"{store.path} was written but does not verify: {found.problems[0].line()}"
+                         + (f" (and {len(found.problems) - 1} more problems)" if len(found.problems) > 1 else ""))
+    store.set_attrs({"digest": found.digest})
+    store.seal()
 
 
 def _describe(e: ChunkError) -> str:
     return _WORDS.get(e.kind, e.text)
 
 
-def _check_chunk(store: StoreReader, name: str, c: int) -> list[Problem]:
+def _check_chunk(store: StoreReader, name: str, c: int) -> tuple[list[Problem], np.ndarray | None]:
+    """The problems of store chunk c of `name`, and its rows (None where they could not be read)."""
     a, b = store.chunk_range(c)
 
     def problem(what: str) -> Problem:
@@ -108,49 +169,60 @@ def _check_chunk(store: StoreReader, name: str, c: int) -> list[Problem]:
     try:
         x = store.read(name, a, b)
     except ChunkError as e:
-        return [problem(_describe(e))]
+        return [problem(_describe(e))], None
     out = []
-    if name in TEACHER_OUTPUTS:                                    # per (image, view), as the trainer checks
+    if name.startswith("teacher/"):                                # per (image, view), as the trainer checks
         for what, rows in bad_target_rows(x, lead=2):
             out.append(problem(f"teacher outputs with {what} in images {_listing(a + np.flatnonzero(rows.any(1)))}"))
     elif x.dtype.kind == "f":
         bad = ~np.isfinite(x).reshape(len(x), -1).all(1)
         if bad.any():
             out.append(problem(f"non-finite values in images {_listing(a + np.flatnonzero(bad))}"))
-    if name == "views/params":
-        out += [problem(w) for w in _param_problems(store, x, a, b)]
-    return out
+    return out, x
 
 
-def _param_problems(store: StoreReader, params: np.ndarray, a: int, b: int) -> list[str]:
-    out = []
-    if not np.allclose(params[:, 0], views.canonical_params()):
-        out.append("view 0 is not canonical")
-    box = params[..., :4]
-    if (box < 0).any() or (box > 1).any() or (box[..., 2] <= box[..., 0]).any() or (box[..., 3] <= box[..., 1]).any():
-        out.append("invalid crop boxes")
-    partner = params[..., views.COL["mix_partner"]]
-    if ((partner >= 0) & ((partner < a) | (partner >= b))).any():
-        out.append("mix partners outside their chunk")
-    return out
-
-
-def _check_index(store: StoreReader) -> list[Problem]:
-    """Whole-store checks of the index arrays (each read chunk by chunk first, so damage is named)."""
-    try:
-        labels, split, ids = store.read("labels"), store.read("split"), store.ids()
-    except ChunkError:
-        return []                                   # already reported by the chunk pass
+def index_problems(store: StoreReader) -> list[Problem]:
+    """The whole-store checks `verify` and `trainer fit` share: labels, splits and ids that cannot be,
+    and view params that are not the ones the store's view seed draws. A damaged chunk of these arrays
+    raises ChunkError."""
+    labels, split, ids = store.read("labels"), store.read("split"), store.ids()
     c, folds = len(store.classes), store.attrs["identity"]["probe"]["folds"]
     out = []
     if labels.min() < NO_LABEL or labels.max() >= c:
-        out.append(Problem("labels", None, None, f"labels outside {NO_LABEL}..{c - 1}"))
+        bad = np.flatnonzero((labels < NO_LABEL) | (labels >= c))
+        values = sorted(set(labels[bad].tolist()))[:5]
+        out.append(Problem("labels", None, None, f"labels outside {NO_LABEL}..{c - 1} ({values}) in images "
+                           f"{_listing(bad)}"))
     if split.min() < SPLIT_UNLABELED or split.max() >= folds or ((labels < 0) != (split == SPLIT_UNLABELED)).any():
         out.append(Problem("split", None, None, f"split values outside {SPLIT_UNLABELED}..{folds - 1} or not matching "
                            "the labels"))
-    if len(set(ids)) != len(ids):
-        out.append(Problem("ids", None, None, "ids are repeated"))
+    twice = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if twice:
+        out.append(Problem("ids", None, None, f"ids are repeated ({', '.join(twice[:3])}): one file stored as two "
+                           "images"))
+    if "views/params" in {f.name for f in store.fields()}:
+        out += _param_problems(store, split)
     return out
+
+
+def _param_problems(store: StoreReader, split: np.ndarray) -> list[Problem]:
+    """View params are a pure function of the view policy, the image and the view (and the image's
+    mixing group in its chunk): each row is drawn again and compared."""
+    try:
+        policy = stored_policy(store.attrs)
+    except ConfigError as e:
+        return [Problem("views/params", None, None, f"the store's view_policy attribute cannot be read ({e})")]
+    groups, bad = views.mixing_groups(split), []
+    for c in range(store.num_chunks):
+        a, b = store.chunk_range(c)
+        x = store.read("views/params", a, b)
+        want = views.sample_params(policy, a, b, groups[a:b])
+        bad += (a + np.flatnonzero(~(x == want).reshape(b - a, -1).all(1))).tolist()
+    if not bad:
+        return []
+    return [Problem("views/params", None, None, f"the view params of images {_listing(np.array(bad))} are not the ones "
+                    "the store's view seed draws (rows swapped or edited): the teacher scored other views than these "
+                    "rows say")]
 
 
 def _listing(idx: np.ndarray) -> str:
@@ -195,10 +267,10 @@ def _rewrite_done(store: StoreWriter, problems: list[Problem]) -> str:
     """A damaged progress array: every chunk whose pass arrays are whole counts as done again."""
     bad = {p.chunk for p in problems if p.array in PASS_ARRAYS and p.chunk is not None}
     r = store.reader
-    done = np.array([c not in bad and not any(_check_chunk(r, f.name, c) for f in r.fields()
+    done = np.array([c not in bad and not any(_check_chunk(r, f.name, c)[0] for f in r.fields()
                                               if f.name in PASS_ARRAYS) for c in range(r.num_chunks)])
     store.reset_done(done)
     return f"progress/done rewritten: {int(done.sum())}/{len(done)} chunks done"
 
 
-__all__ = ["Problem", "check", "verify", "fix_store", "StoreError"]
+__all__ = ["Problem", "Verification", "check", "examine", "fix_store", "index_problems", "verify", "StoreError"]

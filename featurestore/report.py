@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from featurestore.reader import StoreReader
+from featurestore.reader import ChunkError, StoreReader
 from featurestore.schema import SPLIT_HELD_OUT
 
 SHOW_SKIPPED = 20
@@ -24,6 +24,11 @@ def summarize(store: StoreReader) -> dict:
     reasons = Counter(_reason_kind(s["reason"]) for s in skipped)
     metrics = a.get("metrics", {})
     done = store.done()
+    from featurestore.integrity import index_problems
+    try:
+        problems = [p.line() for p in index_problems(store)]
+    except ChunkError as e:
+        problems = [str(e)]
     return {
         "path": store.path, "backend": store.backend.kind, "format_version": a["format_version"],
         "complete": store.complete, "chunks_done": int(done.sum()), "num_chunks": int(len(done)),
@@ -50,7 +55,7 @@ def summarize(store: StoreReader) -> dict:
         "zeroshot": metrics.get("zeroshot", {}),
         "last_build": a.get("last_build"),
         "view_policy": a["view_policy"], "created": a["created"], "git_sha": a["git_sha"],
-        "package_version": a["package_version"],
+        "package_version": a["package_version"], "digest": a.get("digest"), "problems": problems,
     }
 
 
@@ -64,6 +69,9 @@ def format_summary(s: dict) -> str:
     if s["teacher"]["weights"] == "random":
         lines += ["!" * 72, f"!! RANDOM TEACHER WEIGHTS ({s['teacher']['id']}): outputs carry no knowledge;",
                   "!! fine for demos, tests and benchmarks, useless for distillation.", "!" * 72]
+    if s["problems"]:
+        lines += ["!" * 72, f"!! THIS STORE HAS {len(s['problems'])} PROBLEM(S); `trainer fit` refuses it and "
+                  "`featurestore verify` lists them:"] + [f"!!   {p}" for p in s["problems"][:5]] + ["!" * 72]
     state = "complete" if s["complete"] else f"INCOMPLETE ({s['chunks_done']}/{s['num_chunks']} chunks done)"
     lines += [
         f"store      {s['path']}  ({s['backend']}, format {s['format_version']}, {state})",
@@ -116,6 +124,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"zero-shot  macro-F1 {z['zeroshot_macro_f1']:.3f}, accuracy {z['zeroshot_accuracy']:.3f}")
     if s.get("last_build"):
         lines.append(format_build(s["last_build"]))
+    lines.append(f"digest     {s['digest']} (`featurestore verify --digest` checks a copy against it)" if s["digest"]
+                 else "digest     none recorded (built by an older kdstore, or not finished); `featurestore verify` "
+                 "computes it")
     return "\n".join(lines)
 
 
