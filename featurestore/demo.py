@@ -7,13 +7,14 @@ Folder names are the reference dataset's, so sorted() puts "10. ..." at index 1,
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from featurestore.children import end_with, mp_context
 
 REFERENCE_CLASSES = [
     "1. Eczema", "2. Melanoma", "3. Atopic Dermatitis", "4. Basal Cell Carcinoma (BCC)",
@@ -82,7 +83,8 @@ def write_demo_data(out: str | Path, per_class: int = 40, seed: int = 0, sizes: 
             jobs.append((folder / f"{stem}{'.png' if j % 3 == 2 else '.jpg'}", c, j, seed, sizes))
     workers = min(16, os.cpu_count() or 1) if workers is None else workers
     if workers > 1 and len(jobs) >= 4 * workers:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=end_with,
+                                 initargs=(os.getpid(),)) as pool:
             list(pool.map(_write_one, jobs, chunksize=8))
     else:
         for job in jobs:

@@ -10,6 +10,7 @@ hub checkpoint is laid out, so `featurestore build --teacher <dir>` loads it lik
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -21,11 +22,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from featurestore import views
+from featurestore.children import end_with, mp_context
 from featurestore.config import ViewPolicy
 from featurestore.demo import REFERENCE_CLASSES, make_image
 
 SIZE, PATCH = 64, 8                   # 8 x 8 patch tokens
 TOWER = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+THREADS = 2                           # fixed: the same sums, so the same weights, on any machine
 
 
 def _corpus_part(args) -> np.ndarray:
@@ -41,12 +44,24 @@ def _corpus_part(args) -> np.ndarray:
 def corpus(n: int, seed: int, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """n synthetic demo images (balanced classes) at 2x the teacher's input side, and their labels."""
     parts = [(seed, a, min(a + 250, n)) for a in range(0, n, 250)]
-    with ProcessPoolExecutor(workers) as ex:
+    with ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=end_with, initargs=(os.getpid(),)) as ex:
         images = np.concatenate(list(ex.map(_corpus_part, parts)))
     return images, np.arange(n) % len(REFERENCE_CLASSES)
 
 
 def train_demo_teacher(out: str | Path, images: int = 3000, steps: int = 300, seed: int = 1000) -> str:
+    """Train and save the demo teacher on THREADS threads, whatever the machine's cores: a sum split over
+    another number of threads rounds differently, and the same seed must give the same weights on a
+    2-core laptop, on a busy core (`taskset -c 0`) and on a 64-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        return _train(out, images, steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out: str | Path, images: int, steps: int, seed: int) -> str:
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     t_start = time.perf_counter()

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from featurestore.children import mp_context, worker_init
 from featurestore.config import BuildConfig
 from featurestore.reader import StoreReader
-from featurestore.scan import decode_side, mp_context, worker_deaths
+from featurestore.scan import decode_side, worker_deaths
 from featurestore.sources import DatasetError, DecodeSet
 from featurestore.teacher import Teacher
 from featurestore.writer import StoreWriter
@@ -32,7 +33,8 @@ class Decoded:
         self.workers = cfg.workers
         data = DecodeSet([(i, paths[i], shas[i]) for i in images], s, decode_side(teacher.pre.size, s),
                          cfg.min_side, cfg.max_pixels)
-        kw = {"prefetch_factor": 8, "multiprocessing_context": mp_context()} if cfg.workers else {}
+        kw = ({"prefetch_factor": 8, "multiprocessing_context": mp_context(), "worker_init_fn": worker_init()}
+              if cfg.workers else {})
         pin = teacher.device.type == "cuda"                  # copied to the GPU without blocking the loop
         with worker_deaths(cfg.workers):
             self._items = iter(DataLoader(data, batch_size=None, num_workers=cfg.workers, pin_memory=pin, **kw)

@@ -7,7 +7,7 @@ A class left without readable images stops the build here, before any GPU time i
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import os
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from featurestore.children import end_with, mp_context
 from featurestore.config import BuildConfig
 from featurestore.errors import KdstoreError
 from featurestore.sources import BadImage, DatasetError, Listing, Source, decode
@@ -33,12 +34,6 @@ class ScanResult:
 def decode_side(teacher_size: int, image_size: int) -> int:
     """Longest side kept when decoding: crops never need more than twice the larger render size."""
     return 2 * max(teacher_size, image_size)
-
-
-def mp_context():
-    """Decoding processes started clean: spawned, they inherit no open store or lock, and they are
-    the build's own children, so they notice within seconds when a killed build leaves them behind."""
-    return multiprocessing.get_context("spawn")
 
 
 @contextlib.contextmanager
@@ -68,7 +63,8 @@ def _check(args):
 
 def scan(listing: Listing, cfg: BuildConfig, max_side: int) -> ScanResult:
     jobs = [(s, cfg.min_side, cfg.max_pixels, max_side) for s in listing.sources]
-    pool = ProcessPoolExecutor(cfg.workers, mp_context=mp_context()) if cfg.workers > 1 else contextlib.nullcontext()
+    pool = (ProcessPoolExecutor(cfg.workers, mp_context=mp_context(), initializer=end_with, initargs=(os.getpid(),))
+            if cfg.workers > 1 else contextlib.nullcontext())
     with pool as ex, worker_deaths(cfg.workers):
         results = (ex.map(_check, jobs, chunksize=16) if cfg.workers > 1 else map(_check, jobs))
         results = list(tqdm(results, total=len(jobs), desc="checking images", unit="img",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
 import traceback
 import weakref
@@ -22,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from featurestore import views
+from featurestore.children import end_with
 from featurestore.errors import KdstoreError
 
 
@@ -29,7 +31,8 @@ class RenderWorkerError(KdstoreError, RuntimeError):
     """A render worker failed or died; the message carries its error."""
 
 
-def _work(tasks, results, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+def _work(tasks, results, size: int, mean: Sequence[float], std: Sequence[float], parent_pid: int) -> None:
+    end_with(parent_pid)                           # a killed training process takes its workers with it
     torch.set_num_threads(1)                       # one core each: the workers are the parallelism
     known: dict[int, torch.Tensor] = {}            # shared buffers by key, mapped once
     parent = mp.parent_process()
@@ -85,7 +88,7 @@ class RenderPool:
     def __init__(self, workers: int, size: int, mean: Sequence[float], std: Sequence[float]):
         ctx = mp.get_context("spawn")                # no fork: the parent runs threads (readers, BLAS)
         self.tasks, self.results = [ctx.Queue() for _ in range(workers)], ctx.Queue()
-        self.procs = [ctx.Process(target=_work, args=(q, self.results, size, tuple(mean), tuple(std)),
+        self.procs = [ctx.Process(target=_work, args=(q, self.results, size, tuple(mean), tuple(std), os.getpid()),
                                   name=f"kdstore-render-{i}", daemon=True) for i, q in enumerate(self.tasks)]
         for p in self.procs:
             p.start()
