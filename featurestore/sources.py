@@ -101,22 +101,43 @@ def _refuse_repeats(sources: list[Source]) -> None:
                                "listed once (an image in --unlabeled must not be among the labelled ones)")
 
 
-def _image_files(root: Path, rel_to: Path, prefix: str = "") -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
-    """(path, id) of every image file below root, and (id, reason) of the other files."""
+def image_files(root: Path, rel_to: Path, prefix: str = "", extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+                ) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """(path, id) of every image file below `root`, ids relative to `rel_to`, and (id, reason) of every
+    other entry. Links are followed only into the tree: a link to a folder never (it can lead out of
+    the tree, or back into it, and list its files twice or without end), a link to a file only when
+    it resolves inside `rel_to`. A name that is not valid UTF-8 gets an id with those bytes escaped."""
     found, ignored = [], []
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        rel = prefix + p.relative_to(rel_to).as_posix()
-        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
-            ignored.append((rel, f"not an image file extension ({p.suffix or 'none'})"))
-        else:
-            found.append((p, rel))
-    return found, ignored
+    inside = rel_to.resolve()
+    for folder, dirs, files in os.walk(root):                  # followlinks=False: linked folders not entered
+        here = Path(folder)
+        for name in sorted(dirs):
+            if (here / name).is_symlink():
+                ignored.append((prefix + _shown((here / name).relative_to(rel_to)), "a link to a folder (not "
+                                "followed: it could lead out of the folder or back into it)"))
+        for name in files:
+            p = here / name
+            rel = prefix + _shown(p.relative_to(rel_to))
+            if p.name.startswith(".") or p.suffix.lower() not in extensions:
+                ignored.append((rel, f"not an image file extension ({p.suffix or 'none'})"))
+            elif p.is_symlink() and not p.resolve().is_relative_to(inside):
+                ignored.append((rel, f"a link out of the folder, to {p.resolve()} (not followed)"))
+            elif not p.is_file():
+                ignored.append((rel, "not a file (a broken link, a device or a pipe)"))
+            else:
+                found.append((p, rel))
+    return sorted(found), sorted(ignored)
+
+
+def _shown(rel: Path) -> str:
+    """A path as text, bytes that are not UTF-8 escaped (\\xNN): every id and report line is valid UTF-8."""
+    return os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace")
 
 
 def _unlabeled_tree(root: Path) -> tuple[list[Source], list[tuple[str, str]]]:
     if not root.is_dir():
         raise DatasetError(f"unlabelled image folder not found: {root}")
-    found, ignored = _image_files(root, root, UNLABELED_PREFIX)
+    found, ignored = image_files(root, root, UNLABELED_PREFIX)
     if not found:
         raise DatasetError(f"{root} holds no image files (--unlabeled takes any tree of images)")
     return [Source(str(p.resolve()), rel, NO_LABEL) for p, rel in found], ignored
@@ -138,7 +159,7 @@ def _from_folder(root: Path, explicit: list[str] | None) -> Listing:
         classes = explicit
     sources, ignored = [], []
     for label, name in enumerate(classes):
-        found, skipped = _image_files(root / name, root)
+        found, skipped = image_files(root / name, root)
         ignored += skipped
         sources += [Source(str(p.resolve()), rel, label) for p, rel in found]
         if not found:

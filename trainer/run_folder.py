@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from featurestore.options import ConfigError
 from trainer import checkpoints
 
 FAILED = "FAILED"
+MARKER = ".kdstore-run"               # written by `trainer fit` before anything else: the folder is a run's
 LAST = Path("checkpoints") / "last.pt"
 BEST = Path("checkpoints") / "best.pt"
 STARTED = {"config.yaml", "metrics.jsonl", "checkpoints", FAILED}     # what a run writes before its first epoch ends
@@ -27,9 +29,30 @@ class TrainingError(KdstoreError, RuntimeError):
     """Training cannot go on (a non-finite loss or target); the run directory is marked failed."""
 
 
-def prepare(out: Path, resume: bool) -> None:
-    """Refuse what must not be overwritten; clear what an interrupted start left; make the folder."""
+def claim(out: Path, marker: str, what: str, made_before: tuple[str, ...] = ()) -> None:
+    """Make `out` a folder of `what` (a run, a sweep), marked by the file `marker`, or refuse it: a folder
+    that holds anything and carries no marker is someone else's (made_before: files that show it was made
+    by a kdstore from before the markers, which is taken as marked)."""
+    if out.is_dir() and not (out / marker).is_file():
+        held = sorted(p.name for p in out.iterdir())
+        if held and not any((out / p).exists() for p in made_before):
+            raise ConfigError(f"{out} is not empty and is not a {what} folder kdstore made (it holds "
+                              f"{', '.join(held[:5])}{' ...' if len(held) > 5 else ''}, and no {marker} marker); pick "
+                              "a new --out (kdstore never overwrites what it did not write)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / marker).is_file():
+        from featurestore.provenance import now, record
+        checkpoints.write_text_atomic(json.dumps({"made_by": f"kdstore {what}", "created": now()} | record()) + "\n",
+                                      out / marker)
+
+
+def prepare(out: Path, resume: bool, config_file: str | None = None) -> None:
+    """Refuse what must not be overwritten; claim the folder (its marker first); clear what an interrupted
+    start left. config_file: the YAML the run was configured from, which the run must not overwrite."""
     ckpt, failed = out / LAST, out / FAILED
+    if config_file and not resume and Path(config_file).resolve().parent == out.resolve():
+        raise ConfigError(f"--config {config_file} lies in the run folder {out}, where a run writes its own "
+                          "config.yaml and metrics; keep your config outside the run folder")
     if failed.is_file() and (resume or ckpt.is_file()):
         reason = failed.read_text().strip()
         raise ConfigError(f"{out} failed and cannot be resumed: {reason}" if resume else
@@ -37,11 +60,12 @@ def prepare(out: Path, resume: bool) -> None:
     if resume and not ckpt.is_file():
         raise ConfigError(f"nothing to resume in {out} (no {ckpt}: no epoch had finished); run the same command "
                           "without --resume to start it")
-    if not resume and out.is_dir():
-        if ckpt.is_file():
-            raise ConfigError(f"run directory {out} is not empty; pass --resume to continue the run it holds, or "
-                              "pick a new --out")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in STARTED)
+    if not resume and ckpt.is_file():
+        raise ConfigError(f"run directory {out} is not empty; pass --resume to continue the run it holds, or "
+                          "pick a new --out")
+    claim(out, MARKER, "run", made_before=(str(LAST),))
+    if not resume:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in STARTED | {MARKER})
         if (out / "checkpoints").is_dir():
             foreign += sorted(f"checkpoints/{p.name}" for p in (out / "checkpoints").iterdir()
                               if p.name != BEST.name and not p.name.endswith(checkpoints.TMP_SUFFIX))
@@ -50,7 +74,7 @@ def prepare(out: Path, resume: bool) -> None:
                               "pick a new --out (kdstore never deletes what it did not write)")
         for name in STARTED:
             p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     checkpoints.remove_stale_temporaries(out)
     checkpoints.remove_stale_temporaries(out / "checkpoints")
