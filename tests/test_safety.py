@@ -454,18 +454,22 @@ def test_a_second_fit_on_the_same_folder_is_refused(tmp_path, small_store, capsy
         proc.wait()
 
 
-def test_verify_fix_takes_the_build_lock(tmp_path, small_store, capsys):
+def test_verify_fix_takes_the_build_lock_and_verify_waits_for_a_writer(tmp_path, small_store, capsys):
     store = tmp_path / "s.zarr"
     shutil.copytree(small_store, store)
     with build_lock_held(store) as pid:
         assert run_cli("verify", store, "--fix") == 2
         assert f"another build is writing {store}: process {pid}" in last_line(capsys.readouterr().err)
-        assert run_cli("verify", store) == 0                  # reading needs no lock
+        assert run_cli("verify", store) == 2                  # what it read could be half written
+        assert f"{store} is being written: process {pid} on " in last_line(capsys.readouterr().err)
+        assert run_cli("inspect", store) == 0                 # a look at its progress needs no lock
+    assert run_cli("verify", store) == 0
 
 
 def test_an_interrupted_first_epoch_leaves_a_folder_the_same_command_accepts(tmp_path, small_store, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".kdstore-run").write_text("{}\n")                  # a fit writes its marker before anything else
     (out / "config.yaml").write_text("left by a start that was killed\n")
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / ".last.pt.123.tmp").write_bytes(b"half")
