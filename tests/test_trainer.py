@@ -355,14 +355,17 @@ def test_export_loads_in_a_fresh_process_and_matches(trained_run, tmp_path):
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
     code = ("import sys, torch; m = torch.jit.load(sys.argv[1]); x = torch.load(sys.argv[2]); "
-            "torch.save((m(x), m(torch.zeros(2, 3, 160, 160))), sys.argv[3])")
+            "torch.save((m(x), m(x[:, :, ::2, ::2]), m(torch.zeros(2, 3, 160, 160))), sys.argv[3])")
     r = subprocess.run([sys.executable, "-c", code, str(trained_run / "student.pt"), str(tmp_path / "x.pt"),
                         str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    y, y160 = torch.load(tmp_path / "y.pt")
-    assert y.shape == (3, 10) and y160.shape == (2, 10)
-    with torch.no_grad():
-        torch.testing.assert_close(y, student(x), atol=1e-4, rtol=1e-4)
+    y, y112, y160 = torch.load(tmp_path / "y.pt")
+    assert y.shape == (3, 10) and y112.shape == (3, 10) and y160.shape == (2, 10)
+    assert sidecar["resizes_to"] == 64 and sidecar["accepts_any_size"] and sidecar["tta"] == "none"
+    with torch.no_grad():                              # the grader's 224 px, resized inside the file to 64 px
+        for got, inp in ((y, x), (y112, x[:, :, ::2, ::2])):
+            want = student(torch.nn.functional.interpolate(inp, size=[64, 64], mode="bilinear", antialias=True))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_onnx_export_matches_onnxruntime(trained_run, tmp_path):
@@ -371,7 +374,7 @@ def test_onnx_export_matches_onnxruntime(trained_run, tmp_path):
     assert run_trainer("export", "--run", run, "--format", "onnx") == 0
     session = ort.InferenceSession(str(run / "student.onnx"), providers=["CPUExecutionProvider"])
     m = torch.jit.load(str(run / "student.pt"))
-    x = torch.randn(5, 3, 64, 64)
+    x = torch.randn(5, 3, 224, 224)                       # the grader's input: resized inside, as student.pt does
     got = session.run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, m(x).detach().numpy(), atol=1e-4, rtol=1e-3)
 
@@ -493,7 +496,7 @@ def test_export_refuses_non_finite_weights(tmp_path):
     with torch.no_grad():
         student.head.weight[0, 0] = float("nan")
     with pytest.raises(ExportError, match="non-finite weights"):
-        export_torchscript(student, tmp_path / "s.pt", {"input_size": [3, 64, 64]})
+        export_torchscript(student, tmp_path / "s.pt", {"input_size": [3, 64, 64], "classes": list("abcdefghij")})
     assert not (tmp_path / "s.pt").exists()
 
 

@@ -47,13 +47,23 @@ def sweep(*, recipes: str | list[str] = DEFAULT_RECIPES, seeds: int = 3, search:
     return run_sweep(load_config(FitConfig, config, kwargs), names, seeds, search, eval_images)
 
 
-def eval(*, model: str, images: str, batch_size: int = 64, workers: int = 2, on_bad_image: str = "skip") -> dict:  # noqa: A001
+def eval(*, model: str, images: str, batch_size: int = 64, workers: int = 2, on_bad_image: str = "skip",  # noqa: A001
+         image_size: int = 224) -> dict:
     """`trainer eval`: the grader's preprocessing and macro-F1 (scikit-learn) on an ImageFolder."""
     from trainer.evaluate import evaluate
-    return evaluate(model, images, batch_size, workers, on_bad_image)
+    return evaluate(model, images, batch_size, workers, on_bad_image, image_size)
 
 
-def export(*, run: str, format: str = "torchscript", max_mb: float = 25.0) -> Path:  # noqa: A002
-    """`trainer export`: a finished run's best student again, as TorchScript or ONNX."""
-    from trainer.exporter import export_run
+def export(*, run: str | None = None, format: str = "torchscript", max_mb: float = 25.0,  # noqa: A002
+           ensemble: list[str] | None = None, out: str | None = None) -> Path:
+    """`trainer export`: a finished run's student again, as TorchScript or ONNX; or `ensemble` (runs) as one
+    TorchScript file at `out`."""
+    from featurestore.options import ConfigError
+    from trainer.exporter import export_ensemble, export_run
+    if ensemble:
+        if run or not out or format != "torchscript":
+            raise ConfigError("--ensemble RUN RUN ... writes one TorchScript file: give --out FILE.pt, and no --run")
+        return export_ensemble([Path(r) for r in ensemble], Path(out), max_mb)
+    if not run:
+        raise ConfigError("give --run (a finished run) or --ensemble RUN RUN ... --out FILE.pt")
     return export_run(Path(run), format, max_mb)

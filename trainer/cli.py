@@ -64,9 +64,17 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=whole(0, MAX_WORKERS), default=2, help="decoding processes (default: 2)")
     e.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip", help="skip unreadable files and "
                    "list them in the report, or stop at the first (default: skip)")
+    e.add_argument("--image-size", type=whole(16, 2048), default=224, help="the side the images are resized to "
+                   "(default: 224, the grader's; another side shows what a file does off the grader's input)")
 
-    x = sub.add_parser("export", parents=[common], help="export a run's best student again (TorchScript or ONNX)")
-    x.add_argument("--run", required=True, help="a finished run directory")
+    x = sub.add_parser("export", parents=[common], help="export a run's student again (TorchScript or ONNX), or "
+                       "several runs as one ensemble", description="Export a finished run's selected student again "
+                       "(with its resize, TTA and logit bias), or with --ensemble one TorchScript file averaging the "
+                       "logits of several runs' students, refused over --max-mb.")
+    x.add_argument("--run", help="a finished run directory")
+    x.add_argument("--ensemble", nargs="+", metavar="RUN", help="two or more finished runs (the same classes) to "
+                   "average in one file, written to --out")
+    x.add_argument("--out", help="with --ensemble: the TorchScript file to write (.pt)")
     x.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="(default: torchscript)")
     x.add_argument("--max-mb", type=positive, default=25.0, help="refuse a student.pt over this size (default: 25)")
 
@@ -114,13 +122,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from trainer.metrics import format_report
         m = api.eval(model=args.model, images=args.images, batch_size=args.batch_size, workers=args.workers,
-                     on_bad_image=args.on_bad_image)
+                     on_bad_image=args.on_bad_image, image_size=args.image_size)
         if args.save:
             Path(args.save).write_text(json.dumps(m, indent=2))
         print(json.dumps(m, indent=2) if args.json else format_report(m))
         return 0
     if args.command == "export":
-        print(api.export(run=args.run, format=args.format, max_mb=args.max_mb))
+        print(api.export(run=args.run, format=args.format, max_mb=args.max_mb, ensemble=args.ensemble, out=args.out))
         return 0
     if len(args.run) == 1:
         print(report_table(Path(args.run[0]), args.eval))

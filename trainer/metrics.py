@@ -19,6 +19,13 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros(len(num)), where=den > 0)
 
 
+def macro_f1(labels: np.ndarray, preds: np.ndarray, n: int) -> float:
+    """Macro-F1 over n classes (scikit-learn's, zero_division=0), from the confusion matrix alone."""
+    cm = confusion(labels, preds, n)
+    tp, predicted, support = np.diag(cm).astype(float), cm.sum(0).astype(float), cm.sum(1).astype(float)
+    return float(_ratio(2 * tp, predicted + support).mean())
+
+
 def classification(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict:
     cm = confusion(labels, preds, len(classes))
     tp, predicted, support = np.diag(cm).astype(float), cm.sum(0).astype(float), cm.sum(1)
@@ -36,17 +43,24 @@ def classification(labels: np.ndarray, preds: np.ndarray, classes: list[str]) ->
 
 
 def format_report(m: dict) -> str:
-    lines = [f"images {m['num_images']}   macro-F1 {m['macro_f1']:.4f}   accuracy {m['accuracy']:.4f}",
-             "index  precision  recall     f1  support  class"]
+    head = f"images {m['num_images']}   macro-F1 {m['macro_f1']:.4f}   accuracy {m['accuracy']:.4f}"
+    if "size_mb" in m:
+        head += f"   model {m['size_mb']:.2f} MB"
+    if m.get("image_size"):
+        head += f"   at {m['image_size']} px"
+    lines = [head, "index  precision  recall     f1  support  class"]
     for row in m["per_class"]:
         lines.append(f"{row['index']:>5}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  {row['f1']:>5.3f}"
                      f"  {row['support']:>7}  {row['name']}")
+    if m.get("weakest"):
+        f1 = {r["name"]: r["f1"] for r in m["per_class"]}
+        lines.append("weakest    " + ", ".join(f"{name} ({f1[name]:.3f})" for name in m["weakest"]))
     lines.append("confusion (rows: true, columns: predicted)")
     for i, row in enumerate(m["confusion"]):
         lines.append(f"{i:>5}  " + " ".join(f"{v:>4}" for v in row))
     skipped = m.get("skipped", [])
     if skipped:
-        lines.append(f"skipped {len(skipped)} unreadable file(s), not scored:")
+        lines.append(f"skipped {len(skipped)} file(s), not scored (unreadable, or links not followed):")
         lines += [f"  {s['file']}: {s['reason']}" for s in skipped[:20]]
         if len(skipped) > 20:
             lines.append(f"  ... and {len(skipped) - 20} more (--json lists them all)")

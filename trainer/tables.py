@@ -67,7 +67,7 @@ def report_table(run: Path, eval_json: str | None = None) -> str:
     rows = [("student", s["student"]),
             ("teacher probe macro-F1 (cross-validated)", f3(s.get("teacher_probe_cv_macro_f1"))),
             ("teacher probe macro-F1 (held-out)", f3(s.get("teacher_probe_val_macro_f1"))),
-            ("student macro-F1 (held-out, from store)", f3(s.get("val_macro_f1")))]
+            (held_out_label(s), f3(s.get("val_macro_f1")))]
     e = eval_of(Path(eval_json)) if eval_json else None
     if e is not None:
         rows.append((f"student macro-F1 (grader eval, {e['num_images']} images)", f3(e["macro_f1"])))
@@ -76,6 +76,14 @@ def report_table(run: Path, eval_json: str | None = None) -> str:
              ("training samples/s", f"{s['samples_per_s']:.0f}"), ("best epoch", str(s["best_epoch"])),
              ("optimizer steps", str(s.get("steps", "-")))]
     return md_table(["", "value"], rows)
+
+
+def held_out_label(s: dict) -> str:
+    """What the held-out figure of a summary is: the exported file's score, as the grader scores."""
+    if "val_scored" not in s:
+        return "student macro-F1 (held-out, from store)"
+    note = "" if s.get("val_meaningful", True) else "; too few images to mean much"
+    return f"student.pt macro-F1 (held-out, {s['val_images']} images at {s['eval_size']} px, as graded{note})"
 
 
 def f3(v) -> str:
