@@ -58,10 +58,11 @@ def verify(store: str, fix: bool = False, storage_options: dict | None = None, d
     return [p.line() for p in check(store, fix, storage_options, digest)[0].problems]
 
 
-def demo_data(out: str, per_class: int = 40, seed: int = 0, flat: bool = False) -> Path:
-    """`featurestore demo-data`."""
+def demo_data(out: str, per_class: int = 40, seed: int = 0, flat: bool = False,
+              counts: list[int] | None = None) -> Path:
+    """`featurestore demo-data` (counts: images of each class, instead of per_class of each)."""
     from featurestore.demo import write_demo_data
-    return write_demo_data(out, per_class, seed, flat=flat)
+    return write_demo_data(out, per_class, seed, flat=flat, counts=counts)
 
 
 def demo_teacher(out: str, images: int = 3000, steps: int = 300, seed: int = 1000) -> str:

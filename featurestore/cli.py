@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--per-class", type=whole(1, 100_000), default=40, help="images per class (default: 40)")
     d.add_argument("--seed", type=whole(0), default=0, help="seed of the images (default: 0)")
     d.add_argument("--flat", action="store_true", help="one folder without class subfolders (unlabelled images)")
+    d.add_argument("--class-counts", help="'reference': the reference dataset's imbalance (2,381 nevi to 563 atopic "
+                   "dermatitis, 4.2x) at a mean of --per-class images; or ten comma-separated counts (default: "
+                   "--per-class of each)")
 
     t = sub.add_parser("demo-teacher", parents=[common], help="train a small SigLIP vision teacher on synthetic "
                        "demo images and save it like a hub checkpoint", description="Trains a small "
@@ -117,8 +120,11 @@ def _run(args: argparse.Namespace) -> int:
         api.slim(args.src, args.dst, args.fields, json_options(args.storage_options)).close()
         return 0
     if args.command == "demo-data":
-        out = api.demo_data(args.out, args.per_class, args.seed, flat=args.flat)
-        print(f"wrote {10 * args.per_class} images to {out}")
+        from featurestore.demo import class_counts
+        counts = class_counts(args.per_class, args.class_counts)
+        out = api.demo_data(args.out, args.per_class, args.seed, flat=args.flat, counts=counts)
+        print(f"wrote {sum(counts)} images to {out}" + (f" ({', '.join(map(str, counts))} per class)"
+                                                       if args.class_counts else ""))
         return 0
     if args.command == "demo-teacher":
         print(api.demo_teacher(args.out, args.images, args.steps, args.seed))

@@ -154,6 +154,10 @@ class ProbeConfig:
     folds: int = opt(5, "cross-fitting folds of the linear probe", flag="--folds")
     val_fraction: float = opt(0.1, "fraction of each class held out for validation", flag="--val-fraction")
     c: float = 1.0                              # inverse L2 strength of the logistic regression
+    class_weight: str = opt("none", "balanced: the probe (and spread head) weighs each class's rows inversely to "
+                            "its share, as scikit-learn's class_weight='balanced' does, so that a head fitted on "
+                            "imbalanced classes does not starve the small ones", flag="--probe-class-weight",
+                            choices=["none", "balanced"])
     max_rows: int = opt(50_000, "at most this many pooled embeddings fit the probe (bounds the heads phase's "
                         "memory: rows x D x 4 bytes)", flag="--probe-max-rows")
     seed: int = 0                               # split and store order
@@ -179,6 +183,8 @@ class ProbeConfig:
             raise ConfigError(f"probe.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.c <= 0:
             raise ConfigError(f"probe.c must be > 0, got {self.c}")
+        if self.class_weight not in ("none", "balanced"):
+            raise ConfigError(f"probe.class_weight must be none|balanced, got {self.class_weight!r}")
 
 
 @dataclass

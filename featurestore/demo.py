@@ -24,7 +24,27 @@ REFERENCE_CLASSES = [
     "9. Tinea Ringworm Candidiasis and other Fungal Infections",
     "10. Warts Molluscum and other Viral Infections",
 ]
+# the reference dataset's images per class, in the order above (2,381 nevi down to 563 atopic dermatitis)
+REFERENCE_COUNTS = (751, 938, 563, 993, 2381, 931, 921, 828, 763, 931)
 SHAPES = ("disc", "ring", "square", "stripes", "speckles")
+
+
+def class_counts(per_class: int, spec: str | None = None) -> list[int]:
+    """Images of each class: per_class each (spec None), the reference dataset's proportions at a mean of
+    per_class ("reference"), or ten comma-separated numbers."""
+    if spec is None:
+        return [per_class] * len(REFERENCE_CLASSES)
+    if spec == "reference":
+        return [max(1, round(per_class * n * len(REFERENCE_COUNTS) / sum(REFERENCE_COUNTS))) for n in REFERENCE_COUNTS]
+    from featurestore.options import ConfigError
+    try:
+        counts = [int(v) for v in spec.split(",")]
+    except ValueError:
+        counts = []
+    if len(counts) != len(REFERENCE_CLASSES) or min(counts) < 1:
+        raise ConfigError(f"--class-counts takes 'reference' or {len(REFERENCE_CLASSES)} comma-separated counts of at "
+                          f"least 1, got {spec!r}")
+    return counts
 
 
 def make_image(class_index: int, rng: np.random.Generator, sizes: tuple[int, int] = (96, 320)) -> Image.Image:
@@ -65,21 +85,24 @@ def _write_one(job: tuple[Path, int, int, int, tuple[int, int]]) -> None:
 
 
 def write_demo_data(out: str | Path, per_class: int = 40, seed: int = 0, sizes: tuple[int, int] = (96, 320),
-                    flat: bool = False, workers: int | None = None) -> Path:
-    """per_class images of each class, sides drawn from `sizes` (the reference photos are 300..1000).
-    Each image is seeded by (seed, class, index), so any number of workers writes the same files.
+                    flat: bool = False, workers: int | None = None, counts: list[int] | None = None) -> Path:
+    """per_class images of each class (or counts[c] of class c: `class_counts`), sides drawn from `sizes`
+    (the reference photos are 300..1000). Each image is seeded by (seed, class, index), so any number of
+    workers writes the same files.
 
     flat: all images in one folder under shuffled names, as unlabelled images arrive.
     workers: processes drawing the images (default: one per core, up to 16; 0 draws them here).
     """
     out = Path(out)
-    names = np.random.default_rng([seed, 99]).permutation(10 * per_class)
+    counts = counts or [per_class] * len(REFERENCE_CLASSES)
+    names = np.random.default_rng([seed, 99]).permutation(sum(counts))
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     jobs = []
     for c, name in enumerate(REFERENCE_CLASSES):
         folder = out if flat else out / name
         folder.mkdir(parents=True, exist_ok=True)
-        for j in range(per_class):
-            stem = f"img_{names[c * per_class + j]:05d}" if flat else f"img_{j:04d}"
+        for j in range(counts[c]):
+            stem = f"img_{names[first[c] + j]:05d}" if flat else f"img_{j:04d}"
             jobs.append((folder / f"{stem}{'.png' if j % 3 == 2 else '.jpg'}", c, j, seed, sizes))
     workers = min(16, os.cpu_count() or 1) if workers is None else workers
     if workers > 1 and len(jobs) >= 4 * workers:

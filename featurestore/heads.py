@@ -69,8 +69,10 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def fit_linear(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fit on normalised rows x (n, D); returns (W (C, D), b (C,)) acting on unscaled x."""
+def fit_linear(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: int,
+               class_weight: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fit on normalised rows x (n, D); returns (W (C, D), b (C,)) acting on unscaled x. class_weight:
+    "balanced" weighs each class's rows by n / (classes x rows of that class), scikit-learn's rule."""
     w = np.full((num_classes, x.shape[1]), 0.0, dtype=np.float64)
     b = np.full(num_classes, -30.0, dtype=np.float64)         # classes absent from training: never chosen
     present = np.unique(y)
@@ -78,7 +80,8 @@ def fit_linear(x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: i
         b[present] = 0.0
         return w.astype(np.float32), b.astype(np.float32)
     scaler = StandardScaler().fit(x)
-    clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    clf = LogisticRegression(C=c, max_iter=2000, random_state=seed,
+                             class_weight="balanced" if class_weight == "balanced" else None)
     # one BLAS/OpenMP thread: lbfgs makes thousands of small products, which threads slow down (on
     # 1,440 x 1,152 rows: 1.8 s on one thread, 7.8 s on 2, 127 s with 4 threads on 2 cores; 17,280
     # rows: 24 s on one thread, 58 s on 2), and a many-core GPU box slows the most
@@ -124,11 +127,11 @@ def cross_fitted(fit: Callable[[int | None], tuple[np.ndarray, np.ndarray]], fol
 
 
 def fit_probes(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, folds: list[int], num_classes: int,
-               c: float = 1.0, seed: int = 0) -> Probes:
+               c: float = 1.0, seed: int = 0, class_weight: str | None = None) -> Probes:
     """x (rows, D) normalised fitting rows of labelled training images, y (rows,), row_fold (rows,)."""
     def fit(f: int | None):
         keep = row_fold != f if f is not None else slice(None)
-        return fit_linear(x[keep], y[keep], num_classes, c, seed)
+        return fit_linear(x[keep], y[keep], num_classes, c, seed, class_weight)
     return cross_fitted(fit, folds)
 
 
@@ -168,7 +171,7 @@ def spread_labels(x: np.ndarray, y: np.ndarray, neighbors: int) -> tuple[np.ndar
 
 def fit_spread(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, x0: np.ndarray, labels: np.ndarray,
                split: np.ndarray, num_classes: int, neighbors: int, confidence: float, c: float = 1.0,
-               seed: int = 0) -> tuple[Probes, dict]:
+               seed: int = 0, class_weight: str | None = None) -> tuple[Probes, dict]:
     """The spread head. x, y, row_fold: the probe's fitting rows (labelled training images); x0 (N, D)
     the normalised canonical view of every image, labels and split (N,). Returns the probes and, per
     fit, how many spread rows joined it."""
@@ -186,7 +189,7 @@ def fit_spread(x: np.ndarray, y: np.ndarray, row_fold: np.ndarray, x0: np.ndarra
         added["all" if hidden is None else f"fold{hidden}"] = int(take.sum())
         keep = row_fold != hidden if hidden is not None else np.ones(len(y), bool)
         return fit_linear(np.concatenate([x[keep], x0[graph[take]]]), np.concatenate([y[keep], cls[take]]),
-                          num_classes, c, seed)
+                          num_classes, c, seed, class_weight)
 
     return cross_fitted(fit, folds), dict(sorted(added.items()))
 
@@ -233,7 +236,7 @@ def fit_heads(store: StoreWriter, cfg: BuildConfig, zeroshot: dict[str, np.ndarr
     x = l2_normalize(np.concatenate(rows).reshape(len(train) * m, -1))
     folds = sorted(int(f) for f in np.unique(split[train]))
     y, row_fold = np.repeat(labels[train], m), np.repeat(split[train], m)
-    probes = fit_probes(x, y, row_fold, folds, c, cfg.probe.c, cfg.probe.seed)
+    probes = fit_probes(x, y, row_fold, folds, c, cfg.probe.c, cfg.probe.seed, cfg.probe.class_weight)
     heads = {"probe": probes}
     spread_rows = {}
     if "spread" in cfg.probe.heads:
@@ -241,7 +244,8 @@ def fit_heads(store: StoreWriter, cfg: BuildConfig, zeroshot: dict[str, np.ndarr
         logger.info(f"fitting the spread head: labels spread to {int((split == SPLIT_UNLABELED).sum())} unlabelled "
                     f"images over {cfg.probe.spread_neighbors} neighbours")
         heads["spread"], spread_rows = fit_spread(x, y, row_fold, x0, labels, split, c, cfg.probe.spread_neighbors,
-                                                  cfg.probe.spread_confidence, cfg.probe.c, cfg.probe.seed)
+                                                  cfg.probe.spread_confidence, cfg.probe.c, cfg.probe.seed,
+                                                  cfg.probe.class_weight)
         del x0
     del x, rows
     view0 = {name: np.empty((n, c), np.float32) for name in heads}

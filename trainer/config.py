@@ -8,10 +8,13 @@ from typing import Any
 
 from featurestore.config import MAX_WORKERS, check_store_url
 from featurestore.options import STORAGE_HELP, ConfigError, in_range, json_options, opt, to_dict
+from trainer.exporter import GRADER_SIZE, TTA
 from trainer.losses import LossWeights
 from trainer.students import available
 
 HEADS = ["probe", "spread", "zeroshot"]
+SAMPLING = ["uniform", "balanced"]
+CALIBRATE = ["none", "bias"]
 MAX_TRAIN_SIDE = 1024
 PRECISIONS = ["auto", "no", "bf16", "fp16"]
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
@@ -52,7 +55,10 @@ class FitConfig:
     student: str = opt("shufflenet_v2_x1_0", "one of " + ", ".join(available()), flag="--student")
     pretrained: bool = opt(False, "start from ImageNet weights (downloaded once, then taken from the local cache; "
                            "default: random initialisation)", flag="--pretrained")
-    image_size: int = opt(224, "training resolution (the grader uses 224)", flag="--image-size")
+    image_size: int = opt(224, "training resolution; the exported file resizes what the grader gives it (224 px) to "
+                          "this side, so any resolution is graded as it was trained", flag="--image-size")
+    eval_size: int = opt(GRADER_SIZE, "side the held-out images are resized to when they are scored, every epoch "
+                         "and on the exported file, as the grader resizes its files", flag="--eval-size")
     head: str = opt("probe", "teacher head whose logits KD follows", flag="--head", choices=HEADS)
     seed: int = opt(0, "seed of the student's weights and of the data order", flag="--seed")
     loss: LossWeights = opt(default_factory=LossWeights)
@@ -81,6 +87,14 @@ class FitConfig:
     log_every: int = opt(50, "steps between reads of the loss on the host (a read waits for the device; the loss "
                          "is checked for finiteness there)", flag="--log-every")
     onnx: bool = opt(False, "also export student.onnx (default: off)", flag="--onnx")
+    sampling: str = opt("uniform", "uniform: every training image once an epoch; balanced: each class drawn "
+                        "equally often (small classes repeat, large ones are thinned; epochs keep their length)",
+                        flag="--sampling", choices=SAMPLING)
+    tta: str = opt("none", "flip: the exported file averages the logits of the image and its mirror image (twice "
+                   "the compute per image, the same file size)", flag="--tta", choices=TTA)
+    calibrate: str = opt("none", "bias: fold into the exported file the per-class logit bias that maximises "
+                         "macro-F1 on the held-out images, where a bias fitted on half of them raises macro-F1 on "
+                         "the other half", flag="--calibrate", choices=CALIBRATE)
 
     def validate(self) -> None:
         if not self.store or not self.out:
@@ -98,6 +112,10 @@ class FitConfig:
         in_range("loader_workers", self.loader_workers, 0, MAX_WORKERS, "render processes")
         in_range("buffer_chunks", self.buffer_chunks, 1, 1024)
         in_range("image_size", self.image_size, 32, MAX_TRAIN_SIDE, "the training resolution (the grader feeds 224)")
+        in_range("eval_size", self.eval_size, 32, MAX_TRAIN_SIDE, "the grader resizes its files to 224")
+        for name, allowed in (("sampling", SAMPLING), ("tta", TTA), ("calibrate", CALIBRATE)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be {'|'.join(allowed)}, got {getattr(self, name)!r}")
         in_range("log_every", self.log_every, 1)
         in_range("seed", self.seed, 0)
         if not self.max_mb > 0:

@@ -44,6 +44,7 @@ class LoaderConfig:
     threads: int = 2                            # render threads (0: render in the calling thread)
     readers: int = 2                            # chunk-reading threads
     workers: int = 0                            # render worker processes (CPU training; 0: none)
+    weights: np.ndarray | None = None           # (N,) class-balanced sampling weights (None: every image once)
 
 
 class Loader:
@@ -105,7 +106,7 @@ class Loader:
     def plan(self, epoch: int) -> EpochPlan:
         d, c = self.data, self.cfg
         return plan_epoch(self.indices, d.chunk_size, d.n, d.k, self.seed, epoch, c.batch_size, c.buffer_chunks,
-                          self.rank, self.world)
+                          self.rank, self.world, c.weights)
 
     def __len__(self) -> int:
         """Steps per epoch (the same on every rank and every epoch)."""

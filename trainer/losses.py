@@ -117,6 +117,10 @@ class LossWeights:
     patches: float = opt(0.0, "weight of the patch-grid cosine loss", flag="--w-patches")
     temperature: float = opt(2.0, "KD/DIST temperature T", flag="--temperature")
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy term", flag="--label-smoothing")
+    logit_adjust: float = opt(0.0, "tau of the logit-adjusted cross-entropy (Menon et al. 2021): the labels' loss "
+                              "is taken on logits + tau log(class prior), the prior from the store's labelled "
+                              "training images, so the small classes are not crowded out; the student's own "
+                              "logits are exported (0: plain cross-entropy)", flag="--logit-adjust")
     kd_gate: str = opt("confidence", "which views KD trusts: all (none); labelled ones only where the teacher's top "
                        "class is the label (correct); each weighted by the teacher's probability of the view's "
                        "label, or of its own top class when unlabelled (confidence)", flag="--kd-gate",
@@ -127,6 +131,7 @@ class LossWeights:
             in_range(f"loss.{term}", getattr(self, term), 0, 1000, "a loss weight")
         if not 0 < self.temperature <= 100:
             raise ConfigError(f"loss.temperature must be in (0, 100], got {self.temperature}")
+        in_range("loss.logit_adjust", self.logit_adjust, 0, 10)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.kd_gate not in GATES:
@@ -134,14 +139,17 @@ class LossWeights:
 
 
 def total_loss(w: LossWeights, logits, targets, labelled, teacher_logits, pooled_pred=None, pooled_t=None,
-               patches_pred=None, patches_t=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               patches_pred=None, patches_t=None, log_prior=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the enabled terms; returns the total and each term (detached, on the device: reading
     one on the host waits for the device, so the caller reads them only when it logs).
 
-    labelled (B,) bool: which samples carry a label (the cross-entropy sees only those)."""
+    labelled (B,) bool: which samples carry a label (the cross-entropy sees only those). log_prior (C,):
+    log class prior for the logit-adjusted cross-entropy (Menon et al. 2021, "Long-tail learning via
+    logit adjustment"): CE(s + tau log pi, y), when w.logit_adjust = tau > 0."""
     parts: dict[str, torch.Tensor] = {}
     if w.ce:
-        parts["ce"] = soft_cross_entropy(logits, targets, w.label_smoothing, labelled)
+        adjusted = logits + w.logit_adjust * log_prior if w.logit_adjust and log_prior is not None else logits
+        parts["ce"] = soft_cross_entropy(adjusted, targets, w.label_smoothing, labelled)
     if w.kd:
         keep = weight = None
         if w.kd_gate == "correct":            # unlabelled views always; labelled ones where the teacher is right

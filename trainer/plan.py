@@ -60,19 +60,27 @@ def cut(samples: np.ndarray, steps: int) -> list[np.ndarray]:
 
 
 def plan_epoch(indices: np.ndarray, chunk_size: int, num_images: int, views: int, seed: int, epoch: int,
-               batch_size: int, buffer_chunks: int, rank: int = 0, world: int = 1) -> EpochPlan:
-    """The training plan of one rank for one epoch; `indices`: the store images trained on."""
+               batch_size: int, buffer_chunks: int, rank: int = 0, world: int = 1,
+               weights: np.ndarray | None = None) -> EpochPlan:
+    """The training plan of one rank for one epoch; `indices`: the store images trained on. weights (N,):
+    class-balanced sampling: the epoch draws as many samples as there are images, with replacement, in
+    proportion to these weights (small classes repeat, large ones are thinned; the epoch keeps its
+    length), each window its share of the draws from its own images, so memory stays one window."""
     num_chunks = -(-num_images // chunk_size)
     order = np.random.default_rng([seed, epoch]).permutation(num_chunks)
     chunk_view = np.random.default_rng([seed, epoch, 1]).integers(0, views, num_chunks)
     wanted = np.zeros(num_images, bool)
     wanted[indices] = True
     shuffle = np.random.default_rng([seed, epoch, 2])
-    windows = []
-    for w in range(0, num_chunks, buffer_chunks):
-        members = np.concatenate([np.arange(c * chunk_size, min((c + 1) * chunk_size, num_images))
-                                  for c in order[w:w + buffer_chunks]])
-        windows.append(shuffle.permutation(members[wanted[members]]))
+    members = [m[wanted[m]] for m in (np.concatenate([np.arange(c * chunk_size, min((c + 1) * chunk_size, num_images))
+                                                      for c in order[w:w + buffer_chunks]])
+                                      for w in range(0, num_chunks, buffer_chunks))]
+    if weights is None:
+        windows = [shuffle.permutation(m) for m in members]
+    else:
+        draws = _share(np.array([weights[m].sum() for m in members]), int(wanted.sum()))
+        windows = [shuffle.choice(m, size=k, replace=True, p=weights[m] / weights[m].sum()) if k else m[:0]
+                   for m, k in zip(members, draws)]
     samples = np.concatenate(windows) if windows else np.zeros(0, np.int64)
     steps = steps_per_epoch(len(samples), batch_size, world)
     start, stop = rank_slices(len(samples), world)[rank]
@@ -81,6 +89,14 @@ def plan_epoch(indices: np.ndarray, chunk_size: int, num_images: int, views: int
         raise ConfigError(f"{len(samples)} training images over {world} process(es) leave a batch of fewer than two "
                           "images (batch normalisation needs two); use fewer processes or more images")
     return EpochPlan([(b, chunk_view[b // chunk_size]) for b in batches], chunk_view)
+
+
+def _share(mass: np.ndarray, total: int) -> np.ndarray:
+    """`total` whole draws shared among windows in proportion to `mass` (largest remainders)."""
+    want = mass / mass.sum() * total
+    out = np.floor(want).astype(np.int64)
+    out[np.argsort(-(want - out), kind="stable")[: total - out.sum()]] += 1
+    return out
 
 
 def eval_plan(indices: np.ndarray, batch_size: int, num_chunks: int) -> EpochPlan:

@@ -30,7 +30,7 @@ from featurestore.provenance import record
 from featurestore.ranks import check_launch
 from featurestore.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED
 from trainer import checkpoints, run_folder
-from trainer import metrics as metrics_mod
+from trainer.calibration import class_prior
 from trainer.config import FitConfig
 from trainer.data import NonFiniteError, StoreData
 from trainer.loader import Loader, LoaderConfig
@@ -94,17 +94,23 @@ def _train(cfg: FitConfig, data: StoreData, out: Path, resume: bool, progress: b
     train_idx, val_idx = training_images(cfg, data.split)
     device, spec = accelerator.device, spec_of(cfg.student)
     batched = devices.caps_of(device).batched_kernels
+    c = len(data.classes)
+    prior = class_prior(data.labels[train_idx], c)                     # of the labelled training images
+    weights = balanced_weights(data.labels, train_idx, prior) if cfg.sampling == "balanced" else None
     loader = batches(data, train_idx, cfg.seed, device,
                     LoaderConfig(cfg.optim.batch_size, cfg.image_size, spec.mean, spec.std, cfg.buffer_chunks,
                                  threads=2 if batched else 0,            # a training CPU has no core to spare
                                  readers=4 if data.remote else 2,        # several chunks in flight from a bucket
-                                 workers=cfg.loader_workers),
+                                 workers=cfg.loader_workers, weights=weights),
                     accelerator.process_index, accelerator.num_processes)
     steps = len(loader)
     if steps == 0:
         raise ConfigError(f"{len(train_idx)} training images make no batch")
     cfg, total = cfg.schedule(steps)
-    val_loader = Loader(data, val_idx, cfg.seed, device, LoaderConfig(128, cfg.image_size, spec.mean, spec.std))
+    log_prior = torch.from_numpy(np.log(prior)).float().to(device)
+    choose, why = selection(data, val_idx)
+    if accelerator.is_main_process and not choose:
+        logger.warning(f"warning: {why}")
     if not resume:
         loader.read_ahead(0)                         # the first window is read while the model is set up
 
@@ -133,31 +139,33 @@ def _train(cfg: FitConfig, data: StoreData, out: Path, resume: bool, progress: b
         while state.epochs_done < cfg.optim.epochs:
             t0 = time.perf_counter()
             row = train_epoch(cfg, accelerator, train_model, state, loader, out, progress,
-                              min(steps, total - state.epochs_done * steps))
-            val = evaluate(state.eval_student, val_loader, data.classes) if len(val_idx) else None
+                              min(steps, total - state.epochs_done * steps), log_prior)
+            val = validate(cfg, state.eval_student, data, val_idx, device) if len(val_idx) else None
             row |= {"val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"]} if val else {}
             elapsed = time.perf_counter() - t0
             row |= {"epoch_seconds": elapsed, "samples_per_s": row.pop("samples") * accelerator.num_processes / elapsed}
             if device.type == "cuda":
                 row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-            end_epoch(cfg, state, row, val, out, accelerator.is_main_process)
+            end_epoch(cfg, state, row, val if choose else None, out, accelerator.is_main_process)
     except NonFiniteError as e:
         run_folder.fail(out, str(e))
     finally:
         loader.close()                               # render threads or worker processes
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        summary = finish(cfg, data, out)
+        summary = finish(cfg, data, out, val_idx, choose, why)
         teacher = summary.get("teacher_probe_val_macro_f1")
         if "val_macro_f1" in summary:
-            logger.info(f"held-out macro-F1: student {summary['val_macro_f1']:.4f}, teacher probe "
-                        + (f"{teacher:.4f}" if teacher is not None else "-") + f" ({len(val_idx)} images)")
+            logger.info(f"held-out macro-F1 of the exported {out / 'student.pt'}, scored as the grader scores "
+                        f"({len(val_idx)} images at {cfg.eval_size} px): {summary['val_macro_f1']:.4f}; teacher "
+                        "probe " + (f"{teacher:.4f}" if teacher is not None else "-")
+                        + ("" if choose else " (too few images to mean much)"))
     accelerator.wait_for_everyone()                  # no rank ends (and is reaped) before the export is written
     return out
 
 
 def train_epoch(cfg: FitConfig, accelerator, train_model: nn.Module, state: TrainState, loader: Loader, out: Path,
-                progress: bool, steps: int) -> dict:
+                progress: bool, steps: int, log_prior: torch.Tensor | None = None) -> dict:
     """One epoch of `steps` optimizer steps (the plan's first ones: all of them but in the last epoch of
     a run of --steps); returns its row of means per sample (train_<part>), lr, samples."""
     epoch, w = state.epochs_done, cfg.loss
@@ -174,7 +182,7 @@ def train_epoch(cfg: FitConfig, accelerator, train_model: nn.Module, state: Trai
         with accelerator.autocast():
             logits, p, q = train_model(x)
             loss, parts = total_loss(w, logits, batch.targets, batch.labelled, batch.logits, p, batch.pooled,
-                                     q, batch.patches)
+                                     q, batch.patches, log_prior)
         accelerator.backward(loss)
         state.optimizer.step()
         state.scheduler.step()
@@ -208,7 +216,8 @@ def train_epoch(cfg: FitConfig, accelerator, train_model: nn.Module, state: Trai
 
 
 def end_epoch(cfg: FitConfig, state: TrainState, row: dict, val: dict | None, out: Path, main: bool) -> None:
-    """Count the epoch, keep the best weights, checkpoint (best, then last), log."""
+    """Count the epoch, keep the best weights (val None: the last epoch's), checkpoint (best, then last),
+    log."""
     state.epochs_done += 1
     state.history.append(row)
     score = row.get("val_macro_f1", -row["epoch"])
@@ -258,48 +267,96 @@ def _accelerator(cpu: bool, mixed_precision: str):
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
-@torch.no_grad()
-def evaluate(student: nn.Module, loader: Loader, classes: list[str]) -> dict:
-    """The student's metrics on the loader's images (canonical views), as scikit-learn computes them."""
-    was_training = student.training
-    student.eval()
-    preds, labels = [], []
-    for batch in loader.eval_batches():
-        preds.append(student(batch.pixels).argmax(-1).cpu())
-        labels.append(batch.labels.cpu())
-    student.train(was_training)
-    return metrics_mod.classification(torch.cat(labels).numpy(), torch.cat(preds).numpy(), classes)
+MIN_HELD_OUT = 5                      # held-out images of the rarest class below which no epoch is chosen by them
 
 
-def finish(cfg: FitConfig, data: StoreData, out: Path) -> dict:
-    """Export the best student, write the summary and the pictures."""
+def selection(data: StoreData, val_idx: np.ndarray) -> tuple[bool, str]:
+    """(choose, why): whether the held-out images are enough to choose the best epoch (and a logit bias)
+    by; else the last epoch is exported, and `why` says so."""
+    labels = data.labels[val_idx]
+    counts = np.bincount(labels[labels >= 0], minlength=len(data.classes))
+    if len(val_idx) and counts.min() >= MIN_HELD_OUT:
+        return True, f"the best epoch on {len(val_idx)} held-out images"
+    return False, (f"the held-out split has {len(val_idx)} images ({int(counts.min())} of the rarest class, under "
+                   f"{MIN_HELD_OUT}): too few to choose an epoch or a bias by, so the last epoch is exported and its "
+                   "held-out score carries little information (build with a larger --val-fraction, or score on "
+                   "images of your own with `trainer eval`)")
+
+
+def balanced_weights(labels: np.ndarray, train_idx: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """(N,) sampling weights that draw each class equally often: 1 / prior of the image's class;
+    unlabelled images weigh what an average labelled image does."""
+    w = np.zeros(len(labels))
+    lab = train_idx[labels[train_idx] >= 0]
+    w[lab] = 1.0 / prior[labels[lab]]
+    w[train_idx[labels[train_idx] < 0]] = w[lab].mean() if len(lab) else 1.0
+    return w
+
+
+def grader_module(cfg: FitConfig, student: nn.Module, num_classes: int, bias=None):
+    """The very module student.pt runs, around `student` (eager: validation runs it every epoch)."""
+    from trainer.exporter import for_the_grader
+    spec = spec_of(cfg.student)
+    return for_the_grader(student, cfg.image_size, spec.mean, spec.std, num_classes, cfg.tta == "flip", bias)
+
+
+def validate(cfg: FitConfig, student: nn.Module, data: StoreData, val_idx: np.ndarray, device) -> dict:
+    """The held-out images scored as the grader scores the exported file: resized to --eval-size, normalised
+    with ImageNet's mean/std, through the module student.pt runs (resize to the training size, TTA)."""
+    from trainer.evaluate import evaluate_held_out
+    return evaluate_held_out(grader_module(cfg, student, len(data.classes)).to(device), data, val_idx, cfg.eval_size)
+
+
+def finish(cfg: FitConfig, data: StoreData, out: Path, val_idx: np.ndarray, choose: bool, why: str) -> dict:
+    """Export the selected student (with its logit bias, when one helps), score the exported file itself on
+    the held-out images as the grader scores, write the summary and the pictures."""
     from trainer import exporter, plots
+    from trainer.calibration import choose_bias
+    from trainer.evaluate import evaluate_held_out, load_model
 
-    student = create_student(cfg.student, len(data.classes))
+    c = len(data.classes)
+    student = create_student(cfg.student, c)
     best = checkpoints.load(out / BEST)
     student.load_state_dict(best["student"])
     student.eval()
     spec = spec_of(cfg.student)
+    bias, calibration = None, None
+    if cfg.calibrate == "bias":
+        if choose:
+            logits: list = []
+            evaluate_held_out(grader_module(cfg, student, c), data, val_idx, cfg.eval_size, logits_out=logits)
+            choice = choose_bias(logits[0], data.labels[np.sort(val_idx)], cfg.seed)
+            bias, calibration = choice.bias, choice.record()
+            logger.info(f"logit bias {'folded into the export' if choice.applied else 'left out'}: cross-fitted "
+                        f"held-out macro-F1 {choice.f1_without:.4f} without, {choice.f1_with:.4f} with")
+        else:
+            calibration = {"applied": False, "why": why}
     sidecar = {"classes": data.classes, "input_size": [3, cfg.image_size, cfg.image_size],
                "student": cfg.student, "store": str(cfg.store), "teacher": data.store.attrs["teacher"]["id"],
                "teacher_weights": data.store.attrs["teacher"]["weights"],
                "store_digest": data.store.attrs.get("digest"), "epoch": best["epoch"] + 1}
-    path = exporter.export_torchscript(student, out / "student.pt", sidecar, cfg.max_mb, spec.mean, spec.std)
+    path = exporter.export_torchscript(student, out / "student.pt", sidecar, cfg.max_mb, spec.mean, spec.std,
+                                       cfg.tta == "flip", bias)
     if cfg.onnx:
-        exporter.export_onnx(student, out / "student.onnx", cfg.image_size, spec.mean, spec.std)
+        exporter.export_onnx(grader_module(cfg, student, c, bias), out / "student.onnx")
     probe = data.store.attrs.get("metrics", {}).get("probe", {})
     summary = {"student": cfg.student, "size_mb": path.stat().st_size / 1e6, "params_mb": size_mb(student),
                "student_sha256": exporter.file_sha256(path), "store_digest": data.store.attrs.get("digest"),
-               "best_epoch": best["epoch"] + 1, "steps": sum(h.get("steps", 0) for h in _history(out)),
+               "best_epoch": best["epoch"] + 1, "selection": why if not choose else "best held-out epoch",
+               "steps": sum(h.get("steps", 0) for h in _history(out)),
+               "image_size": cfg.image_size, "eval_size": cfg.eval_size, "tta": cfg.tta, "calibration": calibration,
                "teacher_probe_cv_macro_f1": probe.get("cv_macro_f1"),
                "teacher_probe_val_macro_f1": probe.get("val_macro_f1"),
                "seconds_per_epoch": float(np.median([h["epoch_seconds"] for h in _history(out)])),
                "peak_gpu_mb": max((h.get("peak_gpu_mb", 0.0) for h in _history(out)), default=0.0) or None,
                "samples_per_s": float(np.median([h["samples_per_s"] for h in _history(out)]))}
     plots.training_curves(_history(out), out / "curves.png")
-    m = best["val"]                       # validation of exactly these weights, from the epoch loop
-    if m is not None:
-        summary |= {"val_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"]}
+    if len(val_idx):                      # the exported file itself, fed as the grader feeds it
+        m = evaluate_held_out(load_model(path), data, val_idx, cfg.eval_size, model_path=path)
+        summary |= {"val_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"], "val_images": m["num_images"],
+                    "val_scored": f"student.pt at {cfg.eval_size} px", "val_weakest": m["weakest"],
+                    "val_meaningful": choose}
+        checkpoints.write_text_atomic(json.dumps(m, indent=2), out / "held_out.json")
         plots.confusion(m, out / "confusion.png")
         plots.per_class_f1(m, out / "per_class_f1.png")
     checkpoints.write_text_atomic(json.dumps(summary, indent=2), out / "summary.json")
