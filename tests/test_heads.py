@@ -66,6 +66,20 @@ def test_fit_linear_matches_sklearn_pipeline():
     np.testing.assert_allclose(x @ w.T + b, clf.decision_function(scaler.transform(x)), atol=1e-4)
 
 
+def test_a_class_weighted_probe_matches_sklearn_and_favours_the_small_class():
+    """--probe-class-weight balanced is scikit-learn's class_weight='balanced', folded the same way; on a
+    6:1 imbalance it predicts the small class more often than the unweighted probe."""
+    rng = np.random.default_rng(2)
+    y = np.array([0] * 120 + [1] * 20 + [2] * 60)
+    x = l2_normalize(rng.standard_normal((200, 16)) + 0.6 * np.eye(16)[y])
+    w, b = fit_linear(x, y, 3, 1.0, 0, class_weight="balanced")
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=0, class_weight="balanced").fit(scaler.transform(x), y)
+    np.testing.assert_allclose(x @ w.T + b, clf.decision_function(scaler.transform(x)), atol=1e-4)
+    plain_w, plain_b = fit_linear(x, y, 3, 1.0, 0)
+    assert ((x @ w.T + b).argmax(1) == 1).sum() > ((x @ plain_w.T + plain_b).argmax(1) == 1).sum()
+
+
 def test_tiny_dataset_one_image_per_class():
     """Folds stay balanced across classes, and probes that saw few classes still score everything."""
     from featurestore.index import assign
