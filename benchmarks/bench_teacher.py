@@ -22,7 +22,7 @@ from benchmarks.common import build_store, matmul_tflops
 from featurestore.config import BuildConfig, ProbeConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
 from featurestore.devices import pick_device
-from featurestore.teacher import attention_kernels, flops_per_view, load_teacher, random_config
+from featurestore.teachers import SiglipTeacher, attention_kernels, flops_per_view, load_teacher, random_config
 
 
 def plain_loop(paths: list[Path], views: int, batch: int, arch: str, device: torch.device) -> dict:
@@ -159,7 +159,7 @@ def run(profile: dict) -> dict:
                 "views_per_s_end_to_end": stats["views"] / end_to_end_s,
                 "views_per_s_end_to_end_with_compile": stats["views"] / (stats["total_s"] - stats["load_s"])}
         plain = plain_loop(paths, profile["plain_views"], profile["plain_batch"], arch, device)
-    flops = flops_per_view(random_config(arch).vision_config)
+    flops = flops_per_view(SiglipTeacher, random_config(arch))
     tflops = matmul_tflops(device, dtype, n=8192 if device.type == "cuda" else 2048)
     bound = tflops * 1e12 / flops
     best = max(m["views_per_s"] for m in models.values())

@@ -16,7 +16,7 @@ from featurestore.batch_render import render_batch
 from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
 from featurestore.devices import caps_of, mixed_precision, pick_device
-from featurestore.teacher import load_teacher
+from featurestore.teachers import load_teacher
 from featurestore.views import COL
 from trainer.data import StoreData
 from trainer.loader import Loader, LoaderConfig

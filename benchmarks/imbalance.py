@@ -225,7 +225,8 @@ def table(out: dict) -> str:
             f"images per class in the store, {s['labelled_training_images']} for training, {s['held_out_images']} held "
             f"out): {s['student']} at {s['image_size']} px, {s['steps']} optimizer steps, {s['seeds']} seeds; "
             f"macro-F1 of the exported student.pt on {sum(s['fresh_class_counts'])} fresh images with the same "
-            f"imbalance, scored as the grader scores; smallest classes: {', '.join(s['smallest_classes'])}; {s['machine']}, {s['date']}")
+            f"imbalance, scored as the grader scores; smallest classes: {', '.join(s['smallest_classes'])}; "
+            f"{s['machine']}, {s['date']}")
     return head + "\n\n" + md_table(["recipe", "macro-F1 (mean +- std)", "against default", "per seed",
                                      "F1 of the 3 smallest classes", "MB", "optimizer steps"], rows)
 

@@ -24,8 +24,8 @@ from featurestore.heads import Probes, zeroshot_from_pooled
 from featurestore.options import from_dict
 from featurestore.scan import decode_side
 from featurestore.sources import decode, discover
-from featurestore.teacher import Teacher, load_teacher
 from featurestore.teacher_pass import load_basis
+from featurestore.teachers import Teacher, load_teacher
 from trainer.batches import Batch, mixed_targets
 from trainer.loader import Loader
 

@@ -38,7 +38,6 @@ from featurestore.ranks import Rank, check_launch
 from featurestore.scan import decode_side, scan
 from featurestore.schema import FORMAT_VERSION, StoreError
 from featurestore.sources import Listing, class_display_name, discover, file_fingerprint
-from featurestore.teacher import check_patch_grid, vision_config
 from featurestore.teacher_pass import (
     fit_patch_basis,
     images_of,
@@ -48,6 +47,7 @@ from featurestore.teacher_pass import (
     store_basis,
     teacher_pass,
 )
+from featurestore.teachers import check_patch_grid
 from featurestore.writer import StoreWriter, not_a_kdstore_store, occupied, remove_store
 
 T = TypeVar("T")
@@ -71,14 +71,14 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
     clock = {"start": time.perf_counter()}
     out, options = cfg.out, cfg.storage_options
     listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
-    check_patch_grid(cfg.store.patch_grid, vision_config(cfg.teacher.id, cfg.teacher.revision), cfg.teacher.id)
+    check_patch_grid(cfg.store.patch_grid, cfg.teacher.id, cfg.teacher.revision)
     fingerprint = file_fingerprint(listing.sources)
     store = main_first(rank, lambda: _resume(out, cfg, fingerprint, overwrite),
                        lambda: _resume(out, cfg, fingerprint, False))
     if store is not None and store.reader.complete:
         logger.info(f"{out} is already complete; nothing to do")
         return {"views": 0}
-    from featurestore.teacher import load_teacher
+    from featurestore.teachers import load_teacher
     t0 = time.perf_counter()
     teacher = load_teacher(cfg.teacher.id, cfg.teacher.revision, cfg.device, cfg.teacher.dtype)
     clock["load_s"] = time.perf_counter() - t0
@@ -240,7 +240,8 @@ def _create(out: str, cfg: BuildConfig, listing: Listing, fingerprint: str, teac
         "format_version": FORMAT_VERSION, "classes": listing.classes, "num_images": n,
         "num_unlabeled": unlabeled, "views_per_image": cfg.views.views, "image_size": cfg.store.image_size,
         "chunk_size": chunk, "embed_dim": teacher.info.embed_dim, "patch_grid": cfg.store.patch_grid,
-        "patch_dim": cfg.store.patch_dim or teacher.info.embed_dim, "heads": heads,
+        "token_dim": teacher.info.token_dim or teacher.info.embed_dim,
+        "patch_dim": cfg.store.patch_dim or teacher.info.token_dim or teacher.info.embed_dim, "heads": heads,
         "param_names": list(views.PARAM_NAMES), "teacher": to_dict(teacher.info),
         "prompts": prompts_for(listing.classes, cfg) if "zeroshot" in heads else [],
         "view_policy": to_dict(cfg.views), "identity": cfg.identity(), "config": to_dict(cfg),

@@ -18,7 +18,7 @@ from featurestore.config import BuildConfig
 from featurestore.reader import StoreReader
 from featurestore.scan import decode_side, worker_deaths
 from featurestore.sources import DatasetError, DecodeSet
-from featurestore.teacher import Teacher
+from featurestore.teachers import Teacher
 from featurestore.writer import StoreWriter
 
 

@@ -23,7 +23,7 @@ from featurestore.options import to_dict
 from featurestore.pca import Moments, fit_basis
 from featurestore.schema import FORMAT_VERSION, SPLIT_HELD_OUT, fields
 from featurestore.sources import BadImage, decode, discover, squash
-from featurestore.teacher import check_patch_grid, flops_per_view, vision_config, zeroshot_logits
+from featurestore.teachers import check_patch_grid, describe, flops_per_view, zeroshot_logits
 from featurestore.writer import StoreWriter
 
 # dense tensor-core peak (TFLOP/s) in the dtype `--dtype auto` picks on each card
@@ -37,11 +37,13 @@ def plan(cfg: BuildConfig, sample_images: int = 8) -> dict:
     listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
     n, k = len(listing.sources), cfg.views.views
     unlabeled = sum(1 for s in listing.sources if s.label < 0)
-    vcfg = vision_config(cfg.teacher.id, cfg.teacher.revision)
-    check_patch_grid(cfg.store.patch_grid, vcfg, cfg.teacher.id)
-    flops = flops_per_view(vcfg)
+    family, config = describe(cfg.teacher.id, cfg.teacher.revision)
+    check_patch_grid(cfg.store.patch_grid, cfg.teacher.id, cfg.teacher.revision)
+    flops = flops_per_view(family, config)
+    vcfg = family.vision_config(config)
     out = {"num_images": n, "labelled": n - unlabeled, "unlabeled": unlabeled, "views_per_image": k, "views": n * k,
-           "teacher": cfg.teacher.id, "teacher_image_size": vcfg.image_size, "embed_dim": vcfg.hidden_size,
+           "teacher": cfg.teacher.id, "teacher_image_size": getattr(vcfg, "image_size", None),
+           "embed_dim": family.widths(config)[0], "family": family.family,
            "flops_per_view": flops, "backend": backend_class(cfg.out or "plan.zarr").kind,
            "gpu_estimates": {name: {"peak_tflops": peak, "dtype": dtype,
                                     "seconds": n * k * flops / (peak * 1e12 * UTILISATION)}
@@ -67,7 +69,7 @@ def _measure(cfg: BuildConfig, listing, m: int, n: int, k: int) -> dict:
     """Run the teacher over 2 views of m sample images; write a store of the real layout and K (the
     teacher outputs of those views fill the other view slots: each view is its own stored chunk, so
     its bytes do not depend on its neighbours) and measure the stored bytes of each array."""
-    from featurestore.teacher import load_teacher
+    from featurestore.teachers import load_teacher
     teacher = load_teacher(cfg.teacher.id, cfg.teacher.revision, cfg.device, cfg.teacher.dtype)
     pick = np.sort(np.random.default_rng([cfg.views.seed, 7]).choice(len(listing.sources), m, replace=False))
     s, side = cfg.store.image_size, 2 * max(teacher.pre.size, cfg.store.image_size)

@@ -120,9 +120,14 @@ def fields(attrs: dict) -> list[Field]:
 def sizes(attrs: dict) -> dict[str, int]:
     n, chunk = attrs["num_images"], attrs["chunk_size"]
     return {"N": n, "K": attrs["views_per_image"], "P": len(attrs["param_names"]), "C": len(attrs["classes"]),
-            "D": attrs["embed_dim"], "g": attrs["patch_grid"], "d": attrs.get("patch_dim") or attrs["embed_dim"],
+            "D": attrs["embed_dim"], "g": attrs["patch_grid"], "d": patch_width(attrs),
             "S": attrs["image_size"], "Nc": num_chunks(n, chunk),
             "F": attrs.get("identity", {}).get("probe", {}).get("folds", 0)}
+
+
+def patch_width(attrs: dict) -> int:
+    """d: the stored patch tokens' width (the tokens' own width D', or fewer through a PCA basis)."""
+    return attrs.get("patch_dim") or attrs.get("token_dim") or attrs["embed_dim"]
 
 
 def small_arrays(attrs: dict) -> dict[str, tuple[int, ...]]:

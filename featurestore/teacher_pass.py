@@ -30,7 +30,7 @@ from featurestore.pca import Moments, PatchBasis, fit_basis
 from featurestore.ranks import Rank
 from featurestore.reader import StoreReader
 from featurestore.schema import PCA_ARRAYS, PCA_GROUP
-from featurestore.teacher import Teacher, TeacherError
+from featurestore.teachers import Teacher, TeacherError
 from featurestore.writer import StoreWriter
 
 PCA_KEYS = {name: f"{PCA_GROUP}/{name}" for name in PCA_ARRAYS}
@@ -186,7 +186,7 @@ def fit_patch_basis(store: StoreReader, teacher: Teacher, cfg: BuildConfig, path
     m = min(cfg.store.pca_images, store.num_images)
     params = store.read("views/params", 0, m)                                              # (m, K, P)
     batch = batch_size(cfg, teacher)
-    moments, queued = Moments(store.attrs["embed_dim"]), []
+    moments, queued = Moments(store.attrs.get("token_dim") or store.attrs["embed_dim"]), []
     logger.info(f"fitting the patch basis (d = {dim}) on views of {m} images")
 
     def flush():                                              # batches of at most `batch`: the compiled shape

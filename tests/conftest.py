@@ -197,7 +197,7 @@ def tiny_siglip_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import SiglipImageProcessor, SiglipModel
 
-    from featurestore.teacher import char_tokenizer
+    from featurestore.teachers import char_tokenizer
     out = tmp_path_factory.mktemp("hf") / "tiny-siglip"
     torch.manual_seed(1)
     model = SiglipModel(tiny_siglip_config())
@@ -220,4 +220,41 @@ def tiny_vision_dir(tmp_path_factory) -> Path:
     torch.manual_seed(2)
     SiglipVisionModel(tiny_siglip_config().vision_config).save_pretrained(out)
     SiglipImageProcessor(size={"height": 56, "width": 56}).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_dir(tmp_path_factory) -> Path:
+    """A real Dinov2Model with a tiny config and its processor (BitImageProcessor: resize, crop 56),
+    saved by save_pretrained: a teacher of another family, with a CLS token and no text tower."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    out = tmp_path_factory.mktemp("hf") / "tiny-dinov2"
+    torch.manual_seed(3)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                             image_size=56, patch_size=14)).save_pretrained(out)
+    BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, do_center_crop=True,
+                      resample=3, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A real CLIPModel with a tiny config (projection 24 wide, hidden 32), its processor and an offline
+    tokenizer, saved by save_pretrained."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from featurestore.teachers import char_tokenizer
+    out = tmp_path_factory.mktemp("hf") / "tiny-clip"
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(4)
+    model = CLIPModel(CLIPConfig(text_config=dict(tower, vocab_size=128, max_position_embeddings=16, pad_token_id=0,
+                                                  bos_token_id=1, eos_token_id=2),
+                                 vision_config=dict(tower, image_size=56, patch_size=14), projection_dim=24))
+    model.save_pretrained(out)
+    char_tokenizer(128).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, resample=3,
+                       image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276]).save_pretrained(out)
     return out

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import SMALL, run_cli
 
-from featurestore import teacher as teacher_mod
 from featurestore.config import BuildConfig, batch_arg
 from featurestore.options import ConfigError, load_config
-from featurestore.teacher import TeacherError, load_teacher
 from featurestore.teacher_pass import finite_outputs, pick_batch
+from featurestore.teachers import TeacherError, load_teacher
+from featurestore.teachers import base as teacher_mod
 
 
 def test_compiled_tower_padded_to_its_batch_gives_the_eager_outputs(monkeypatch):

@@ -12,7 +12,7 @@ from featurestore import views
 from featurestore.reader import StoreReader
 from featurestore.scan import decode_side
 from featurestore.sources import decode
-from featurestore.teacher import TeacherError, _access_message, load_teacher, random_config
+from featurestore.teachers import TeacherError, _access_message, load_teacher, random_config
 
 
 def _normalise(x, pre):
@@ -30,7 +30,7 @@ def test_canonical_view_matches_siglip_image_processor(tmp_path, size, hw):
     oracle = proc(images=Image.open(path), return_tensors="pt")["pixel_values"]          # (1, 3, S, S)
     rgb = torch.from_numpy(decode(str(path), max_side=2 * size).rgb).permute(2, 0, 1).contiguous()
     ours = views.render([rgb], torch.tensor([0]), torch.from_numpy(views.canonical_params())[None], size, "bicubic")
-    from featurestore.teacher import Preprocess
+    from featurestore.teachers import Preprocess
     ours = _normalise(ours, Preprocess(size, (0.5,) * 3, (0.5,) * 3, "bicubic"))
     diff = (ours - oracle).abs()
     assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())
@@ -181,7 +181,8 @@ def test_teacher_load_errors_are_clear(tmp_path):
     from transformers import BertConfig, BertModel
     BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
                          vocab_size=10)).save_pretrained(tmp_path / "bert")
-    with pytest.raises(TeacherError, match="kdstore teachers are SigLIP models"):
+    with pytest.raises(TeacherError, match="not a vision model; kdstore teachers are SigLIP, CLIP, DINOv2 or "
+                                           "transformers vision backbones"):
         load_teacher(str(tmp_path / "bert"), device="cpu")
     msg = _access_message("google/medsiglip-448", OSError("401 Client Error: gated repo"))
     assert "HF_TOKEN" in msg and "Accept its terms" in msg

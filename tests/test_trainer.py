@@ -581,7 +581,7 @@ def test_trainer_fit_never_loads_a_teacher(small_store, tmp_path):
             "           '--student', 'shufflenet_v2_x0_5', '--image-size', '32', '--batch-size', '16',\n"
             "           '--steps', '3'])\n"
             "import trainer.evaluate, trainer.exporter, trainer.sweeper\n"
-            "loaded = [m for m in ('transformers', 'featurestore.teacher', 'featurestore.builder', 'benchmarks',\n"
+            "loaded = [m for m in ('transformers', 'featurestore.teachers', 'featurestore.builder', 'benchmarks',\n"
             "                    'sklearn')\n"
             "          if m in sys.modules]\n"
             "print('RC', rc, 'LOADED', loaded)\n")

@@ -68,7 +68,7 @@ def test_the_gpu_loader_branch_gives_the_cpu_branch_batches(small_store):
 
 
 def test_float16_overflow_in_the_teacher_is_reported(tiny_siglip_dir):
-    from featurestore.teacher import TeacherError, load_teacher
+    from featurestore.teachers import TeacherError, load_teacher
     t = load_teacher(str(tiny_siglip_dir), device="cpu", dtype="float16")
     x = torch.rand(2, 3, 56, 56)
     pooled, _ = t.encode(x)
@@ -134,14 +134,15 @@ def test_plan_counts_the_flops_torch_counts(tiny_siglip_dir):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import SiglipVisionModel
 
-    from featurestore.teacher import eager, flops_per_view, random_config, vision_config
+    from featurestore.teachers import SiglipTeacher, describe, eager, flops_per_view, random_config
     for spec in (str(tiny_siglip_dir), "random:tiny"):
-        vcfg = vision_config(spec)
+        family, config = describe(spec)
+        vcfg = family.vision_config(config)
         model = SiglipVisionModel(eager(vcfg)).eval()
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(pixel_values=torch.rand(1, 3, vcfg.image_size, vcfg.image_size))
-        assert flops_per_view(vcfg) == counter.get_total_flops() > 0
-    big = flops_per_view(random_config("medsiglip-448").vision_config)
+        assert flops_per_view(family, config) == counter.get_total_flops() > 0
+    big = flops_per_view(SiglipTeacher, random_config("medsiglip-448"))
     assert 0.95e12 < big < 1.0e12                                        # about 0.98 TFLOP per 448 px view
 
 
