@@ -18,29 +18,29 @@ import numpy as np
 
 from featurestore.backends import hdf5_codec, zarr_codec
 from featurestore.demo import write_demo_data
-from featurestore.schema import FORMAT_VERSION, fields, sizes
+from featurestore.schema import FORMAT_VERSION, TeacherLayout, fields, sizes, store_attrs
 from featurestore.sources import decode, squash
 from featurestore.views import PARAM_NAMES
 from featurestore.writer import StoreWriter
 
 D, C, K, CHUNK = 1152, 10, 8, 32
-TIMED = ("images", "teacher/pooled", "teacher/patches")
+TEACHER = TeacherLayout("bench", {"teacher": {"id": "bench"}, "embed_dim": D, "heads": ["probe"]}, FORMAT_VERSION)
+TIMED = ("images", TEACHER.pooled, TEACHER.patches)
 
 
 def _attrs(n: int, grid: int) -> dict:
-    return {"format_version": FORMAT_VERSION, "classes": [str(i) for i in range(C)], "num_images": n,
-            "views_per_image": K, "image_size": 256, "chunk_size": CHUNK, "embed_dim": D, "patch_grid": grid,
-            "patch_dim": D, "heads": ["probe"], "param_names": list(PARAM_NAMES), "teacher": {"id": "bench"},
-            "id_bytes": 16}
+    return store_attrs(classes=[str(i) for i in range(C)], num_images=n, views=K, image_size=256, chunk_size=CHUNK,
+                       patch_grid=grid, param_names=list(PARAM_NAMES), teachers={TEACHER.name: TEACHER.attrs},
+                       id_bytes=16)
 
 
 def _arrays(n: int, grid: int, images: np.ndarray) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     out = {"images": images[:n], "views/params": rng.random((n, K, len(PARAM_NAMES)), dtype=np.float32),
-           "teacher/pooled": rng.standard_normal((n, K, D)).astype(np.float16),
-           "teacher/logits/probe": rng.standard_normal((n, K, C)).astype(np.float32)}
+           TEACHER.pooled: rng.standard_normal((n, K, D)).astype(np.float16),
+           TEACHER.logits("probe"): rng.standard_normal((n, K, C)).astype(np.float32)}
     if grid:
-        out["teacher/patches"] = rng.standard_normal((n, K, grid, grid, D)).astype(np.float16)
+        out[TEACHER.patches] = rng.standard_normal((n, K, grid, grid, D)).astype(np.float16)
     return out
 
 
@@ -116,8 +116,8 @@ def run(profile: dict) -> dict:
                 s.write(name, 0, arr)
             r = s.reader
             for f in r.fields():
-                if f.per_view and (grid == 0 or f.name == "teacher/patches"):
-                    name = f.name if f.name != "teacher/patches" else f"teacher/patches g={grid}"
+                if f.per_view and (grid == 0 or f.name == TEACHER.patches):
+                    name = f.name if f.name != TEACHER.patches else f"{TEACHER.patches} g={grid}"
                     per_field.append({"field": name, "raw_bytes_per_view": r.nbytes(f.name) / (n * K),
                                       "zstd_bytes_per_view": r.stored_bytes(f.name) / (n * K)})
             s.close()

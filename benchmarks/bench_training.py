@@ -20,8 +20,8 @@ from featurestore.teachers import load_teacher
 from featurestore.views import COL
 from trainer.data import StoreData
 from trainer.loader import Loader, LoaderConfig
-from trainer.losses import LossWeights, total_loss
 from trainer.students import IMAGENET_MEAN, IMAGENET_STD, create_student
+from trainer.terms import LossWeights, total_loss
 
 
 def _step_fn(student, optimizer, device: torch.device, precision: str, channels_last: bool):

@@ -99,8 +99,9 @@ def run_fidelity(args: argparse.Namespace) -> dict:
     top = stores[ks[-1]]
     base = _fit_base(args, top)
     with StoreReader.open(top) as s:
-        split, has_patches, n_images = s.read("split"), "teacher/patches" in {f.name for f in s.fields()}, s.num_images
-        probe = s.attrs.get("metrics", {}).get("probe", {})
+        split, n_images = s.read("split"), s.num_images
+        has_patches = any(f.teacher and f.name.endswith("/patches") for f in s.fields())
+        probe = s.teacher().metrics.get("probe", {})
     distilled = recipes.apply("base", base, has_patches)
     images = len(training_images(distilled, split)[0])
     steps = steps_per_epoch(images, base.optim.batch_size) * args.epochs
@@ -209,12 +210,12 @@ def _head_scores(data: dict, stores: dict[int, str], work: Path) -> dict:
         (work / "eval_k1.complete").touch()
     scores = {}
     with StoreReader.open(out) as e:
-        x, y = e.read("teacher/pooled")[:, 0].astype("float32"), e.read("labels")
+        x, y = e.read(e.teacher().pooled)[:, 0].astype("float32"), e.read("labels")
     for k, store in stores.items():
         with StoreReader.open(store) as s:
             for head in s.heads():
                 if head in ("probe", "spread"):
-                    h, m = s.head_arrays(head), s.attrs["metrics"][head]
+                    h, m = s.head_arrays(head), s.teacher().metrics[head]
                     pred = apply_linear(x, h["weight"], h["bias"]).argmax(-1)
                     scores[f"store_k{k} {head}"] = {
                         "eval_macro_f1": float(f1_score(y, pred, average="macro")), "cv_macro_f1": m["cv_macro_f1"],

@@ -152,7 +152,7 @@ def run_imbalance(args: argparse.Namespace) -> dict:
     base = from_dict(FitConfig, merge(d, {"store": stores["default"], "out": "-", "unlabeled": False}))
     from featurestore.reader import StoreReader
     with StoreReader.open(stores["default"]) as s:
-        split, probe = s.read("split"), s.attrs["metrics"]["probe"]
+        split, probe = s.read("split"), s.teacher().metrics["probe"]
     steps = steps_per_epoch(int((split >= 0).sum()), base.optim.batch_size) * args.epochs
     settings = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds, "steps": steps,
                 "epochs": args.epochs, "student": base.student, "image_size": base.image_size,

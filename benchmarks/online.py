@@ -49,18 +49,19 @@ def sources_of(idx: np.ndarray, params: np.ndarray) -> tuple[np.ndarray, torch.T
 
 
 class OnlineTeacher:
-    """The teacher of a store, run again on any views of its images, with the store's heads."""
+    """The first teacher of a store, run again on any views of its images, with the store's heads."""
 
     def __init__(self, store, device: torch.device | str = "cpu", teacher: Teacher | None = None):
-        a = store.attrs
+        a, t = store.attrs, store.teacher()
+        self.name = t.name
         self.cfg = from_dict(BuildConfig, a["config"])
-        self.teacher = teacher or load_teacher(a["teacher"]["id"], a["teacher"].get("revision"), str(device),
+        self.teacher = teacher or load_teacher(t.info["id"], t.info.get("revision"), str(device),
                                                self.cfg.teacher.dtype)
         self.grid = a["patch_grid"]
-        self.basis = load_basis(store) if self.cfg.store.patch_dim else None
+        self.basis = load_basis(store) if t.patch_dim != t.token_dim else None
         self.heads = {}
         if "probe" in store.heads():
-            h = {k: store.small(f"heads/probe/{k}") for k in ("weight", "bias", "fold_weight", "fold_bias")}
+            h = store.head_arrays("probe")
             self.heads["probe"] = Probes(h["fold_weight"], h["fold_bias"], h["weight"], h["bias"])
         if "zeroshot" in store.heads():
             self.heads["zeroshot"] = store.head_arrays("zeroshot")
@@ -110,10 +111,11 @@ class OnlineLoader(Loader):
 
     def epoch(self, epoch: int, ahead: bool = True) -> Iterator[Batch]:
         d, c, t = self.data, self.cfg, self.teacher
-        head = d.names["logits"].rsplit("/", 1)[-1] if "logits" in d.names else None
+        kd = [k for k in d.names if k.startswith("logits:")]
+        head = d.names[kd[0]].rsplit("/", 1)[-1] if kd else None
         for idx, _ in self.plan(epoch).batches:
             params = fresh_params(t.cfg.views, idx, epoch, self.seed, t.mates)
-            out = t.targets(idx, params, head, "pooled" in d.names, "patches" in d.names)
+            out = t.targets(idx, params, head, f"pooled:{t.name}" in d.names, f"patches:{t.name}" in d.names)
             self.views_scored += len(idx)
             needed, index, partner_index = sources_of(idx, params)
             src = [torch.from_numpy(im).permute(2, 0, 1) for im in d.rows(needed)]
@@ -123,8 +125,10 @@ class OnlineLoader(Loader):
             labels = torch.from_numpy(d.labels[idx])
             targets = mixed_targets(labels, d.labels, partner, params[:, views.COL["mix_lambda"]], len(d.classes))
 
-            def dev(x):
-                return None if x is None else x.float().to(self.device)
-            yield Batch(pixels, labels.to(self.device), targets.to(self.device), dev(out["logits"]),
+            def dev(x, by_teacher=True):
+                if x is None:
+                    return None
+                return {t.name: x.float().to(self.device)} if by_teacher else x.float().to(self.device)
+            yield Batch(pixels, labels.to(self.device), targets.to(self.device), dev(out["logits"], False),
                         dev(out["pooled"]), dev(out["patches"]), torch.from_numpy(idx),
                         torch.full((len(idx),), -1))

@@ -11,6 +11,7 @@ YAML file the keywords override, exactly as on the command line.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from featurestore import log
@@ -28,6 +29,26 @@ def build(*, config: str | None = None, overwrite: bool = False, **kwargs) -> St
     cfg = load_config(BuildConfig, config, kwargs)
     run_build(cfg, overwrite=overwrite)
     return StoreReader.open(cfg.out, cfg.storage_options)
+
+
+def add_teacher(store: str, *, config: str | None = None, **kwargs) -> StoreReader:
+    """`featurestore add-teacher`: --teacher over the very views of a finished store; returns the store.
+    The views, layout and probe are the store's own; the teacher settings, images (default: the ones the
+    store was built from), device and workers are the keywords'."""
+    not_in_a_reimported_script("featurestore.add_teacher")
+    from featurestore.builder import add_teacher as run_add
+    from featurestore.options import from_dict, merge, to_dict
+    log.enable()
+    given = load_config(BuildConfig, config, kwargs)
+    with StoreReader.open(store, given.storage_options) as s:
+        recorded = from_dict(BuildConfig, merge(to_dict(BuildConfig()), s.attrs["config"]))
+    where = {k: getattr(given, k) for k in ("images", "manifest", "unlabeled", "classes_file", "allow_outside_paths")}
+    if not (given.images or given.manifest):
+        where = {k: getattr(recorded, k) for k in where}
+    cfg = dataclasses.replace(recorded, teacher=given.teacher, device=given.device, workers=given.workers,
+                              storage_options=given.storage_options, **where)
+    run_add(cfg, store)
+    return StoreReader.open(store, given.storage_options)
 
 
 def plan(*, config: str | None = None, sample_images: int = 8, **kwargs) -> dict:

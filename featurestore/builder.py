@@ -15,6 +15,7 @@ interrupted build resumes from the chunks marked done, and resuming equals never
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from featurestore.pass_parts import Decoded
 from featurestore.provenance import now, record
 from featurestore.ranks import Rank, check_launch
 from featurestore.scan import decode_side, scan
-from featurestore.schema import FORMAT_VERSION, StoreError
+from featurestore.schema import FORMAT_VERSION, StoreError, store_attrs
 from featurestore.sources import Listing, class_display_name, discover, file_fingerprint
 from featurestore.teacher_pass import (
     fit_patch_basis,
@@ -71,63 +72,145 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
     clock = {"start": time.perf_counter()}
     out, options = cfg.out, cfg.storage_options
     listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
-    check_patch_grid(cfg.store.patch_grid, cfg.teacher.id, cfg.teacher.revision)
+    entries = resolve_teachers(cfg.teacher.entries(), cfg.teacher.revision)
+    for _, spec in entries:
+        check_patch_grid(cfg.store.patch_grid, spec, cfg.teacher.revision)
     fingerprint = file_fingerprint(listing.sources)
-    store = main_first(rank, lambda: _resume(out, cfg, fingerprint, overwrite),
-                       lambda: _resume(out, cfg, fingerprint, False))
+    identity = build_identity(cfg, entries)
+    store = main_first(rank, lambda: _resume(out, cfg, identity, fingerprint, overwrite),
+                       lambda: _resume(out, cfg, identity, fingerprint, False))
     if store is not None and store.reader.complete:
         logger.info(f"{out} is already complete; nothing to do")
         return {"views": 0}
-    from featurestore.teachers import load_teacher
-    t0 = time.perf_counter()
-    teacher = load_teacher(cfg.teacher.id, cfg.teacher.revision, cfg.device, cfg.teacher.dtype)
-    clock["load_s"] = time.perf_counter() - t0
+    teachers = _load(entries, cfg, clock)
     if store is None:
-        store = main_first(rank, lambda: _create(out, cfg, listing, fingerprint, teacher),
+        store = main_first(rank, lambda: _create(out, cfg, identity, listing, fingerprint, teachers),
                            lambda: StoreWriter.open(out, options))
     elif store.attrs.get("rewrite_index") and rank.main:
-        _rewrite_index(store, cfg, listing, teacher)
-    if teacher.info.embed_dim != store.attrs["embed_dim"]:
-        raise StoreError(f"{out} was built with embed_dim {store.attrs['embed_dim']}, this teacher has "
-                         f"{teacher.info.embed_dim}")
+        _rewrite_index(store, cfg, listing, next(iter(teachers.values())))
+    for name, teacher in teachers.items():
+        held = store.reader.teacher(name).embed_dim
+        if teacher.info.embed_dim != held:
+            raise StoreError(f"{out} was built with a teacher {name!r} {held} wide; this one is "
+                             f"{teacher.info.embed_dim}")
+    return _pass_and_heads(store, teachers, cfg, rank, listing, lock, clock, images=True)
+
+
+def add_teacher(cfg: BuildConfig, store_path: str) -> dict:
+    """`featurestore add-teacher`: the --teacher(s) of cfg over the very views a finished store holds,
+    each in a group of its own, resumable like a build; the same arrays as building with them all at once."""
+    cfg.validate(out=False)
+    check_launch()
+    rank = Rank.from_env()
+    cfg = dataclasses.replace(cfg, out=store_path)
+    try:
+        with build_lock(store_path, rank, cfg.storage_options) as lock, disk_errors(store_path):
+            return _add(cfg, rank, lock)
+    finally:
+        rank.close()
+
+
+def _add(cfg: BuildConfig, rank: Rank, lock) -> dict:
+    clock = {"start": time.perf_counter()}
+    out = cfg.out
+    store = StoreWriter.open(out, cfg.storage_options)
+    if store.attrs["format_version"] < 3:
+        raise StoreError(f"{out} is a version {store.attrs['format_version']} store, which holds one teacher; "
+                         "rebuild it with this kdstore (--overwrite) to add teachers")
+    built = stored_identity(store.attrs["identity"])
+    listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
+    if store.attrs.get("fingerprint") != file_fingerprint(listing.sources):
+        raise ConfigError(f"the images under {cfg.images or cfg.manifest} are not the ones {out} was built from "
+                          "(files added, removed or resized); a teacher is added over the very same images")
+    entries = resolve_teachers(cfg.teacher.entries(), cfg.teacher.revision)
+    held = {t.name: t for t in store.reader.teachers}
+    known = dict(e.split("=", 1) for e in built["teacher"]["id"] if "=" in e)
+    for name, spec in entries:
+        if name in held and known.get(name) != spec:
+            raise ConfigError(f"{out} has a teacher {name!r} already ({held[name].info['id']}); name this one "
+                              "otherwise (--teacher NAME=ID)")
+        check_patch_grid(store.attrs["patch_grid"], spec, cfg.teacher.revision)
+    new = [(name, spec) for name, spec in entries if name not in held or not store.reader.done(name).all()
+           or not held[name].attrs.get("complete")]
+    if not new:
+        logger.info(f"{out} holds every teacher asked for; nothing to do")
+        return {"views": 0}
+    teachers = _load(new, cfg, clock)
+    if rank.main:
+        for name, teacher in teachers.items():
+            if name not in held:
+                store.add_teacher(name, teacher_attrs(teacher, cfg, listing.classes, store.attrs["patch_grid"]),
+                                  store.attrs.get("config", {}).get("store", {}).get("compression", "default"))
+        ids = list(built["teacher"]["id"]) + [f"{n}={s}" for n, s in new if n not in held]
+        store.set_attrs({"complete": False, "identity": built | {"teacher": built["teacher"] | {"id": ids}}})
+    rank.barrier()
+    if not rank.main:
+        store.reader.refresh()
+    return _pass_and_heads(store, teachers, cfg, rank, listing, lock, clock, images=False)
+
+
+def _load(entries: list[tuple[str, str]], cfg: BuildConfig, clock: dict) -> dict:
+    from featurestore.teachers import load_teacher
+    t0 = time.perf_counter()
+    teachers = {name: load_teacher(spec, cfg.teacher.revision, cfg.device, cfg.teacher.dtype) for name, spec in entries}
+    clock["load_s"] = time.perf_counter() - t0
+    return teachers
+
+
+def _pass_and_heads(store: StoreWriter, teachers: dict, cfg: BuildConfig, rank: Rank, listing: Listing, lock,
+                    clock: dict, images: bool) -> dict:
+    """The teacher pass over this rank's unfinished chunks, then (rank 0) the heads, the digest.
+    images: the pass writes the store's images too (a build; adding a teacher writes only its arrays)."""
+    out = store.path
+    first = next(iter(teachers.values()))
     paths, shas = _paths_and_shas(store, listing)
-    mine = pending_chunks(store.reader, rank)
+    mine = pending_chunks(store.reader, rank, list(teachers), images)
 
     def decoding() -> Decoded:                     # the pass's images; its workers start when it is made
-        return Decoded(store.reader, cfg, teacher, images_of(store.reader, mine), paths, shas)
-    fit_basis_first = bool(cfg.store.patch_dim) and not store.attrs.get("patch_basis_fitted")
-    images = None if fit_basis_first else decoding()          # before the compile, unless the basis decodes first
+        return Decoded(store.reader, cfg, list(teachers.values()), images_of(store.reader, mine), paths, shas)
+    basis_first = bool(cfg.store.patch_dim) and not all(store.reader.teacher(n).attrs.get("patch_basis_fitted")
+                                                        for n in teachers)
+    decoded = None if basis_first else decoding()          # before the compile, unless a basis decodes first
     try:
         t0 = time.perf_counter()
-        prepare_teacher(teacher, cfg, store.reader.chunk_size * store.reader.views_per_image,
-                        store.attrs["patch_grid"])
+        for teacher in teachers.values():
+            prepare_teacher(teacher, cfg, store.reader.chunk_size * store.reader.views_per_image,
+                            store.attrs["patch_grid"])
         clock["compile_s"] = time.perf_counter() - t0
-        text_head = _zeroshot_head(store, teacher, rank)
-        basis = None
-        if cfg.store.patch_dim:
-            if rank.main and not store.attrs.get("patch_basis_fitted"):
-                store_basis(store, fit_patch_basis(store.reader, teacher, cfg, paths, shas))
+        text_heads = {name: _zeroshot_head(store, name, teacher, rank) for name, teacher in teachers.items()}
+        bases = {}
+        for name, teacher in teachers.items():
+            if store.reader.teacher(name).patch_dim == store.reader.teacher(name).token_dim:
+                bases[name] = None
+                continue
+            if rank.main and not store.reader.teacher(name).attrs.get("patch_basis_fitted"):
+                store_basis(store, name, fit_patch_basis(store.reader, name, teacher, cfg, paths, shas))
             rank.barrier()
-            basis = load_basis(store.reader)
-        images = images or decoding()
+            store.reader.refresh()
+            bases[name] = load_basis(store.reader, name)
+        decoded = decoded or decoding()
         t0 = time.perf_counter()
-        views_run, stages = teacher_pass(store, teacher, cfg, rank, mine, images, basis, lock.check if lock else None)
+        views_run, stages = teacher_pass(store, teachers, cfg, rank, mine, decoded, bases, images,
+                                         lock.check if lock else None)
     finally:
-        if images is not None:
-            images.close()
+        if decoded is not None:
+            decoded.close()
     clock["pass_s"] = time.perf_counter() - t0
     rank.barrier()
     if rank.main:
-        missing = int((~store.reader.done()).sum())
+        store.reader.refresh()
+        missing = int(sum((~store.reader.done(n)).sum() for n in teachers) + (~store.reader.done()).sum())
         if missing:
             raise StoreError(f"{missing} chunk(s) of {out} are not done; run the same command again to resume")
         t0 = time.perf_counter()
         from featurestore.heads import fit_heads  # scikit-learn: loaded by the one process that fits
-        metrics = fit_heads(store, cfg, text_head)
+        for name in teachers:
+            store.set_teacher_attrs(name, {"metrics": fit_heads(store, cfg, name, text_heads[name]), "complete": True})
         clock["heads_s"] = time.perf_counter() - t0
-        store.set_attrs({"metrics": metrics, "complete": True, "finished": now(),
-                         "last_build": {"device": str(teacher.device), "ranks": rank.world, "views": views_run,
-                                        "batch": teacher.batch, "compiled": teacher.compiled, "stages": stages,
+        store.set_attrs({"complete": True, "finished": now(),
+                         "last_build": {"device": str(first.device), "ranks": rank.world, "views": views_run,
+                                        "teachers": list(teachers), "batch": first.batch, "compiled": first.compiled,
+                                        "stages": stages,
                                         "seconds": {k: round(v, 2) for k, v in clock.items() if k != "start"}}})
         t0 = time.perf_counter()
         seal_with_digest(store)
@@ -135,16 +218,33 @@ def _build(cfg: BuildConfig, rank: Rank, overwrite: bool, lock) -> dict:
                     f"({time.perf_counter() - t0:.1f}s)")
     store.close()
     total = time.perf_counter() - clock.pop("start")
-    stats = {"views": views_run, "total_s": total, "batch": teacher.batch, "compiled": teacher.compiled,
+    stats = {"views": views_run, "total_s": total, "batch": first.batch, "compiled": first.compiled,
              "stages": stages} | clock
     if views_run:
         logger.info("teacher pass stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
-                    + f"; batch {teacher.batch}, {'compiled' if teacher.compiled else 'eager'}")
+                    + f"; batch {first.batch}, {'compiled' if first.compiled else 'eager'}")
         logger.info(f"done: {out}  teacher pass {views_run} views in {stats['pass_s']:.1f}s "
                     f"({views_run / stats['pass_s']:.2f} views/s), total {total:.1f}s "
                     f"(model load {stats['load_s']:.1f}s, compile {stats['compile_s']:.1f}s, "
                     f"heads {stats.get('heads_s', 0.0):.1f}s)")
     return stats
+
+
+def resolve_teachers(entries: list[tuple[str | None, str]], revision: str | None) -> list[tuple[str, str]]:
+    """(name, spec) of each --teacher: an unnamed one takes its family's name (siglip, dinov2, clip, auto),
+    numbered where several share one."""
+    from featurestore.teachers import describe
+    out: list[tuple[str, str]] = []
+    taken = {name for name, _ in entries if name}
+    for name, spec in entries:
+        if name is None:
+            base = describe(spec, revision)[0].family
+            name, k = base, 2
+            while name in taken:
+                name, k = f"{base}{k}", k + 1
+            taken.add(name)
+        out.append((name, spec))
+    return out
 
 
 def main_first(rank: Rank, main: Callable[[], T], others: Callable[[], T]) -> T:
@@ -190,7 +290,7 @@ def disk_errors(out: str):
 
 
 # ---- open: resume, or make room --------------------------------------------------------------
-def _resume(out: str, cfg: BuildConfig, fingerprint: str, overwrite: bool) -> StoreWriter | None:
+def _resume(out: str, cfg: BuildConfig, identity: dict, fingerprint: str, overwrite: bool) -> StoreWriter | None:
     """The store to resume at `out`, or None to create one there (nothing there, an empty folder, or a
     store kdstore made and --overwrite). Anything else at `out` is refused and left untouched."""
     options = cfg.storage_options
@@ -207,7 +307,13 @@ def _resume(out: str, cfg: BuildConfig, fingerprint: str, overwrite: bool) -> St
             raise StoreError(f"{out} exists and is not a store kdstore made ({why}); choose another --out "
                              "(kdstore deletes only stores it made)") from None
         raise StoreError(f"{out} exists but is not a usable store ({e}); pass --overwrite to rebuild it") from None
-    diffs = config_diff(stored_identity(store.attrs.get("identity", {})), cfg.identity())
+    if store.attrs["format_version"] < FORMAT_VERSION:
+        if store.reader.complete:
+            return store                                  # finished by an older kdstore: read as it is
+        store.close()
+        raise StoreError(f"{out} is an unfinished store of format version {store.attrs['format_version']}, written by "
+                         "an older kdstore: finish it with that release, or rebuild it (--overwrite)")
+    diffs = config_diff(stored_identity(store.attrs.get("identity", {})), identity)
     if diffs:
         raise ConfigError(f"{out} was built with a different configuration; refusing to mix them: "
                           + "; ".join(diffs) + ". Use a new --out, or --overwrite to rebuild")
@@ -230,31 +336,42 @@ def _protected(cfg: BuildConfig) -> dict[str, Path]:
 
 
 # ---- scan and create -------------------------------------------------------------------------
-def _create(out: str, cfg: BuildConfig, listing: Listing, fingerprint: str, teacher) -> StoreWriter:
-    res = scan(listing, cfg, decode_side(teacher.pre.size, cfg.store.image_size))
+def teacher_attrs(teacher, cfg: BuildConfig, classes: list[str], patch_grid: int) -> dict:
+    """A teacher's attributes in a store: what it is, its widths, its heads and prompts."""
+    heads = cfg.probe.heads + (["zeroshot"] if teacher.info.has_text and cfg.teacher.zeroshot else [])
+    token = teacher.info.token_dim or teacher.info.embed_dim
+    return {"teacher": to_dict(teacher.info), "embed_dim": teacher.info.embed_dim, "token_dim": token,
+            "patch_dim": (cfg.store.patch_dim or token) if patch_grid else token, "heads": heads,
+            "prompts": prompts_for(classes, cfg) if "zeroshot" in heads else [], "complete": False}
+
+
+def build_identity(cfg: BuildConfig, entries: list[tuple[str, str]]) -> dict:
+    """The settings that decide a store's content, its teachers by the names they get."""
+    identity = cfg.identity()
+    identity["teacher"]["id"] = [f"{name}={spec}" for name, spec in entries]
+    return identity
+
+
+def _create(out: str, cfg: BuildConfig, identity: dict, listing: Listing, fingerprint: str,
+            teachers: dict) -> StoreWriter:
+    first = next(iter(teachers.values()))
+    res = scan(listing, cfg, decode_side(first.pre.size, cfg.store.image_size))
     n, chunk = len(res.valid), min(cfg.store.chunk_size, len(res.valid))
     index = make_index(res, cfg, chunk)
-    heads = cfg.probe.heads + (["zeroshot"] if teacher.info.has_text and cfg.teacher.zeroshot else [])
     unlabeled = int((index.labels < 0).sum())
-    attrs = {
-        "format_version": FORMAT_VERSION, "classes": listing.classes, "num_images": n,
-        "num_unlabeled": unlabeled, "views_per_image": cfg.views.views, "image_size": cfg.store.image_size,
-        "chunk_size": chunk, "embed_dim": teacher.info.embed_dim, "patch_grid": cfg.store.patch_grid,
-        "token_dim": teacher.info.token_dim or teacher.info.embed_dim,
-        "patch_dim": cfg.store.patch_dim or teacher.info.token_dim or teacher.info.embed_dim, "heads": heads,
-        "param_names": list(views.PARAM_NAMES), "teacher": to_dict(teacher.info),
-        "prompts": prompts_for(listing.classes, cfg) if "zeroshot" in heads else [],
-        "view_policy": to_dict(cfg.views), "identity": cfg.identity(), "config": to_dict(cfg),
-        "fingerprint": fingerprint, **record(), "created": now(),
-        "id_bytes": max(len(i.encode()) for i in index.ids), "checksums": backend_class(out).checksum,
-        "report": {"files_found": len(listing.sources) + len(listing.ignored), "images": n,
-                   "labelled": n - unlabeled, "unlabeled": unlabeled,
-                   "skipped": [{"id": i, "reason": r} for i, r in res.skipped], "converted": res.converted,
-                   "notes": [{"id": i, "note": t} for i, t in res.notes]},
-        "complete": False,
-    }
+    attrs = store_attrs(
+        classes=listing.classes, num_images=n, views=cfg.views.views, image_size=cfg.store.image_size,
+        chunk_size=chunk, patch_grid=cfg.store.patch_grid, param_names=list(views.PARAM_NAMES),
+        teachers={name: teacher_attrs(t, cfg, listing.classes, cfg.store.patch_grid) for name, t in teachers.items()},
+        num_unlabeled=unlabeled, view_policy=to_dict(cfg.views), identity=identity, config=to_dict(cfg),
+        fingerprint=fingerprint, id_bytes=max(len(i.encode()) for i in index.ids),
+        checksums=backend_class(out).checksum, complete=False,
+        report={"files_found": len(listing.sources) + len(listing.ignored), "images": n,
+                "labelled": n - unlabeled, "unlabeled": unlabeled,
+                "skipped": [{"id": i, "reason": r} for i, r in res.skipped], "converted": res.converted,
+                "notes": [{"id": i, "note": t} for i, t in res.notes]}) | record() | {"created": now()}
     logger.info(f"creating {out}: {n} images ({unlabeled} unlabelled) x {cfg.views.views} views, "
-                f"{len(res.skipped)} skipped")
+                f"{len(res.skipped)} skipped; teachers {', '.join(teachers)}")
     store = StoreWriter.create(out, attrs | {"format_version": None}, cfg.store.compression, cfg.storage_options)
     write_index(store, index)
     store.set_attrs({"format_version": FORMAT_VERSION})          # readable as a store from here on
@@ -297,12 +414,12 @@ def prompts_for(classes: list[str], cfg: BuildConfig) -> list[list[str]]:
     return out
 
 
-def _zeroshot_head(store: StoreWriter, teacher, rank: Rank):
-    """On rank 0: the text tower's class embeddings (C, D), logit_scale and logit_bias, stored (the heads
-    phase scores the stored embeddings with them, in one place whatever the ranks); else None."""
-    if not rank.main or "zeroshot" not in store.reader.heads():
+def _zeroshot_head(store: StoreWriter, name: str, teacher, rank: Rank):
+    """On rank 0: a teacher's class embeddings (C, D), logit_scale and logit_bias, stored (the heads phase
+    scores the stored embeddings with them, in one place whatever the ranks); else None."""
+    if not rank.main or "zeroshot" not in store.reader.heads(name):
         return None
-    text, scale, bias = teacher.text_head(store.attrs["prompts"])
+    text, scale, bias = teacher.text_head(store.reader.teacher(name).attrs["prompts"])
     head = {"text_embeds": text.cpu().numpy(), "logit_scale": np.float32(scale), "logit_bias": np.float32(bias)}
-    store.write_head("zeroshot", head)
+    store.write_head(name, "zeroshot", head)
     return head

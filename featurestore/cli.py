@@ -17,8 +17,10 @@ EPILOG = """examples:
   featurestore plan  --images data/train --teacher google/medsiglip-448 --views 32 --patch-grid 8
   featurestore build --images data/train --out stores/derm.zarr --teacher google/medsiglip-448 --views 32 --patch-grid 8
   featurestore build --images data/demo --unlabeled data/more --out stores/demo.zarr --teacher random:tiny --views 4
+  featurestore build ... --teacher siglip=google/medsiglip-448 --teacher dino=facebook/dinov2-base
+  featurestore add-teacher stores/derm.zarr --teacher dino=facebook/dinov2-base
   featurestore slim stores/derm.zarr stores/derm-laptop.zarr \
-      --fields images,views/params,teacher/pooled,teacher/logits/probe
+      --fields images,views/params,teachers/siglip/pooled,teachers/siglip/logits/probe
   featurestore inspect stores/derm.zarr [--json]
   featurestore verify stores/derm.zarr [--fix]
 multi-process (each rank owns whole shards; Zarr stores only):
@@ -39,6 +41,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="delete the store at --out and start again (only a "
                    "store kdstore made: any other file or folder is refused and left as it is)")
 
+    a = sub.add_parser("add-teacher", parents=[common], help="add a teacher's outputs to a finished store, over "
+                       "its very views", description="Run --teacher (NAME=ID names it; give it again for several) "
+                       "over every stored view of a finished store, into a group of its own, with its heads: the "
+                       "same arrays as building with it from the start. The store's views, layout and probe settings "
+                       "are its own; --images defaults to the folder it was built from. Resumable: kill it and run "
+                       "the same command.")
+    a.add_argument("store", help="a finished store (format 3)")
+    add_options(a, BuildConfig, skip=("out",))
+
     pl = sub.add_parser("plan", parents=[common], help="before a build: views, bytes per field, store size and "
                         "teacher time on common GPUs", description="Takes the flags of `build` (without --out) "
                         "and estimates the store and the teacher pass before any GPU time is paid.")
@@ -53,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="a complete store")
     s.add_argument("dst", help="the new store (.zarr or .h5); must not exist")
     s.add_argument("--fields", required=True, help="comma-separated array names to keep, e.g. "
-                   "images,views/params,teacher/pooled,teacher/logits/probe")
+                   "images,views/params,teachers/siglip/pooled,teachers/siglip/logits/probe")
     storage_options_flag(s)
 
     i = sub.add_parser("inspect", parents=[common], help="what is in a store, how big, how good the teacher is")
@@ -102,14 +113,19 @@ def hex_digest(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     log.enable()
-    step = "finished chunks are kept; run the same command to continue" if args.command == "build" else \
-        "run the same command again"
+    resumable = args.command in ("build", "add-teacher")
+    step = "finished chunks are kept; run the same command to continue" if resumable else "run the same command again"
     return run_command(f"featurestore {args.command}", lambda: _run(args), args.debug, next_step=lambda: step)
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
         api.build(config=args.config, overwrite=args.overwrite, **values_of(args, BuildConfig)).close()
+        return 0
+    if args.command == "add-teacher":
+        values = values_of(args, BuildConfig)
+        values.pop("out", None)
+        api.add_teacher(args.store, config=args.config, **values).close()
         return 0
     if args.command == "plan":
         from featurestore.planner import format_plan

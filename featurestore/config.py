@@ -17,6 +17,7 @@ from featurestore.options import (
     opt,
     to_dict,
 )
+from featurestore.schema import TEACHER_NAME
 from featurestore.untrusted import load_yaml
 
 MAX_VIEWS = 1024
@@ -95,8 +96,10 @@ class ViewPolicy:
 
 @dataclass
 class TeacherConfig:
-    id: str = opt("google/medsiglip-448", "hub id, local directory (save_pretrained), or random:medsiglip-448 / "
-                  "random:tiny", flag="--teacher")
+    id: list[str] = opt(help="the teacher: a hub id, a local directory (save_pretrained), or random:medsiglip-448 / "
+                        "random:tiny; NAME=ID names it (default name: its family, such as siglip or dinov2); give "
+                        "--teacher again for a store of several teachers over the same views (default: "
+                        "google/medsiglip-448)", flag="--teacher", default_factory=lambda: ["google/medsiglip-448"])
     revision: str | None = opt(None, "hub revision (branch, tag or commit) of the teacher", flag="--revision")
     dtype: str = opt("auto", "teacher compute dtype (auto: bfloat16 on GPUs with native support, float16 on older "
                      "GPUs such as T4/V100, float32 on CPU)", flag="--dtype",
@@ -121,9 +124,33 @@ class TeacherConfig:
         in_range("teacher.batch_size", self.batch_size, 0, 4096, "views per teacher forward (0: auto)")
         if "{name}" not in self.prompt_template:
             raise ConfigError(f"teacher.prompt_template must contain {{name}}, got {self.prompt_template!r}")
+        names = [name for name, _ in self.entries() if name]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--teacher names must differ, got {names}")
         for name, texts in self.prompts.items():
             if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
                 raise ConfigError(f"teacher.prompts[{name!r}] must be a non-empty list of prompts")
+
+
+    def __post_init__(self) -> None:
+        if isinstance(self.id, str):                  # TeacherConfig(id="random:tiny") from Python
+            self.id = [self.id]
+
+    def entries(self) -> list[tuple[str | None, str]]:
+        """(name or None, spec) of each --teacher, in order; NAME=ID names one."""
+        if not self.id:
+            raise ConfigError("give a --teacher")
+        out = []
+        for entry in self.id:
+            name, sep, spec = entry.partition("=")
+            if not sep:
+                out.append((None, entry))
+                continue
+            if not TEACHER_NAME.fullmatch(name) or not spec:
+                raise ConfigError(f"--teacher {entry!r}: NAME=ID takes a name of lowercase letters, digits, - and _ "
+                                  "(starting with a letter) and a teacher id")
+            out.append((name, spec))
+        return out
 
 
 @dataclass

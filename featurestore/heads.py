@@ -217,55 +217,60 @@ def zeroshot_from_pooled(pooled: np.ndarray, head: dict[str, np.ndarray]) -> np.
     return (x @ text.T * np.exp(scale) + bias).astype(np.float32)
 
 
-def fit_heads(store: StoreWriter, cfg: BuildConfig, zeroshot: dict[str, np.ndarray] | None = None) -> dict:
-    """The heads phase, from the stored embeddings, in one place whatever the ranks: a cross-fitted probe
-    from at most probe.max_rows pooled rows, then scoring chunk by chunk (memory stays bounded whatever
-    N x K x D), and the zero-shot head's logits when there is one; returns the heads' metrics."""
+def fit_heads(store: StoreWriter, cfg: BuildConfig, teacher: str,
+              zeroshot: dict[str, np.ndarray] | None = None) -> dict:
+    """The heads phase of one teacher, from its stored embeddings, in one place whatever the ranks: a
+    cross-fitted probe from at most probe.max_rows pooled rows, then scoring chunk by chunk (memory stays
+    bounded whatever N x K x D), the zero-shot head's logits when there is one, and the statistics its
+    targets are standardised with; returns the heads' metrics."""
     r = store.reader
+    t = r.teacher(teacher)
     labels, split = r.read("labels").astype(np.int64), r.read("split")
     c, k, n = len(r.classes), r.views_per_image, r.num_images
     train = np.flatnonzero(split >= 0)
     m = views_per_row(len(train), k, cfg.probe.max_rows)
-    logger.info(f"fitting the cross-fitted probe on {len(train)} labelled training images x {m} view(s)")
+    logger.info(f"fitting the cross-fitted probe of {teacher} on {len(train)} labelled training images x {m} view(s)")
     rows = []
     for ch in range(r.num_chunks):
         a, b = r.chunk_range(ch)
         sel = train[(train >= a) & (train < b)] - a
         if len(sel):
-            rows.append(np.stack([r.read_view("teacher/pooled", ch, v)[sel] for v in range(m)], 1))   # (s, m, D)
-    x = l2_normalize(np.concatenate(rows).reshape(len(train) * m, -1))
+            rows.append(np.stack([r.read_view(t.pooled, ch, v)[sel] for v in range(m)], 1))   # (s, m, D)
+    raw = np.concatenate(rows).reshape(len(train) * m, -1).astype(np.float32)
+    write_stats(store, t, raw, train)
+    x = l2_normalize(raw)
     folds = sorted(int(f) for f in np.unique(split[train]))
     y, row_fold = np.repeat(labels[train], m), np.repeat(split[train], m)
     probes = fit_probes(x, y, row_fold, folds, c, cfg.probe.c, cfg.probe.seed, cfg.probe.class_weight)
     heads = {"probe": probes}
     spread_rows = {}
     if "spread" in cfg.probe.heads:
-        x0 = l2_normalize(np.concatenate([r.read_view("teacher/pooled", ch, 0) for ch in range(r.num_chunks)]))
+        x0 = l2_normalize(np.concatenate([r.read_view(t.pooled, ch, 0) for ch in range(r.num_chunks)]))
         logger.info(f"fitting the spread head: labels spread to {int((split == SPLIT_UNLABELED).sum())} unlabelled "
                     f"images over {cfg.probe.spread_neighbors} neighbours")
         heads["spread"], spread_rows = fit_spread(x, y, row_fold, x0, labels, split, c, cfg.probe.spread_neighbors,
                                                   cfg.probe.spread_confidence, cfg.probe.c, cfg.probe.seed,
                                                   cfg.probe.class_weight)
         del x0
-    del x, rows
+    del x, raw, rows
     view0 = {name: np.empty((n, c), np.float32) for name in heads}
     zeroshot0 = np.empty((n, c), np.float32) if zeroshot is not None else None
     degenerate = 0                                  # zero-shot views whose logits no student could learn from
     for ch in range(r.num_chunks):
         a, b = r.chunk_range(ch)
-        pooled = r.read("teacher/pooled", a, b)                                               # (chunk, K, D)
+        pooled = r.read(t.pooled, a, b)                                                       # (chunk, K, D)
         for name, head in heads.items():
             logits = head.score(pooled, split[a:b])                                           # (chunk, K, C)
-            store.write(f"teacher/logits/{name}", a, logits)
+            store.write(t.logits(name), a, logits)
             view0[name][a:b] = logits[:, 0]
         if zeroshot is not None:
             z = zeroshot_from_pooled(pooled, zeroshot)                                        # (chunk, K, C)
-            store.write("teacher/logits/zeroshot", a, z)
+            store.write(t.logits("zeroshot"), a, z)
             zeroshot0[a:b] = z[:, 0]
             degenerate += sum(int(rows.sum()) for _, rows in bad_target_rows(z, lead=2))
     metrics = {}
     for name, head in heads.items():
-        store.write_head(name, head.arrays())
+        store.write_head(teacher, name, head.arrays())
         metrics[name] = probe_metrics(labels, split, view0[name], c, cfg.probe.c, len(folds))
     if spread_rows:
         metrics["spread"] |= {"neighbors": cfg.probe.spread_neighbors, "confidence": cfg.probe.spread_confidence,
@@ -273,9 +278,31 @@ def fit_heads(store: StoreWriter, cfg: BuildConfig, zeroshot: dict[str, np.ndarr
     if degenerate:
         why = (f"the zero-shot head is left out: its logits are constant (or not finite) for {degenerate} of {n * k} "
                "views, so they carry nothing a student could learn (the class prompts embed all but identically "
-               f"under {r.attrs['teacher']['id']}; other --prompts may help)")
+               f"under {t.info['id']}; other --prompts may help)")
         logger.warning(why)
-        store.drop_head("zeroshot", why)
+        store.drop_head(teacher, "zeroshot", why)
     elif zeroshot0 is not None:
         metrics["zeroshot"] = zeroshot_metrics(zeroshot0, labels, c)
     return metrics
+
+
+def write_stats(store: StoreWriter, t, pooled: np.ndarray, train: np.ndarray) -> None:
+    """Per-dimension mean and standard deviation of a teacher's targets, over the probe's fitting rows
+    (pooled) and the canonical view of the labelled training images (patch grid): what `trainer fit`
+    standardises each teacher's feature targets with, so that teachers of different scales weigh alike."""
+    if t.stats_key("pooled_mean") is None:
+        return                                                    # a version 2 store keeps no statistics
+    r = store.reader
+    out = {"pooled_mean": pooled.mean(0), "pooled_std": pooled.std(0)}
+    if r.attrs["patch_grid"]:
+        grids = []
+        for ch in range(r.num_chunks):
+            a, b = r.chunk_range(ch)
+            sel = train[(train >= a) & (train < b)] - a
+            if len(sel):
+                grids.append(r.read_view(t.patches, ch, 0)[sel].astype(np.float32).reshape(-1, t.patch_dim))
+        cells = np.concatenate(grids)
+        out |= {"patches_mean": cells.mean(0), "patches_std": cells.std(0)}
+    for name, value in out.items():
+        store.write_small(t.stats_key(name), np.maximum(value, 1e-6) if name.endswith("std") else value)
+    store.set_teacher_attrs(t.name, {"stats": True})

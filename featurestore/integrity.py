@@ -25,17 +25,15 @@ from featurestore.lock import store_lock
 from featurestore.options import ConfigError
 from featurestore.reader import ChunkError, StoreReader
 from featurestore.schema import (
-    INDEX_FIELDS,
+    FORMAT_VERSION,
     NO_LABEL,
-    PROGRESS,
     SPLIT_UNLABELED,
     StoreError,
     bad_target_rows,
+    progress_fields,
     small_arrays,
 )
 from featurestore.writer import StoreWriter
-
-PASS_ARRAYS = ("images", "teacher/pooled", "teacher/patches")                              # teacher pass
 
 
 @dataclass(frozen=True)
@@ -92,21 +90,27 @@ def examine(store: StoreReader, published: str | None = None) -> Verification:
     """verify's pass: every chunk of every array read and checked, the digest computed on the way."""
     problems: list[Problem] = []
     digest = Digest()
-    try:
-        done = store.done()
-    except ChunkError as e:
-        problems.append(Problem(PROGRESS.name, None, None, _describe(e)))
-        done = np.ones(store.num_chunks, bool)
-    waiting = np.flatnonzero(~done)
-    if len(waiting):
-        problems.append(Problem("progress/done", None, None, f"{len(waiting)} of {len(done)} chunks are not done "
-                                f"{waiting[:10].tolist()}{' ...' if len(waiting) > 10 else ''}; run the build again"))
+    done: dict[str | None, np.ndarray] = {}
+    waiting = 0
+    for marks in progress_fields(store.attrs):
+        try:
+            done[marks.teacher] = store.done(marks.teacher)
+        except ChunkError as e:
+            problems.append(Problem(marks.name, None, None, _describe(e)))
+            done[marks.teacher] = np.ones(store.num_chunks, bool)
+        left = np.flatnonzero(~done[marks.teacher])
+        waiting += len(left)
+        if len(left):
+            problems.append(Problem(marks.name, None, None, f"{len(left)} of {store.num_chunks} chunks are not done "
+                                    f"{left[:10].tolist()}{' ...' if len(left) > 10 else ''}; run the build again"))
+    fitted = {t.name: t.attrs.get("complete", store.complete) for t in store.teachers}
     for f in store.fields():
         per_chunk = f.kind != "index"
+        marks = done.get(f.teacher, done[None])
         for c in range(store.num_chunks):
-            if per_chunk and not done[c]:
+            if per_chunk and not (marks[c] and done[None][c]):
                 continue
-            if f.name.startswith("teacher/logits/") and not store.complete:
+            if f.written == "heads" and not (store.complete and fitted.get(f.teacher, True)):
                 continue
             found, x = _check_chunk(store, f.name, c)
             problems += found
@@ -127,7 +131,7 @@ def examine(store: StoreReader, published: str | None = None) -> Verification:
         held = set(store.small_keys())
         problems += [Problem(key, None, None, "missing (the build writes it with the heads; run the build again "
                              "after `verify --fix`)") for key in small_arrays(store.attrs) if key not in held]
-    if not store.complete and not len(waiting):
+    if not store.complete and not waiting:
         problems.append(Problem("heads", None, None, "the heads are not fitted (the build did not finish); "
                                 "run the build again"))
     whole = store.complete and not problems
@@ -171,7 +175,7 @@ def _check_chunk(store: StoreReader, name: str, c: int) -> tuple[list[Problem], 
     except ChunkError as e:
         return [problem(_describe(e))], None
     out = []
-    if name.startswith("teacher/"):                                # per (image, view), as the trainer checks
+    if store.field(name).teacher is not None:                     # per (image, view), as the trainer checks
         for what, rows in bad_target_rows(x, lead=2):
             out.append(problem(f"teacher outputs with {what} in images {_listing(a + np.flatnonzero(rows.any(1)))}"))
     elif x.dtype.kind == "f":
@@ -231,46 +235,60 @@ def _listing(idx: np.ndarray) -> str:
 
 def fix_store(store: StoreWriter, problems: list[Problem]) -> list[str]:
     """Mark what the build command will recompute; returns what was done, one sentence each."""
+    if store.attrs["format_version"] < FORMAT_VERSION:
+        raise StoreError(f"{store.path} is a store of format version {store.attrs['format_version']}, written by an "
+                         "older kdstore, which this one reads but does not repair: rebuild it (--overwrite)")
+    r = store.reader
+    kinds = {f.name: f for f in r.fields() + progress_fields(r.attrs)}
     redo: set[int] = set()
     actions, refit, index = [], False, False
     for p in problems:
-        if p.array in PASS_ARRAYS and p.chunk is not None:
+        f = kinds.get(p.array)
+        if f is not None and f.written == "pass" and p.chunk is not None:
             redo.add(p.chunk)
-        elif p.array.startswith(("teacher/logits/", "heads/")) or p.array == "heads":
+        elif (f is not None and f.written == "heads") or "/heads/" in p.array or "/stats/" in p.array \
+                or p.array.startswith("heads") or p.array == "digest":
             refit = True
-        elif p.array in INDEX_FIELDS:
+        elif f is not None and f.written == "creation":
             index = True
-        elif p.array.startswith("pca/"):
-            redo.update(range(store.reader.num_chunks))
-            store.set_attrs({"patch_basis_fitted": False})
-            actions.append("the patch basis will be fitted again and every chunk recomputed with it")
-        elif p.array == PROGRESS.name and p.chunk is None and "not done" not in p.what:
-            actions.append(_rewrite_done(store, problems))
+        elif "/pca/" in p.array:
+            name = p.array.split("/")[1]
+            redo.update(range(r.num_chunks))
+            store.set_teacher_attrs(name, {"patch_basis_fitted": False})
+            actions.append(f"the patch basis of {name} will be fitted again and every chunk recomputed with it")
+        elif f is not None and f.kind == "progress" and p.chunk is None and "not done" not in p.what:
+            actions.append(_rewrite_done(store, problems, f))
     if index:
         store.set_attrs({"rewrite_index": True})
         actions.append("the index arrays (labels, split, ids, sha256, view params) will be rewritten from the image "
                        "files")
         refit = True
+    names = [t.name for t in r.teachers]
     for c in sorted(redo):
-        store.mark_done(c, False)
+        store.mark_done(c, False, teachers=names)
     if redo:
         actions.append(f"{len(redo)} chunk(s) marked not done: {sorted(redo)[:20]}")
         refit = True
     if refit:
         store.set_attrs({"complete": False})
+        for name in names:
+            store.set_teacher_attrs(name, {"complete": False})
         actions.append("the heads will be fitted again")
     store.flush()
     return actions
 
 
-def _rewrite_done(store: StoreWriter, problems: list[Problem]) -> str:
-    """A damaged progress array: every chunk whose pass arrays are whole counts as done again."""
-    bad = {p.chunk for p in problems if p.array in PASS_ARRAYS and p.chunk is not None}
+def _rewrite_done(store: StoreWriter, problems: list[Problem], marks) -> str:
+    """A damaged progress array: every chunk whose pass arrays (of its teacher, or the images) are whole
+    counts as done again."""
     r = store.reader
-    done = np.array([c not in bad and not any(_check_chunk(r, f.name, c)[0] for f in r.fields()
-                                              if f.name in PASS_ARRAYS) for c in range(r.num_chunks)])
-    store.reset_done(done)
-    return f"progress/done rewritten: {int(done.sum())}/{len(done)} chunks done"
+    mine = [f.name for f in r.fields() if f.written == "pass" and (f.teacher == marks.teacher or
+                                                                   (marks.teacher is None and f.teacher is None))]
+    bad = {p.chunk for p in problems if p.array in mine and p.chunk is not None}
+    done = np.array([c not in bad and not any(_check_chunk(r, name, c)[0] for name in mine)
+                     for c in range(r.num_chunks)])
+    store.reset_done(done, marks)
+    return f"{marks.name} rewritten: {int(done.sum())}/{len(done)} chunks done"
 
 
 __all__ = ["Problem", "Verification", "check", "examine", "fix_store", "index_problems", "verify", "StoreError"]

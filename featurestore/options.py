@@ -54,6 +54,7 @@ class Option:
     flag: str
     field: dataclasses.Field
     hint: Any                 # the field's type
+    many: bool = False        # a list the flag fills one value per use (--teacher A --teacher B)
 
     @property
     def switch(self) -> bool:
@@ -71,7 +72,8 @@ def walk(cls: type, prefix: str = "") -> list[Option]:
         elif f.metadata.get("flag"):
             flag = f.metadata["flag"]
             dest = flag[len("--no-"):] if f.metadata.get("negate") else flag[2:]
-            out.append(Option(prefix + f.name, dest.replace("-", "_"), flag, f, _scalar(hint)))
+            many = typing.get_origin(hint) is list and not f.metadata.get("parse")
+            out.append(Option(prefix + f.name, dest.replace("-", "_"), flag, f, _scalar(hint), many))
     return out
 
 
@@ -96,6 +98,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
             kw["action"] = "store_false" if meta["negate"] else "store_true"
         else:
             kw["type"] = str if meta["parse"] else o.hint
+            if o.many:
+                kw["action"] = "append"
             if meta["choices"]:
                 kw["choices"] = meta["choices"]
         parser.add_argument(o.flag, **kw)
@@ -226,8 +230,18 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where} must be a finite number, got {value!r}")
     expected = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    if value is not None and not any(isinstance(value, t) for t in expected if isinstance(t, type)):
-        raise ConfigError(f"{where} expects {' or '.join(t.__name__ for t in expected)}, got {value!r}")
+    kinds = [typing.get_origin(t) or t for t in expected]
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, dict) and dict in kinds and dict[str, float] in expected:     # a weight per name
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value.values()):
+            raise ConfigError(f"{where} maps names to numbers, got {value!r}")
+        value = {str(k): float(v) for k, v in value.items()}
+    if value is not None and not any(isinstance(value, t) for t in kinds if isinstance(t, type)):
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in kinds)
+        raise ConfigError(f"{where} expects {names}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     return value
 
 

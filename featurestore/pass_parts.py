@@ -23,19 +23,20 @@ from featurestore.writer import StoreWriter
 
 
 class Decoded:
-    """(store index, original uint8 (3, H, W), squashed (S, S, 3)) of `images`, in order, decoded by
-    worker processes that start, and read ahead, as soon as this is made: a build makes it before it
-    compiles the teacher, so that the pass does not open with a wait for the workers."""
+    """(store index, {longest side: original uint8 (3, H, W)}, squashed (S, S, 3)) of `images`, in order,
+    decoded by worker processes that start, and read ahead, as soon as this is made: a build makes it
+    before it compiles the teachers, so that the pass does not open with a wait for the workers. Each
+    teacher takes the original at `side_of(teacher)`."""
 
-    def __init__(self, store: StoreReader, cfg: BuildConfig, teacher: Teacher, images: list[int], paths: list[str],
-                 shas: list[str]):
+    def __init__(self, store: StoreReader, cfg: BuildConfig, teachers: list[Teacher], images: list[int],
+                 paths: list[str], shas: list[str]):
         s = store.attrs["image_size"]
-        self.workers = cfg.workers
-        data = DecodeSet([(i, paths[i], shas[i]) for i in images], s, decode_side(teacher.pre.size, s),
+        self.workers, self.size = cfg.workers, s
+        data = DecodeSet([(i, paths[i], shas[i]) for i in images], s, tuple(self.side_of(t) for t in teachers),
                          cfg.min_side, cfg.max_pixels)
         kw = ({"prefetch_factor": 8, "multiprocessing_context": mp_context(), "worker_init_fn": worker_init()}
               if cfg.workers else {})
-        pin = teacher.device.type == "cuda"                  # copied to the GPU without blocking the loop
+        pin = teachers[0].device.type == "cuda"              # copied to the GPU without blocking the loop
         with worker_deaths(cfg.workers):
             self._items = iter(DataLoader(data, batch_size=None, num_workers=cfg.workers, pin_memory=pin, **kw)
                                if images else ())
@@ -46,6 +47,9 @@ class Decoded:
                 if problem:
                     raise DatasetError(problem)
                 yield i, orig, small
+
+    def side_of(self, teacher: Teacher) -> int:
+        return decode_side(teacher.pre.size, self.size)
 
     def close(self) -> None:
         """Stop the workers (also when the images were not all taken)."""
@@ -101,12 +105,15 @@ class ChunkOutputs:
 
 
 class ChunkWriter:
-    """Writes finished chunks on a thread, then marks each done; errors surface on the next call.
-    guard: called before each chunk is written (the build's lock: raises if it was lost); check: called
-    with each chunk's arrays before they are written (raises on outputs the store cannot keep)."""
+    """Writes finished chunks on a thread, then marks each done (for `teachers`, and for the store's images
+    unless images is False); errors surface on the next call. guard: called before each chunk is written
+    (the build's lock: raises if it was lost); check: called with each chunk's arrays before they are
+    written (raises on outputs the store cannot keep)."""
 
-    def __init__(self, store: StoreWriter, guard=None, check=None, stages: Stages | None = None):
+    def __init__(self, store: StoreWriter, guard=None, check=None, stages: Stages | None = None,
+                 teachers: list[str] | None = None, images: bool = True):
         self.store, self.q, self.error, self.guard, self.check = store, queue.Queue(maxsize=2), None, guard, check
+        self.teachers, self.images = list(teachers or ()), images
         self.stages = stages
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -128,7 +135,7 @@ class ChunkWriter:
                 for name, value in arrays.items():
                     self.store.write(name, a, value)
                 self.store.flush()
-                self.store.mark_done(c)
+                self.store.mark_done(c, teachers=self.teachers, images=self.images)
                 self.store.flush()
                 if self.stages is not None:
                     self.stages.seconds["writer: copy wait"] += t1 - t0

@@ -21,7 +21,7 @@ from featurestore.backends import backend_class
 from featurestore.config import BuildConfig
 from featurestore.options import to_dict
 from featurestore.pca import Moments, fit_basis
-from featurestore.schema import FORMAT_VERSION, SPLIT_HELD_OUT, fields
+from featurestore.schema import FORMAT_VERSION, SPLIT_HELD_OUT, TeacherLayout, fields, store_attrs
 from featurestore.sources import BadImage, decode, discover, squash
 from featurestore.teachers import check_patch_grid, describe, flops_per_view, zeroshot_logits
 from featurestore.writer import StoreWriter
@@ -37,20 +37,27 @@ def plan(cfg: BuildConfig, sample_images: int = 8) -> dict:
     listing = discover(cfg.images, cfg.manifest, cfg.classes_file, cfg.unlabeled, cfg.allow_outside_paths)
     n, k = len(listing.sources), cfg.views.views
     unlabeled = sum(1 for s in listing.sources if s.label < 0)
-    family, config = describe(cfg.teacher.id, cfg.teacher.revision)
-    check_patch_grid(cfg.store.patch_grid, cfg.teacher.id, cfg.teacher.revision)
-    flops = flops_per_view(family, config)
-    vcfg = family.vision_config(config)
+    from featurestore.builder import resolve_teachers
+    entries = resolve_teachers(cfg.teacher.entries(), cfg.teacher.revision)
+    per = {}
+    for name, spec in entries:
+        family, config = describe(spec, cfg.teacher.revision)
+        check_patch_grid(cfg.store.patch_grid, spec, cfg.teacher.revision)
+        per[name] = {"id": spec, "family": family.family, "flops_per_view": flops_per_view(family, config),
+                     "image_size": getattr(family.vision_config(config), "image_size", None),
+                     "embed_dim": family.widths(config)[0]}
+    flops = sum(t["flops_per_view"] for t in per.values())
+    first = next(iter(per.values()))
     out = {"num_images": n, "labelled": n - unlabeled, "unlabeled": unlabeled, "views_per_image": k, "views": n * k,
-           "teacher": cfg.teacher.id, "teacher_image_size": getattr(vcfg, "image_size", None),
-           "embed_dim": family.widths(config)[0], "family": family.family,
+           "teacher": first["id"], "teacher_image_size": first["image_size"], "embed_dim": first["embed_dim"],
+           "family": first["family"], "teachers": per,
            "flops_per_view": flops, "backend": backend_class(cfg.out or "plan.zarr").kind,
            "gpu_estimates": {name: {"peak_tflops": peak, "dtype": dtype,
                                     "seconds": n * k * flops / (peak * 1e12 * UTILISATION)}
                              for name, (peak, dtype) in GPUS.items()},
            "utilisation_assumed": UTILISATION, "views_advice": views_advice(k)}
     if sample_images > 0:
-        out |= _measure(cfg, listing, min(sample_images, n), n, k)
+        out |= _measure(cfg, entries, listing, min(sample_images, n), n, k)
     return out
 
 
@@ -65,14 +72,16 @@ def views_advice(k: int, passes: int = 30) -> list[str]:
             "mean: take K at least the passes you will train."]
 
 
-def _measure(cfg: BuildConfig, listing, m: int, n: int, k: int) -> dict:
-    """Run the teacher over 2 views of m sample images; write a store of the real layout and K (the
+def _measure(cfg: BuildConfig, entries: list[tuple[str, str]], listing, m: int, n: int, k: int) -> dict:
+    """Run each teacher over 2 views of m sample images; write a store of the real layout and K (the
     teacher outputs of those views fill the other view slots: each view is its own stored chunk, so
     its bytes do not depend on its neighbours) and measure the stored bytes of each array."""
+    from featurestore.builder import teacher_attrs
     from featurestore.teachers import load_teacher
-    teacher = load_teacher(cfg.teacher.id, cfg.teacher.revision, cfg.device, cfg.teacher.dtype)
     pick = np.sort(np.random.default_rng([cfg.views.seed, 7]).choice(len(listing.sources), m, replace=False))
-    s, side = cfg.store.image_size, 2 * max(teacher.pre.size, cfg.store.image_size)
+    s = cfg.store.image_size
+    teachers = {name: load_teacher(spec, cfg.teacher.revision, cfg.device, cfg.teacher.dtype) for name, spec in entries}
+    side = max(2 * max(t.pre.size, s) for t in teachers.values())
     decoded = []
     for j in pick:
         try:
@@ -84,40 +93,45 @@ def _measure(cfg: BuildConfig, listing, m: int, n: int, k: int) -> dict:
     params = np.stack([[views.sample_view(cfg.views, i, v, partners[i]) for v in range(k)] for i in range(m)])
     ran = params[:, [0] + list(range(1, k))[:kv - 1]]                                       # (m, kv, P)
     ran[..., views.COL["mix_mode"]] = views.MIX_NONE                                        # no partners here
-    sources = [torch.from_numpy(x).permute(2, 0, 1).contiguous().to(teacher.device) for x in decoded]
     flat = torch.from_numpy(np.ascontiguousarray(ran).reshape(m * kv, -1))
     index = torch.arange(m).repeat_interleave(kv)
     g = cfg.store.patch_grid
-    teacher.encode(teacher.render(sources, index[:1], flat[:1]), g)                     # warm-up
-    t0 = time.perf_counter()
-    pooled, patches = teacher.encode(teacher.render(sources, index, flat), g)         # (m*kv, D), (m*kv, g, g, D)
-    seconds = time.perf_counter() - t0
-    heads = cfg.probe.heads + (["zeroshot"] if teacher.info.has_text and cfg.teacher.zeroshot else [])
     fill = np.arange(k) % kv                                                                # view slot -> view run
-
-    def per_view(x: torch.Tensor) -> np.ndarray:
-        return x.cpu().numpy().reshape((m, kv) + tuple(x.shape[1:]))[:, fill]
-    arrays = {"images": np.stack([squash(x, s) for x in decoded]), "views/params": params,
-              "teacher/pooled": per_view(pooled.to(torch.float16))}
     c = len(listing.classes)
-    probe_w = torch.randn(c, pooled.shape[-1], generator=torch.Generator().manual_seed(0), device="cpu")
-    arrays["teacher/logits/probe"] = per_view(torch.nn.functional.normalize(pooled.cpu(), dim=-1) @ probe_w.T * 8)
-    if "zeroshot" in heads:
-        text = torch.nn.functional.normalize(torch.randn(c, pooled.shape[-1]), dim=-1).to(pooled.device)
-        arrays["teacher/logits/zeroshot"] = per_view(zeroshot_logits(pooled, text, 2.3, -10.0))
-    dim = cfg.store.patch_dim or pooled.shape[-1]
-    if g:
-        if cfg.store.patch_dim:
-            moments = Moments(pooled.shape[-1])
-            moments.add(patches)
-            patches = fit_basis(moments, min(dim, moments.n - 1)).project(patches)
-            patches = torch.nn.functional.pad(patches, (0, dim - patches.shape[-1]))
-        arrays["teacher/patches"] = per_view(patches.to(torch.float16))
-    attrs = {"format_version": FORMAT_VERSION, "classes": listing.classes, "num_images": m, "views_per_image": k,
-             "image_size": s, "chunk_size": min(m, cfg.store.chunk_size), "embed_dim": pooled.shape[-1],
-             "patch_grid": g, "patch_dim": dim,
-             "heads": heads, "param_names": list(views.PARAM_NAMES), "teacher": to_dict(teacher.info),
-             "config": to_dict(cfg), "id_bytes": max(len(x.rel.encode()) for x in listing.sources)}
+    arrays = {"images": np.stack([squash(x, s) for x in decoded]), "views/params": params}
+    layouts, seconds = {}, 0.0
+    for name, teacher in teachers.items():
+        sources = [torch.from_numpy(x).permute(2, 0, 1).contiguous().to(teacher.device) for x in decoded]
+        teacher.encode(teacher.render(sources, index[:1], flat[:1]), g)                 # warm-up
+        t0 = time.perf_counter()
+        pooled, patches = teacher.encode(teacher.render(sources, index, flat), g)     # (m*kv, D), (m*kv, g, g, D')
+        seconds += time.perf_counter() - t0
+
+        def per_view(x: torch.Tensor) -> np.ndarray:
+            return x.cpu().numpy().reshape((m, kv) + tuple(x.shape[1:]))[:, fill]
+        attrs = teacher_attrs(teacher, cfg, listing.classes, g)
+        t = TeacherLayout(name, attrs, FORMAT_VERSION)
+        layouts[name] = attrs
+        arrays[t.pooled] = per_view(pooled.to(torch.float16))
+        probe_w = torch.randn(c, pooled.shape[-1], generator=torch.Generator().manual_seed(0), device="cpu")
+        for head in attrs["heads"]:
+            if head == "zeroshot":
+                text = torch.nn.functional.normalize(torch.randn(c, pooled.shape[-1]), dim=-1).to(pooled.device)
+                arrays[t.logits(head)] = per_view(zeroshot_logits(pooled, text, 2.3, -10.0))
+            else:
+                arrays[t.logits(head)] = per_view(torch.nn.functional.normalize(pooled.cpu(), dim=-1) @ probe_w.T * 8)
+        if g:
+            dim = t.patch_dim
+            if dim != t.token_dim:
+                moments = Moments(t.token_dim)
+                moments.add(patches)
+                patches = fit_basis(moments, min(dim, moments.n - 1)).project(patches)
+                patches = torch.nn.functional.pad(patches, (0, dim - patches.shape[-1]))
+            arrays[t.patches] = per_view(patches.to(torch.float16))
+    attrs = store_attrs(classes=listing.classes, num_images=m, views=k, image_size=s,
+                        chunk_size=min(m, cfg.store.chunk_size), patch_grid=g, param_names=list(views.PARAM_NAMES),
+                        teachers=layouts, config=to_dict(cfg),
+                        id_bytes=max(len(x.rel.encode()) for x in listing.sources))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ("sample" + (".h5" if backend_class(cfg.out or "").kind == "hdf5" else ".zarr"))
         store = StoreWriter.create(path, attrs, cfg.store.compression)
@@ -129,19 +143,23 @@ def _measure(cfg: BuildConfig, listing, m: int, n: int, k: int) -> dict:
         store.write("labels", 0, rng.integers(0, c, m).astype(np.int16))
         store.write("split", 0, rng.integers(SPLIT_HELD_OUT, cfg.probe.folds, m).astype(np.int8))
         store.write("sha256", 0, rng.integers(0, 256, (m, 32)).astype(np.uint8))
-        store.mark_done(0)
+        store.mark_done(0, teachers=list(teachers))
         store.flush()
         stored = {f.name: store.backend.payload_bytes(f.name) for f in fields(attrs)}
         store.close()
         disk = _disk_bytes(path)
-    per_view = {name: b / (m * k) for name, b in stored.items() if name in arrays and name != "images"}
-    per_image = {name: b / m for name, b in stored.items() if name not in per_view}
-    field_bytes = {name: b * n * k for name, b in per_view.items()} | {name: b * n for name, b in per_image.items()}
+    per_view_bytes = {name: b / (m * k) for name, b in stored.items() if name in arrays and name != "images"}
+    per_image = {name: b / m for name, b in stored.items() if name not in per_view_bytes}
+    field_bytes = {name: b * n * k for name, b in per_view_bytes.items()}
+    field_bytes |= {name: b * n for name, b in per_image.items()}
     overhead = max(disk - sum(stored.values()), 0)
-    return {"sample_images": m, "sample_views": m * kv, "bytes_per_view": sum(per_view.values()),
-            "bytes_per_view_with_images": sum(per_view.values()) + per_image.get("images", 0) / k,
+    first = next(iter(teachers.values()))
+    return {"sample_images": m, "sample_views": m * kv, "bytes_per_view": sum(per_view_bytes.values()),
+            "bytes_per_view_with_images": sum(per_view_bytes.values()) + per_image.get("images", 0) / k,
+            "bytes_per_view_by_teacher": {name: sum(b for f, b in per_view_bytes.items() if f.startswith(
+                TeacherLayout(name, layouts[name], FORMAT_VERSION).root + "/")) for name in teachers},
             "fields": field_bytes, "store_bytes": sum(field_bytes.values()) + overhead,
-            "this_machine": {"device": str(teacher.device), "dtype": teacher.info.dtype,
+            "this_machine": {"device": str(first.device), "dtype": first.info.dtype,
                              "views_per_s": m * kv / seconds, "seconds": n * k * seconds / (m * kv)}}
 
 

@@ -19,7 +19,20 @@ import numpy as np
 
 from featurestore.backends import Backend, is_local, local_path, open_backend
 from featurestore.errors import STORAGE_HINT
-from featurestore.schema import PROGRESS, Field, StoreError, check_attrs, fields, layouts, num_chunks
+from featurestore.schema import (
+    PROGRESS,
+    Field,
+    StoreError,
+    TeacherLayout,
+    check_attrs,
+    fields,
+    layouts,
+    num_chunks,
+    progress_fields,
+    small_arrays,
+    teacher_of,
+    teachers,
+)
 from featurestore.shards import ShardReadError
 
 
@@ -72,6 +85,13 @@ class StoreReader:
     def fields(self) -> list[Field]:
         return fields(self.attrs)
 
+    def field(self, name: str) -> Field:
+        """The field of array `name` (a data array or progress marks)."""
+        for f in fields(self.attrs) + progress_fields(self.attrs):
+            if f.name == name:
+                return f
+        raise StoreError(f"{self.path} has no array {name!r}")
+
     @property
     def num_images(self) -> int:
         return self.attrs["num_images"]
@@ -99,8 +119,18 @@ class StoreReader:
     def complete(self) -> bool:
         return bool(self.attrs.get("complete", False))
 
-    def heads(self) -> list[str]:
-        return [h for h in self.attrs["heads"] if f"teacher/logits/{h}" not in self.attrs.get("dropped", ())]
+    @property
+    def teachers(self) -> list[TeacherLayout]:
+        return teachers(self.attrs)
+
+    def teacher(self, name: str | None = None) -> TeacherLayout:
+        """A teacher of the store by name (None: the first)."""
+        return teacher_of(self.attrs, name)
+
+    def heads(self, teacher: str | None = None) -> list[str]:
+        """The heads whose logits the store holds, of a teacher (None: the first)."""
+        t = self.teacher(teacher)
+        return [h for h in t.heads if t.logits(h) not in self.attrs.get("dropped", ())]
 
     def __contains__(self, name: str) -> bool:
         return self.backend.has(name)
@@ -116,9 +146,12 @@ class StoreReader:
         return self.backend.stored_bytes(name)
 
     # ---- reads ------------------------------------------------------------------------------
-    def done(self) -> np.ndarray:
-        with self._guard(PROGRESS.name, None):
-            return np.asarray(self.backend.read(PROGRESS.name, slice(None)), dtype=bool)
+    def done(self, teacher: str | None = None) -> np.ndarray:
+        """(num_chunks,) which store chunks are finished: of the store's own pass (images, and every
+        teacher that was built with it), or of one teacher's (version 3)."""
+        name = PROGRESS.name if teacher is None else self.teacher(teacher).done.name
+        with self._guard(name, None):
+            return np.asarray(self.backend.read(name, slice(None)), dtype=bool)
 
     def ids(self) -> list[str]:
         return [x.decode() if isinstance(x, bytes) else str(x) for x in self.read("ids")]
@@ -191,13 +224,14 @@ class StoreReader:
         shape = self.shape(name)[1:] if view is None else self.shape(name)[2:]
         return np.concatenate(out) if out else np.zeros((0,) + shape, self.backend.dtype(name))
 
-    def head_arrays(self, head: str) -> dict[str, np.ndarray]:
-        prefix = f"heads/{head}/"
+    def head_arrays(self, head: str, teacher: str | None = None) -> dict[str, np.ndarray]:
+        prefix = self.teacher(teacher).head_prefix(head)
         return {key[len(prefix):]: self.small(key) for key in self.small_keys() if key.startswith(prefix)}
 
     def small_keys(self) -> list[str]:
-        """Keys of the small arrays (heads' weights and embeddings, the patch basis)."""
-        return self.backend.small_keys()
+        """Keys of the small arrays the store holds (heads' weights and embeddings, patch bases, target
+        statistics), as the schema lists them."""
+        return sorted(k for k in small_arrays(self.attrs) if self.backend.has(k))
 
     def small(self, key: str) -> np.ndarray:
         with self._guard(key, None):
@@ -266,7 +300,7 @@ def open_checked(path: str, mode: str, options: dict | None = None) -> Backend:
             raise StoreError(f"{path} holds {'; '.join(links[:5])}: a store holds its own data, and kdstore refuses "
                              "links and virtual datasets, which can point at any other file; rebuild the store or "
                              "copy the data in")
-        missing = [f.name for f in fields(attrs) + [PROGRESS] if not backend.has(f.name)]
+        missing = [f.name for f in fields(attrs) + progress_fields(attrs) if not backend.has(f.name)]
         if missing:
             raise StoreError(f"{path} lacks arrays {missing}; the store is damaged (rebuild it with --overwrite)")
         wrong = layout_problems(backend, attrs)
@@ -286,7 +320,7 @@ def open_checked(path: str, mode: str, options: dict | None = None) -> Backend:
 def layout_problems(backend: Backend, attrs: dict) -> list[str]:
     """Arrays whose shape or dtype is not the one the store format lays out for these attributes."""
     out = []
-    dtypes = {f.name: f.dtype for f in fields(attrs) + [PROGRESS]}
+    dtypes = {f.name: f.dtype for f in fields(attrs) + progress_fields(attrs)}
     for name, layout in layouts(attrs).items():
         if not backend.has(name):
             continue

@@ -22,7 +22,6 @@ def summarize(store: StoreReader) -> dict:
                            "stored_bytes": stored, "bytes_per_view": stored / max(n * k, 1)})
     skipped = a["report"]["skipped"]
     reasons = Counter(_reason_kind(s["reason"]) for s in skipped)
-    metrics = a.get("metrics", {})
     done = store.done()
     from featurestore.integrity import index_problems
     try:
@@ -38,11 +37,10 @@ def summarize(store: StoreReader) -> dict:
                           "heldout": int(((labels == i) & (split == SPLIT_HELD_OUT)).sum())}
                          for i, c in enumerate(store.classes)],
         "unlabeled": int((labels < 0).sum()),
-        "teacher": {"id": a["teacher"]["id"], "weights": a["teacher"]["weights"],
-                    "revision": a["teacher"]["revision"], "dtype": a["teacher"]["dtype"],
-                    "image_size": a["teacher"]["image_size"], "embed_dim": a["embed_dim"]},
-        "heads": store.heads(), "patch_grid": a["patch_grid"], "patch_dim": a.get("patch_dim"),
-        "patch_variance_kept": a.get("patch_variance_kept"), "dropped": a.get("dropped", []),
+        "teachers": (teachers := [teacher_summary(store, t, n * k) for t in store.teachers]),
+        "teacher": teachers[0], "heads": teachers[0]["heads"],        # the first teacher's, as version 2 had one
+        "probe": teachers[0]["probe"], "spread": teachers[0]["spread"], "zeroshot": teachers[0]["zeroshot"],
+        "patch_grid": a["patch_grid"], "dropped": a.get("dropped", []),
         "fields": field_rows,
         "bytes_per_view": per_view_bytes / max(n * k, 1),
         "bytes_per_view_with_images": total / max(n * k, 1),
@@ -50,13 +48,23 @@ def summarize(store: StoreReader) -> dict:
         "files_found": a["report"]["files_found"],
         "skipped": {"count": len(skipped), "reasons": dict(reasons), "files": skipped},
         "converted": a["report"]["converted"], "notes": a["report"].get("notes", []),
-        "probe": metrics.get("probe", {}),
-        "spread": metrics.get("spread", {}),
-        "zeroshot": metrics.get("zeroshot", {}),
         "last_build": a.get("last_build"),
         "view_policy": a["view_policy"], "created": a["created"], "git_sha": a["git_sha"],
         "package_version": a["package_version"], "digest": a.get("digest"), "problems": problems,
     }
+
+
+def teacher_summary(store: StoreReader, t, views: int) -> dict:
+    """One teacher of a store: what it is, its widths and heads, their quality, its bytes per view."""
+    info, metrics = t.info, t.metrics
+    mine = [f.name for f in store.fields() if f.teacher == t.name and f.per_view]
+    return {"name": t.name, "id": info["id"], "family": info.get("family", "siglip"), "weights": info["weights"],
+            "revision": info["revision"], "dtype": info["dtype"], "image_size": info["image_size"],
+            "embed_dim": t.embed_dim, "token_dim": t.token_dim, "patch_dim": t.patch_dim,
+            "patch_variance_kept": t.attrs.get("patch_variance_kept"), "heads": store.heads(t.name),
+            "probe": metrics.get("probe", {}), "spread": metrics.get("spread", {}),
+            "zeroshot": metrics.get("zeroshot", {}),
+            "bytes_per_view": sum(store.stored_bytes(name) for name in mine) / max(views, 1)}
 
 
 def _reason_kind(reason: str) -> str:
@@ -66,21 +74,22 @@ def _reason_kind(reason: str) -> str:
 def format_summary(s: dict) -> str:
     mb = 1024 * 1024
     lines = []
-    if s["teacher"]["weights"] == "random":
-        lines += ["!" * 72, f"!! RANDOM TEACHER WEIGHTS ({s['teacher']['id']}): outputs carry no knowledge;",
-                  "!! fine for demos, tests and benchmarks, useless for distillation.", "!" * 72]
+    for t in s["teachers"]:
+        if t["weights"] == "random":
+            lines += ["!" * 72, f"!! RANDOM TEACHER WEIGHTS ({t['name']}: {t['id']}): outputs carry no knowledge;",
+                      "!! fine for demos, tests and benchmarks, useless for distillation.", "!" * 72]
     if s["problems"]:
         lines += ["!" * 72, f"!! THIS STORE HAS {len(s['problems'])} PROBLEM(S); `trainer fit` refuses it and "
                   "`featurestore verify` lists them:"] + [f"!!   {p}" for p in s["problems"][:5]] + ["!" * 72]
     state = "complete" if s["complete"] else f"INCOMPLETE ({s['chunks_done']}/{s['num_chunks']} chunks done)"
-    lines += [
-        f"store      {s['path']}  ({s['backend']}, format {s['format_version']}, {state})",
-        f"teacher    {s['teacher']['id']}  weights={s['teacher']['weights']}  revision={s['teacher']['revision']}"
-        f"  dtype={s['teacher']['dtype']}  input={s['teacher']['image_size']}px  D={s['teacher']['embed_dim']}",
-        f"images     {s['num_images']} stored at {s['image_size']}x{s['image_size']}, "
-        f"{s['views_per_image']} views each, chunks of {s['chunk_size']}; {s['files_found']} files found, "
-        f"{s['skipped']['count']} skipped",
-    ]
+    lines.append(f"store      {s['path']}  ({s['backend']}, format {s['format_version']}, {state})")
+    for t in s["teachers"]:
+        lines.append(f"teacher    {t['name']}: {t['id']}  ({t['family']})  weights={t['weights']}  "
+                     f"revision={t['revision']}  dtype={t['dtype']}  input={t['image_size']}px  D={t['embed_dim']}  "
+                     f"heads={','.join(t['heads'])}  {t['bytes_per_view']:.0f} B/view")
+    lines.append(f"images     {s['num_images']} stored at {s['image_size']}x{s['image_size']}, "
+                 f"{s['views_per_image']} views each, chunks of {s['chunk_size']}; {s['files_found']} files found, "
+                 f"{s['skipped']['count']} skipped")
     if s["skipped"]["count"]:
         lines.append("skipped    " + ", ".join(f"{r}: {c}" for r, c in sorted(s["skipped"]["reasons"].items())))
         files = s["skipped"]["files"]
@@ -97,11 +106,12 @@ def format_summary(s: dict) -> str:
     if s["unlabeled"]:
         lines.append(f"           {s['unlabeled']} unlabelled images (teacher terms only)")
     if s["patch_grid"]:
-        line = f"patches    {s['patch_grid']}x{s['patch_grid']} grid, {s['patch_dim']} dims"
-        if s["patch_variance_kept"] is not None and s["patch_dim"] != s["teacher"]["embed_dim"]:
-            line += (f" (PCA of {s['teacher']['embed_dim']}; the basis keeps {100 * s['patch_variance_kept']:.1f}% "
-                     "of the patch-token variance)")
-        lines.append(line)
+        for t in s["teachers"]:
+            line = f"patches    {t['name']}: {s['patch_grid']}x{s['patch_grid']} grid, {t['patch_dim']} dims"
+            if t["patch_variance_kept"] is not None and t["patch_dim"] != t["token_dim"]:
+                line += (f" (PCA of {t['token_dim']}; the basis keeps {100 * t['patch_variance_kept']:.1f}% "
+                         "of the patch-token variance)")
+            lines.append(line)
     if s["dropped"]:
         lines.append("slim       dropped " + ", ".join(s["dropped"]))
     lines.append("fields     name                         shape                      dtype     MB      B/view")
@@ -110,18 +120,21 @@ def format_summary(s: dict) -> str:
                      f"{f['stored_bytes'] / mb:>7.2f} {f['bytes_per_view']:>10.1f}")
     lines.append(f"size       {s['total_bytes'] / mb:.2f} MB on disk; {s['bytes_per_view']:.0f} bytes per view "
                  f"(teacher outputs + params), {s['bytes_per_view_with_images']:.0f} with images")
-    for name, note in (("probe", lambda m: f"{m['folds']} folds"),
-                       ("spread", lambda m: f"+{m['spread_rows']['all']} spread rows")):
-        m = s.get(name)
-        if m:
-            line = (f"{name:<10} cross-validated macro-F1 {m['cv_macro_f1']:.3f}, accuracy {m['cv_accuracy']:.3f}"
-                    f" ({note(m)})")
-            if "val_macro_f1" in m:
-                line += f"; held-out macro-F1 {m['val_macro_f1']:.3f}, accuracy {m['val_accuracy']:.3f}"
-            lines.append(line)
-    z = s["zeroshot"]
-    if z:
-        lines.append(f"zero-shot  macro-F1 {z['zeroshot_macro_f1']:.3f}, accuracy {z['zeroshot_accuracy']:.3f}")
+    for t in s["teachers"]:
+        who = f" of {t['name']}" if len(s["teachers"]) > 1 else ""
+        for name, note in (("probe", lambda m: f"{m['folds']} folds"),
+                           ("spread", lambda m: f"+{m['spread_rows']['all']} spread rows")):
+            m = t.get(name)
+            if m:
+                line = (f"{name:<10} cross-validated macro-F1{who} {m['cv_macro_f1']:.3f}, accuracy "
+                        f"{m['cv_accuracy']:.3f} ({note(m)})")
+                if "val_macro_f1" in m:
+                    line += f"; held-out macro-F1 {m['val_macro_f1']:.3f}, accuracy {m['val_accuracy']:.3f}"
+                lines.append(line)
+        z = t["zeroshot"]
+        if z:
+            lines.append(f"zero-shot  macro-F1{who} {z['zeroshot_macro_f1']:.3f}, accuracy "
+                         f"{z['zeroshot_accuracy']:.3f}")
     if s.get("last_build"):
         lines.append(format_build(s["last_build"]))
     lines.append(f"digest     {s['digest']} (`featurestore verify --digest` checks a copy against it)" if s["digest"]

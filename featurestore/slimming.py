@@ -11,10 +11,8 @@ from featurestore.backends import backend_class
 from featurestore.log import logger
 from featurestore.options import ConfigError
 from featurestore.reader import StoreReader
-from featurestore.schema import StoreError, fields
+from featurestore.schema import StoreError, fields, progress_fields
 from featurestore.writer import StoreWriter, occupied
-
-ALWAYS = ("labels", "split", "ids", "sha256")
 
 
 def slim(src: str, dst: str, keep: list[str], storage_options: dict | None = None) -> None:
@@ -30,7 +28,8 @@ def slim(src: str, dst: str, keep: list[str], storage_options: dict | None = Non
         unknown = sorted(set(keep) - set(names))
         if unknown:
             raise ConfigError(f"{src} has no arrays {unknown}; its arrays are {', '.join(names)}")
-        dropped = [name for name in names if name not in keep and name not in ALWAYS]
+        always = [f.name for f in s.fields() if f.kind == "index"]
+        dropped = [name for name in names if name not in keep and name not in always]
         attrs = {k: v for k, v in s.attrs.items() if k != "digest"} | {
             "dropped": sorted(set(s.attrs.get("dropped", [])) | set(dropped)), "slimmed_from": src,
             "slimmed_from_digest": s.attrs.get("digest")}
@@ -43,7 +42,8 @@ def slim(src: str, dst: str, keep: list[str], storage_options: dict | None = Non
                 for c in range(s.num_chunks):
                     a, b = s.chunk_range(c)
                     d.write(f.name, a, s.read(f.name, a, b))
-            d.reset_done(s.done())
+            for marks in progress_fields(s.attrs):
+                d.reset_done(s.done(marks.teacher), marks)
             for key in s.small_keys():
                 d.write_small(key, s.small(key))
             d.set_attrs({"format_version": attrs["format_version"]})

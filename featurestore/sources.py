@@ -325,14 +325,17 @@ def file_fingerprint(sources: list[Source]) -> str:
 
 
 class DecodeSet:
-    """Decodes store images [i] from their files: the original (for the teacher) and S x S.
+    """Decodes store images [i] from their files: the original once for each longest side a teacher needs
+    (each teacher renders from the decode it would have alone, so that a store's teachers are the same
+    bits whether built together or added one by one), and S x S, squashed from the first decode.
 
     A file that became unreadable or changed since the scan gives (i, None, None, reason): the
     reason travels to the main process as a value, where it becomes one DatasetError.
     """
 
-    def __init__(self, items: list[tuple[int, str, str]], size: int, max_side: int, min_side: int, max_pixels: int):
-        self.items, self.size, self.max_side = items, size, max_side
+    def __init__(self, items: list[tuple[int, str, str]], size: int, max_sides: tuple[int, ...], min_side: int,
+                 max_pixels: int):
+        self.items, self.size, self.max_sides = items, size, tuple(dict.fromkeys(max_sides))
         self.min_side, self.max_pixels = min_side, max_pixels
 
     def __len__(self) -> int:
@@ -341,10 +344,15 @@ class DecodeSet:
     def __getitem__(self, j):
         import torch  # here: the scan's workers never load torch
         i, path, sha = self.items[j]
-        try:
-            d = decode(path, self.min_side, self.max_pixels, self.max_side)
-        except BadImage as e:
-            return i, None, None, f"{path} became unreadable during the build: {e.reason}"
-        if d.sha256 != sha:
-            return i, None, None, f"{path} changed since the build started (sha256 differs); rebuild the store"
-        return i, torch.from_numpy(d.rgb).permute(2, 0, 1).contiguous(), torch.from_numpy(squash(d.rgb, self.size)), ""
+        origs = {}
+        for side in self.max_sides:
+            try:
+                d = decode(path, self.min_side, self.max_pixels, side)
+            except BadImage as e:
+                return i, None, None, f"{path} became unreadable during the build: {e.reason}"
+            if d.sha256 != sha:
+                return i, None, None, f"{path} changed since the build started (sha256 differs); rebuild the store"
+            if not origs:
+                small = torch.from_numpy(squash(d.rgb, self.size))
+            origs[side] = torch.from_numpy(d.rgb).permute(2, 0, 1).contiguous()
+        return i, origs, small, ""

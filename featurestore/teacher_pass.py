@@ -29,17 +29,21 @@ from featurestore.pass_parts import ChunkOutputs, ChunkWriter, Decoded, Stages
 from featurestore.pca import Moments, PatchBasis, fit_basis
 from featurestore.ranks import Rank
 from featurestore.reader import StoreReader
-from featurestore.schema import PCA_ARRAYS, PCA_GROUP
+from featurestore.schema import PCA_ARRAYS
 from featurestore.teachers import Teacher, TeacherError
 from featurestore.writer import StoreWriter
 
-PCA_KEYS = {name: f"{PCA_GROUP}/{name}" for name in PCA_ARRAYS}
 PCA_VIEWS_PER_IMAGE = 4          # unmixed views of each sampled image whose patch tokens fit the basis
 
 
-def pending_chunks(store: StoreReader, rank: Rank) -> list[int]:
-    """This rank's chunks not yet done."""
-    done = store.done()
+def pending_chunks(store: StoreReader, rank: Rank, teachers: list[str], images: bool = True) -> list[int]:
+    """This rank's chunks not yet done: their images (images True) or any of these teachers' outputs."""
+    done = np.ones(store.num_chunks, bool)
+    for name in teachers:
+        if store.teacher(name).done is not None:
+            done &= store.done(name)
+    if images or any(store.teacher(name).done is None for name in teachers):
+        done &= store.done()
     return [c for c in range(store.num_chunks) if rank.owns(c) and not done[c]]
 
 
@@ -87,30 +91,34 @@ def finite_outputs(teacher: Teacher):
     """The writer's check: every stored teacher output finite (float16 keeps up to 65504)."""
     def check(c: int, arrays: dict[str, np.ndarray]) -> None:
         for name, value in arrays.items():
-            if name.startswith("teacher/") and not np.isfinite(value).all():
+            if name != "images" and not np.isfinite(value).all():
                 raise TeacherError(f"{name} of chunk {c}: {teacher.overflow_message()}")
     return check
 
 
-def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: Rank, mine: list[int],
-                 images: Decoded, basis: PatchBasis | None, guard=None) -> tuple[int, dict[str, float]]:
-    """Run the teacher over `mine`, this rank's unfinished chunks, whose images `images` decodes;
-    returns the number of views computed and the seconds of each stage. guard: checks before each
-    chunk's writes that this build still holds its lock."""
+def teacher_pass(store: StoreWriter, teachers: dict[str, Teacher], cfg: BuildConfig, rank: Rank, mine: list[int],
+                 images: Decoded, bases: dict[str, PatchBasis | None], write_images: bool = True,
+                 guard=None) -> tuple[int, dict[str, float]]:
+    """Run the teachers over `mine`, this rank's unfinished chunks, whose images `images` decodes;
+    returns the number of views computed (of each teacher) and the seconds of each stage. write_images:
+    the store's images are written too (not when a teacher is added). guard: checks before each chunk's
+    writes that this build still holds its lock."""
     r = store.reader
     k, g = r.views_per_image, r.attrs["patch_grid"]
+    teacher = next(iter(teachers.values()))
 
     def views_in(chunks) -> int:
         return k * sum(b - a for a, b in map(r.chunk_range, chunks))
-    total_views = views_in(c for c in range(r.num_chunks) if rank.owns(c))
-    left_views = views_in(mine)
-    logger.info(f"{rank.prefix}teacher pass over {len(mine)} chunk(s), {left_views} views, on {teacher.device}")
+    total_views = len(teachers) * views_in(c for c in range(r.num_chunks) if rank.owns(c))
+    left_views = len(teachers) * views_in(mine)
+    logger.info(f"{rank.prefix}teacher pass over {len(mine)} chunk(s), {left_views} views "
+                f"({', '.join(teachers)}), on {teacher.device}")
     stages = Stages(teacher.device)
     if not mine:
         return 0, {}
     bar = tqdm(total=total_views, initial=total_views - left_views, unit="view", desc=f"teacher r{rank.rank}",
                position=rank.rank, disable=None, file=sys.stderr, smoothing=0.1)
-    writer = ChunkWriter(store, guard, finite_outputs(teacher), stages)
+    writer = ChunkWriter(store, guard, finite_outputs(teacher), stages, list(teachers), write_images)
     pending = iter(mine)
     c = next(pending)
     a, b = r.chunk_range(c)
@@ -123,7 +131,7 @@ def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: R
             if len(got) < b - a:
                 t0 = time.perf_counter()
                 continue
-            outputs = run_chunk(r, teacher, c, got, batch_size(cfg, teacher), g, basis, bar, stages)
+            outputs = run_chunk(r, teachers, c, got, cfg, g, bases, images, bar, stages, write_images)
             t0 = time.perf_counter()
             writer.put(c, outputs)
             stages.host("writer wait", t0)
@@ -138,15 +146,17 @@ def teacher_pass(store: StoreWriter, teacher: Teacher, cfg: BuildConfig, rank: R
     return left_views, stages.result()
 
 
-def run_chunk(store: StoreReader, teacher: Teacher, c: int, got, batch: int, g: int, basis,
-              bar, stages: Stages | None = None) -> ChunkOutputs:
-    """The teacher's outputs on every view of store chunk c (its decoded images in `got`), cast to the
-    stored float16 on the device and copied into host buffers as each batch finishes."""
-    stages = stages or Stages(teacher.device)
+def run_chunk(store: StoreReader, teachers: dict[str, Teacher], c: int, got, cfg: BuildConfig, g: int,
+              bases: dict[str, PatchBasis | None], decoded: Decoded, bar, stages: Stages | None = None,
+              write_images: bool = True) -> ChunkOutputs:
+    """Each teacher's outputs on every view of store chunk c (its decoded images in `got`), in the same
+    batches whatever the other teachers, cast to the stored float16 on the device and copied into host
+    buffers as each batch finishes."""
+    first = next(iter(teachers.values()))
+    stages = stages or Stages(first.device)
     a, b = store.chunk_range(c)
     n, k = b - a, store.views_per_image
-    cuda = teacher.device.type == "cuda"
-    sources = [orig.to(teacher.device, non_blocking=True) for orig, _ in got]
+    cuda = first.device.type == "cuda"
     params = torch.from_numpy(store.read("views/params", a, b)).reshape(n * k, -1)      # (n*K, P)
     index = torch.arange(n).repeat_interleave(k)                                          # (n*K,)
     partner = params[:, views.COL["mix_partner"]].long()
@@ -157,37 +167,42 @@ def run_chunk(store: StoreReader, teacher: Teacher, c: int, got, batch: int, g: 
         if name not in copies:
             copies[name] = torch.empty((n * k,) + tuple(x.shape[1:]), dtype=torch.float16, pin_memory=cuda)
         copies[name][sl].copy_(x.to(torch.float16), non_blocking=cuda)      # stored dtype, cast on device
-    for s in range(0, n * k, batch):
-        sl = slice(s, min(s + batch, n * k))
-        t0 = stages.mark()
-        pix = teacher.render(sources, index[sl], params[sl], partner[sl])
-        t1 = stages.mark()
-        p, q = teacher.encode(pix, g, check=False)                          # (B, D), (B, g, g, D) compute dtype
-        stages.add("teacher", t1, stages.mark())
-        stages.add("render", t0, t1)
-        into("teacher/pooled", p, sl)
-        if q is not None:
-            into("teacher/patches", basis.project(q.float()) if basis is not None else q, sl)   # (B, g, g, d)
-        bar.update(sl.stop - sl.start)
+    for name, teacher in teachers.items():
+        t, basis, batch = store.teacher(name), bases.get(name), batch_size(cfg, teacher)
+        side = decoded.side_of(teacher)
+        sources = [orig[side].to(teacher.device, non_blocking=True) for orig, _ in got]
+        for s in range(0, n * k, batch):
+            sl = slice(s, min(s + batch, n * k))
+            t0 = stages.mark()
+            pix = teacher.render(sources, index[sl], params[sl], partner[sl])
+            t1 = stages.mark()
+            p, q = teacher.encode(pix, g, check=False)                      # (B, D), (B, g, g, D') compute dtype
+            stages.add("teacher", t1, stages.mark())
+            stages.add("render", t0, t1)
+            into(t.pooled, p, sl)
+            if q is not None:
+                into(t.patches, basis.project(q.float()) if basis is not None else q, sl)   # (B, g, g, d)
+            bar.update(sl.stop - sl.start)
     shapes = {name: (n, k) + tuple(x.shape[1:]) for name, x in copies.items()}
     event = None
     if cuda:
         event = torch.cuda.Event()
         event.record()
-    return ChunkOutputs({"images": np.stack([s.numpy() for _, s in got])}, copies, shapes, event)
+    host = {"images": np.stack([s.numpy() for _, s in got])} if write_images else {}
+    return ChunkOutputs(host, copies, shapes, event)
 
 
 # ---- before the pass: the patch basis ---------------------------------------------------------
-def fit_patch_basis(store: StoreReader, teacher: Teacher, cfg: BuildConfig, paths: list[str],
+def fit_patch_basis(store: StoreReader, name: str, teacher: Teacher, cfg: BuildConfig, paths: list[str],
                     shas: list[str]) -> PatchBasis:
-    """PCA of the g x g patch tokens of up to 4 unmixed views of the first `pca_images` store images
-    (the store order is a seeded permutation, so these are a random sample)."""
-    g, dim = store.attrs["patch_grid"], cfg.store.patch_dim
+    """PCA of a teacher's g x g patch tokens of up to 4 unmixed views of the first `pca_images` store
+    images (the store order is a seeded permutation, so these are a random sample)."""
+    g, dim = store.attrs["patch_grid"], store.teacher(name).patch_dim
     m = min(cfg.store.pca_images, store.num_images)
     params = store.read("views/params", 0, m)                                              # (m, K, P)
     batch = batch_size(cfg, teacher)
-    moments, queued = Moments(store.attrs.get("token_dim") or store.attrs["embed_dim"]), []
-    logger.info(f"fitting the patch basis (d = {dim}) on views of {m} images")
+    moments, queued = Moments(store.teacher(name).token_dim), []
+    logger.info(f"fitting the patch basis of {name} (d = {dim}) on views of {m} images")
 
     def flush():                                              # batches of at most `batch`: the compiled shape
         take = queued[:batch]
@@ -195,10 +210,11 @@ def fit_patch_basis(store: StoreReader, teacher: Teacher, cfg: BuildConfig, path
         pix = teacher.render(srcs, torch.arange(len(srcs)), torch.from_numpy(np.stack([p for _, p in take])))
         moments.add(teacher.encode(pix, g)[1])                                             # (B, g, g, D)
         del queued[:batch]
-    sample = Decoded(store, cfg, teacher, list(range(m)), paths, shas)
+    sample = Decoded(store, cfg, [teacher], list(range(m)), paths, shas)
+    side = sample.side_of(teacher)
     for i, orig, _ in sample:
         unmixed = np.flatnonzero(params[i, :, views.COL["mix_mode"]] == views.MIX_NONE)[:PCA_VIEWS_PER_IMAGE]
-        queued += [(orig.to(teacher.device), params[i, k]) for k in unmixed]
+        queued += [(orig[side].to(teacher.device), params[i, k]) for k in unmixed]
         while len(queued) >= batch:
             flush()
     while queued:
@@ -209,11 +225,13 @@ def fit_patch_basis(store: StoreReader, teacher: Teacher, cfg: BuildConfig, path
     return fit_basis(moments, dim)
 
 
-def store_basis(store: StoreWriter, basis: PatchBasis) -> None:
-    for name, key in PCA_KEYS.items():
-        store.write_small(key, getattr(basis, name))
-    store.set_attrs({"patch_variance_kept": basis.variance_kept, "patch_basis_fitted": True})
+def store_basis(store: StoreWriter, teacher: str, basis: PatchBasis) -> None:
+    t = store.reader.teacher(teacher)
+    for name in PCA_ARRAYS:
+        store.write_small(t.pca_key(name), getattr(basis, name))
+    store.set_teacher_attrs(teacher, {"patch_variance_kept": basis.variance_kept, "patch_basis_fitted": True})
 
 
-def load_basis(store: StoreReader) -> PatchBasis:
-    return PatchBasis(**{name: store.small(key) for name, key in PCA_KEYS.items()})
+def load_basis(store: StoreReader, teacher: str | None = None) -> PatchBasis:
+    t = store.teacher(teacher)
+    return PatchBasis(**{name: store.small(t.pca_key(name)) for name in PCA_ARRAYS})

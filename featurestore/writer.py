@@ -14,7 +14,7 @@ import numpy as np
 
 from featurestore.backends import Backend, backend_class, is_local, local_path, open_backend
 from featurestore.reader import StoreReader, open_checked
-from featurestore.schema import PROGRESS, StoreError, fields, sizes
+from featurestore.schema import PROGRESS, Field, StoreError, fields, progress_fields, sizes
 
 
 class StoreWriter:
@@ -32,9 +32,21 @@ class StoreWriter:
         backend = open_backend(str(path), "w", storage_options)
         backend.set_attrs(attrs)
         size, chunk = sizes(attrs), attrs["chunk_size"]
-        for f in fields(attrs) + [PROGRESS]:
+        for f in fields(attrs) + progress_fields(attrs):
             backend.create(f, f.layout(size, chunk), compression, attrs.get("id_bytes", 256))
         return cls(backend)
+
+    def add_teacher(self, name: str, values: dict[str, Any], compression: str) -> None:
+        """A new teacher's group, empty, with its attributes (its arrays are written by its pass)."""
+        known = dict(self.attrs["teachers"])
+        if name in known:
+            raise StoreError(f"{self.path} has a teacher {name!r} already")
+        attrs = dict(self.attrs) | {"teachers": known | {name: values}}
+        size = sizes(attrs)
+        for f in fields(attrs) + progress_fields(attrs):
+            if f.teacher == name:
+                self.backend.create(f, f.layout(size, attrs["chunk_size"]), compression, 0)
+        self.set_attrs({"teachers": attrs["teachers"]})
 
     @classmethod
     def open(cls, path: str | Path, storage_options: dict | None = None) -> StoreWriter:
@@ -57,28 +69,44 @@ class StoreWriter:
         """A small array written whole (one checksummed chunk), replacing any previous one."""
         self.backend.write_small(key, np.atleast_1d(value))       # a chunk (and its checksum) needs one dimension
 
-    def write_head(self, head: str, arrays: dict[str, np.ndarray]) -> None:
-        """heads/<head>/<name>: small arrays needed to recompute a head's logits."""
-        for name, value in arrays.items():
-            self.write_small(f"heads/{head}/{name}", np.asarray(value))
+    def set_teacher_attrs(self, name: str, values: dict[str, Any]) -> None:
+        """Update one teacher's attributes (version 3: attrs["teachers"][name])."""
+        known = dict(self.attrs["teachers"])
+        known[name] = dict(known[name]) | values
+        self.set_attrs({"teachers": known})
 
-    def drop_head(self, head: str, why: str) -> None:
-        """Remove a head (its logits and small arrays) from the store, noting why in the build report."""
-        for key in (f"teacher/logits/{head}", f"heads/{head}"):               # an array and a group
+    def write_head(self, teacher: str, head: str, arrays: dict[str, np.ndarray]) -> None:
+        """A teacher's head: the small arrays needed to recompute its logits."""
+        t = self.reader.teacher(teacher)
+        for name, value in arrays.items():
+            self.write_small(t.head_key(head, name), np.asarray(value))
+
+    def drop_head(self, teacher: str, head: str, why: str) -> None:
+        """Remove a teacher's head (its logits and small arrays), noting why in the build report."""
+        t = self.reader.teacher(teacher)
+        for key in (t.logits(head), t.head_prefix(head).rstrip("/")):          # an array and a group
             if self.backend.has(key):
                 self.backend.delete(key)
         report = dict(self.attrs["report"])
-        report["notes"] = list(report.get("notes", [])) + [{"id": f"heads/{head}", "note": why}]
-        self.set_attrs({"heads": [h for h in self.attrs["heads"] if h != head], "report": report})
+        report["notes"] = list(report.get("notes", [])) + [{"id": t.head_prefix(head).rstrip("/"), "note": why}]
+        self.set_attrs({"report": report})
+        self.set_teacher_attrs(teacher, {"heads": [h for h in t.heads if h != head]})
 
-    def mark_done(self, c: int, value: bool = True) -> None:
-        self.backend.write(PROGRESS.name, c, np.array([value]))
+    def mark_done(self, c: int, value: bool = True, teachers: list[str] | None = None, images: bool = True) -> None:
+        """Store chunk c is finished (value) for these teachers' progress marks, and for the store's own
+        (images) unless images is False."""
+        for name in teachers or ():
+            done = self.reader.teacher(name).done
+            if done is not None:
+                self.backend.write(done.name, c, np.array([value]))
+        if images:
+            self.backend.write(PROGRESS.name, c, np.array([value]))
 
-    def reset_done(self, done: np.ndarray) -> None:
-        """Replace the progress array (one chunk per store chunk) with these values."""
-        self.backend.delete(PROGRESS.name)
-        self.backend.create(PROGRESS, PROGRESS.layout({"Nc": len(done)}, 1), "none", 0)
-        self.backend.write(PROGRESS.name, 0, done)
+    def reset_done(self, done: np.ndarray, field: Field = PROGRESS) -> None:
+        """Replace a progress array (one chunk per store chunk) with these values."""
+        self.backend.delete(field.name)
+        self.backend.create(field, field.layout({"Nc": len(done)}, 1), "none", 0)
+        self.backend.write(field.name, 0, done)
 
     def flush(self) -> None:
         self.backend.flush()

@@ -20,8 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 # small everywhere: 10 classes x 6 images, 3 views, chunks of 8 (a partial last chunk)
-SMALL = ["--teacher", "random:tiny", "--views", "3", "--image-size", "64", "--chunk-size", "8",
-         "--patch-grid", "2", "--workers", "0", "--folds", "2", "--mix-prob", "0.5"]
+LAYOUT = ["--views", "3", "--image-size", "64", "--chunk-size", "8", "--patch-grid", "2", "--workers", "0",
+          "--folds", "2", "--mix-prob", "0.5"]
+SMALL = ["--teacher", "random:tiny", *LAYOUT]          # --teacher again would add a second teacher: see LAYOUT
 
 
 def pytest_collection_modifyitems(items):

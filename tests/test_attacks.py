@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import REPO, SMALL, made_once, run_cli, run_module
+from conftest import LAYOUT, REPO, SMALL, made_once, run_cli, run_module
 
 from featurestore.demo import write_demo_data
 from featurestore.reader import StoreReader
@@ -107,7 +107,7 @@ def pickled_teacher(tiny_vision_dir: Path, folder: Path, marker: Path) -> Path:
 def test_1_pickled_weights_are_refused_in_one_line(tmp_path, demo_images, tiny_vision_dir, capsys):
     marker = tmp_path / "payload-ran"
     teacher = pickled_teacher(tiny_vision_dir, tmp_path / "teacher", marker)
-    assert run_cli("build", "--images", demo_images, "--out", tmp_path / "s.zarr", *SMALL, "--teacher", teacher) == 2
+    assert run_cli("build", "--images", demo_images, "--out", tmp_path / "s.zarr", *LAYOUT, "--teacher", teacher) == 2
     line = last_line(capsys.readouterr().err)
     assert f"{teacher} holds only pickled weights (pytorch_model.bin)" in line and "safetensors only" in line
     assert "weights_only" not in line and not marker.exists()
@@ -117,7 +117,7 @@ def test_1_pickled_weights_are_refused_in_one_line(tmp_path, demo_images, tiny_v
 def test_1_a_damaged_local_teacher_is_named_as_a_folder(tmp_path, demo_images, tiny_vision_dir, capsys):
     teacher = shutil.copytree(tiny_vision_dir, tmp_path / "teacher")
     (teacher / "model.safetensors").write_bytes(b"not safetensors")
-    assert run_cli("build", "--images", demo_images, "--out", tmp_path / "s.zarr", *SMALL, "--teacher", teacher) == 2
+    assert run_cli("build", "--images", demo_images, "--out", tmp_path / "s.zarr", *LAYOUT, "--teacher", teacher) == 2
     line = last_line(capsys.readouterr().err)
     assert line.startswith(f"featurestore build: error: cannot load the teacher folder {teacher}: ")
     assert "not a local directory" not in line and "hub" not in line
@@ -151,14 +151,15 @@ def test_2_a_lock_path_that_is_a_link_or_a_users_file_is_refused_and_left_alone(
 def test_3_overwrite_refuses_a_store_holding_a_users_nested_files(tmp_path, small_store, demo_images, capsys):
     store = copy(small_store, tmp_path / "s.zarr")
     (store / "images" / "c" / "0" / "notes.txt").write_text("mine")
-    np.save(store / "teacher" / "mydata.npy", np.arange(3))
+    np.save(store / "teachers" / "siglip" / "mydata.npy", np.arange(3))
     before = sorted(p.relative_to(store) for p in store.rglob("*"))
     assert run_cli("build", "--images", demo_images, "--out", store, *SMALL, "--overwrite") == 2
     line = last_line(capsys.readouterr().err)
-    assert "not a store kdstore made" in line and "images/c/0/notes.txt" in line and "teacher/mydata.npy" in line
+    assert "not a store kdstore made" in line and "images/c/0/notes.txt" in line
+    assert "teachers/siglip/mydata.npy" in line
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
     (store / "images" / "c" / "0" / "notes.txt").unlink()
-    (store / "teacher" / "mydata.npy").unlink()
+    (store / "teachers" / "siglip" / "mydata.npy").unlink()
     assert run_cli("build", "--images", demo_images, "--out", store, *SMALL, "--views", "2", "--overwrite") == 0
     with StoreReader.open(store) as s:
         assert s.views_per_image == 2
@@ -167,11 +168,11 @@ def test_3_overwrite_refuses_a_store_holding_a_users_nested_files(tmp_path, smal
 def test_3_overwrite_in_a_bucket_deletes_only_the_manifest(s3, small_store, demo_images, capsys):
     url = f"{s3['bucket']}/nested.zarr"
     s3["fs"].put(str(small_store), url[5:], recursive=True)
-    s3["fs"].pipe_file(url[5:] + "/teacher/mydata.npy", b"mine")
+    s3["fs"].pipe_file(url[5:] + "/teachers/siglip/mydata.npy", b"mine")
     assert run_cli("build", "--images", demo_images, "--out", url, *SMALL, "--overwrite") == 2
-    assert "teacher/mydata.npy" in last_line(capsys.readouterr().err)
-    assert s3["fs"].cat_file(url[5:] + "/teacher/mydata.npy") == b"mine"
-    s3["fs"].rm_file(url[5:] + "/teacher/mydata.npy")
+    assert "teachers/siglip/mydata.npy" in last_line(capsys.readouterr().err)
+    assert s3["fs"].cat_file(url[5:] + "/teachers/siglip/mydata.npy") == b"mine"
+    s3["fs"].rm_file(url[5:] + "/teachers/siglip/mydata.npy")
     s3["fs"].pipe_file(f"{s3['bucket'][5:]}/nested.zarr-notes.txt", b"beside it")    # another key, same prefix
     assert run_cli("build", "--images", demo_images, "--out", url, *SMALL, "--views", "2", "--overwrite") == 0
     assert s3["fs"].cat_file(f"{s3['bucket'][5:]}/nested.zarr-notes.txt") == b"beside it"
@@ -180,11 +181,11 @@ def test_3_overwrite_in_a_bucket_deletes_only_the_manifest(s3, small_store, demo
 def test_3_an_hdf5_store_holding_other_datasets_is_not_overwritten(tmp_path, h5_store, demo_images, capsys):
     store = copy(h5_store, tmp_path / "s.h5")
     with h5py.File(store, "r+") as f:
-        f["teacher/mine"] = np.arange(3)
+        f["teachers/siglip/mine"] = np.arange(3)
     assert run_cli("build", "--images", demo_images, "--out", store, *SMALL, "--overwrite") == 2
-    assert "teacher/mine" in last_line(capsys.readouterr().err)
+    assert "teachers/siglip/mine" in last_line(capsys.readouterr().err)
     with h5py.File(store, "r") as f:
-        assert list(f["teacher/mine"][:]) == [0, 1, 2]
+        assert list(f["teachers/siglip/mine"][:]) == [0, 1, 2]
 
 
 # ---- 4. a run folder is one `trainer fit` made ----------------------------------------------------
@@ -319,13 +320,13 @@ def test_8_arrays_of_another_shape_are_refused_at_open(tmp_path, small_store, ca
 def test_8_an_hdf5_dataset_of_opaque_type_is_one_line(tmp_path, h5_store, capsys):
     store = copy(h5_store, tmp_path / "s.h5")
     with h5py.File(store, "r+") as f:
-        shape = f["teacher/pooled"].shape
-        del f["teacher/pooled"]
-        f.create_dataset("teacher/pooled", shape=shape, dtype=h5py.opaque_dtype(np.dtype("V2")))
+        shape = f["teachers/siglip/pooled"].shape
+        del f["teachers/siglip/pooled"]
+        f.create_dataset("teachers/siglip/pooled", shape=shape, dtype=h5py.opaque_dtype(np.dtype("V2")))
     assert run_cli("verify", store) == 1
-    assert "teacher/pooled has dtype |V2 where the store format has float16" in capsys.readouterr().err
+    assert "teachers/siglip/pooled has dtype |V2 where the store format has float16" in capsys.readouterr().err
     assert run_trainer("fit", "--store", store, "--out", tmp_path / "r", *FIT, "--epochs", "1") == 2
-    assert "teacher/pooled has dtype |V2" in last_line(capsys.readouterr().err)
+    assert "teachers/siglip/pooled has dtype |V2" in last_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("edit", ["ids", "labels"])
@@ -374,9 +375,10 @@ def test_11_a_zero_shot_head_with_constant_logits_is_left_out_not_stored(tmp_pat
     assert "the zero-shot head is left out: its logits are constant" in capsys.readouterr().err
     assert run_cli("verify", store) == 0
     with StoreReader.open(store) as s:
-        assert s.heads() == ["probe"] and not any(k.startswith("heads/zeroshot") for k in s.small_keys())
+        assert s.heads() == ["probe"]
+        assert not any(k.startswith("teachers/siglip/heads/zeroshot") for k in s.small_keys())
     assert run_cli("inspect", store) == 0
-    assert "heads/zeroshot: the zero-shot head is left out" in capsys.readouterr().out
+    assert "teachers/siglip/heads/zeroshot: the zero-shot head is left out" in capsys.readouterr().out
 
 
 # ---- 12. no build changes a store while it is read -------------------------------------------------

@@ -29,7 +29,7 @@ def assert_same_store(a: Path, b: Path) -> None:
         for head in x.heads():
             for k, v in x.head_arrays(head).items():
                 np.testing.assert_array_equal(v, y.head_arrays(head)[k], err_msg=f"heads/{head}/{k}")
-        assert x.attrs["metrics"] == y.attrs["metrics"]
+        assert x.teacher().metrics == y.teacher().metrics
 
 
 def done_count(path: Path) -> int:
@@ -144,8 +144,9 @@ def test_inspect_json_and_class_order(small_store, capsys):
     assert s["classes"] == sorted(s["classes"]) and s["classes"][1].startswith("10. Warts")
     assert s["teacher"] == {**s["teacher"], "id": "random:tiny", "weights": "random"}
     names = {f["name"]: f for f in s["fields"]}
-    assert names["teacher/pooled"]["shape"] == [80, 3, 64] and names["teacher/pooled"]["dtype"] == "float16"
-    assert names["teacher/patches"]["shape"] == [80, 3, 2, 2, 64]
+    pooled = names["teachers/siglip/pooled"]
+    assert pooled["shape"] == [80, 3, 64] and pooled["dtype"] == "float16"
+    assert names["teachers/siglip/patches"]["shape"] == [80, 3, 2, 2, 64]
     assert s["bytes_per_view"] > 0 and s["skipped"]["count"] == 0
     assert 0 <= s["probe"]["cv_macro_f1"] <= 1 and 0 <= s["probe"]["cv_accuracy"] <= 1
     assert sum(r["train"] + r["heldout"] for r in s["class_counts"]) == 60

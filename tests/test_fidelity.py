@@ -32,16 +32,16 @@ def test_the_teacher_in_the_loop_scores_the_stores_views_as_the_build_did(small_
         for k in (0, 1, 2):
             params = s.read_rows("views/params", idx, k)
             out = teacher.targets(idx, params, "probe", True, True)
-            pooled = s.read_rows("teacher/pooled", idx, k).astype(np.float32)
+            pooled = s.read_rows("teachers/siglip/pooled", idx, k).astype(np.float32)
             np.testing.assert_allclose(out["pooled"].numpy(), pooled, atol=2e-3, rtol=1e-2)
-            np.testing.assert_allclose(out["patches"].numpy(), s.read_rows("teacher/patches", idx, k), atol=2e-3,
-                                       rtol=1e-2)
-            np.testing.assert_allclose(out["logits"].numpy(), s.read_rows("teacher/logits/probe", idx, k),
+            np.testing.assert_allclose(out["patches"].numpy(), s.read_rows("teachers/siglip/patches", idx, k),
+                                       atol=2e-3, rtol=1e-2)
+            np.testing.assert_allclose(out["logits"].numpy(), s.read_rows("teachers/siglip/logits/probe", idx, k),
                                        atol=2e-2, rtol=1e-2)
         assert (split[idx] >= 0).any() and (split[idx] < 0).any()
         if "zeroshot" in s.heads():
             out = teacher.targets(idx, s.read_rows("views/params", idx, 1), "zeroshot", False, False)
-            np.testing.assert_allclose(out["logits"].numpy(), s.read_rows("teacher/logits/zeroshot", idx, 1),
+            np.testing.assert_allclose(out["logits"].numpy(), s.read_rows("teachers/siglip/logits/zeroshot", idx, 1),
                                        atol=2e-2, rtol=1e-2)
             assert out["pooled"] is None and out["patches"] is None
 

@@ -1,5 +1,6 @@
-"""Format 2 across code changes: stores written by an earlier kdstore (tests/fixtures/v2) still open, and
-the same files and flags still build the same arrays."""
+"""Format 2 across code changes: stores written by an earlier kdstore (tests/fixtures/v2) still open as
+one teacher, verify and train, and the same files and flags still build the same arrays (in format 3,
+where the teacher's arrays lie under teachers/<name>/)."""
 from __future__ import annotations
 
 import shutil
@@ -30,11 +31,17 @@ def test_a_store_written_before_opens_and_the_same_build_gives_the_same_arrays(t
     with StoreReader.open(old) as a, StoreReader.open(new) as b:
         assert a.complete and b.complete and a.ids() == b.ids() and a.classes == b.classes
         assert a.num_images == 14 and a.num_chunks == 4 and a.attrs["num_unlabeled"] == 2
-        assert [f.name for f in a.fields()] == [f.name for f in b.fields()]
+        assert (a.attrs["format_version"], b.attrs["format_version"]) == (2, 3)
+        ta, tb = a.teacher(), b.teacher()
+        assert (ta.name, tb.name) == ("teacher", "siglip") and ta.pooled == "teacher/pooled"
+
+        def now(name: str) -> str:                                  # a version 2 array's version 3 name
+            return name.replace(ta.root + "/", tb.root + "/", 1)
+        assert [now(f.name) for f in a.fields()] == [f.name for f in b.fields()]
         for f in a.fields():
             if f.name == "ids":
                 continue
-            x, y = a.read(f.name), b.read(f.name)
+            x, y = a.read(f.name), b.read(now(f.name))
             assert x.dtype == y.dtype and x.shape == y.shape, f.name
             if f.name in EXACT:
                 np.testing.assert_array_equal(x, y, err_msg=f.name)
@@ -44,11 +51,15 @@ def test_a_store_written_before_opens_and_the_same_build_gives_the_same_arrays(t
         for head in a.heads():
             for key, value in a.head_arrays(head).items():
                 np.testing.assert_allclose(value, b.head_arrays(head)[key], rtol=2e-3, atol=2e-3, err_msg=key)
-        for key in ("format_version", "classes", "views_per_image", "image_size", "chunk_size", "embed_dim",
-                    "patch_grid", "patch_dim", "heads", "param_names", "view_policy", "prompts"):
+        for key in ("classes", "views_per_image", "image_size", "chunk_size", "patch_grid", "param_names",
+                    "view_policy"):
             assert a.attrs[key] == b.attrs[key], key
-        # settings added since the store was written count at their defaults, what its build did
-        assert stored_identity(a.attrs["identity"]) == b.attrs["identity"]
+        for key in ("embed_dim", "patch_dim", "heads", "prompts"):
+            assert ta.attrs[key] == tb.attrs[key], key
+        # settings added since the store was written count at their defaults, what its build did; the
+        # teacher is now named
+        was = stored_identity(a.attrs["identity"])
+        assert was | {"teacher": was["teacher"] | {"id": ["siglip=random:tiny"]}} == b.attrs["identity"]
     # and the same build command accepts it as its own (a resume finds nothing to do)
     assert run_cli("build", "--images", FIXTURE / "images", "--unlabeled", FIXTURE / "unlabelled", "--out", old,
                    *FLAGS) == 0

@@ -70,16 +70,16 @@ def test_outputs_beyond_float16_fail_the_build_naming_the_chunk(tmp_path, demo_i
         pooled, patches = real(self, pixels, patch_grid, check)
         return pooled * 1e6, patches                                      # beyond 65504 in float16
     monkeypatch.setattr(teacher_mod.Teacher, "encode", overflowing)
-    with pytest.raises(TeacherError, match=r"teacher/pooled of chunk \d+: .*exceed float16's range"):
+    with pytest.raises(TeacherError, match=r"teachers/siglip/pooled of chunk \d+: .*exceed float16's range"):
         run_cli("build", "--images", demo_images, "--out", tmp_path / "s.zarr", *SMALL, "--debug")
 
     class Half:
         def overflow_message(self):
             return "overflow float16"
     check = finite_outputs(Half())
-    check(3, {"teacher/pooled": np.ones((2, 3), np.float16), "images": np.zeros(2, np.uint8)})
-    with pytest.raises(TeacherError, match="teacher/patches of chunk 3: overflow float16"):
-        check(3, {"teacher/patches": np.array([1, np.inf], np.float16)})
+    check(3, {"teachers/siglip/pooled": np.ones((2, 3), np.float16), "images": np.zeros(2, np.uint8)})
+    with pytest.raises(TeacherError, match="teachers/siglip/patches of chunk 3: overflow float16"):
+        check(3, {"teachers/siglip/patches": np.array([1, np.inf], np.float16)})
 
 
 def test_chunks_copied_to_the_device_once_render_the_same_bits(small_store):

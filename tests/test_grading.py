@@ -101,7 +101,7 @@ def test_the_logit_bias_raises_macro_f1_where_a_class_is_under_predicted_and_is_
 
 def test_logit_adjusted_cross_entropy_is_the_cross_entropy_of_the_adjusted_logits():
     from trainer.calibration import class_prior
-    from trainer.losses import LossWeights, total_loss
+    from trainer.terms import LossWeights, total_loss
     g = torch.Generator().manual_seed(0)
     s, labels = torch.randn(8, 3, generator=g), torch.tensor([0, 1, 2, 0, 0, 0, 1, 0])
     prior = class_prior(labels.numpy(), 3)

@@ -31,10 +31,10 @@ def test_cross_fitting_does_not_leak_on_memorisable_noise():
 def test_stored_logits_come_from_the_right_fold_probe(small_store):
     """Built chunk by chunk from at most probe.max_rows rows, the stored probe equals a refit by hand."""
     with StoreReader.open(small_store) as s:
-        pooled = s.read("teacher/pooled").astype(np.float32)
-        logits, split, labels = s.read("teacher/logits/probe"), s.read("split"), s.read("labels")
+        pooled = s.read("teachers/siglip/pooled").astype(np.float32)
+        logits, split, labels = s.read("teachers/siglip/logits/probe"), s.read("split"), s.read("labels")
         h = s.head_arrays("probe")
-        metrics = s.attrs["metrics"]["probe"]
+        metrics = s.teacher().metrics["probe"]
     assert (split == -2).sum() > 0 and (labels[split == -2] == -1).all()      # the store has unlabelled images
     for f in range(h["fold_weight"].shape[0]):
         m = split == f
@@ -178,10 +178,10 @@ def test_a_build_with_the_spread_head_stores_it_and_a_student_can_follow_it(tmp_
     assert run_cli("build", "--images", demo_images, "--unlabeled", unlabeled_images, "--out", out, *SMALL,
                    "--heads", "spread") == 0
     with StoreReader.open(out) as s:
-        assert s.attrs["heads"][:2] == ["probe", "spread"]
-        split, pooled = s.read("split"), s.read("teacher/pooled").astype(np.float32)
-        logits, h = s.read("teacher/logits/spread"), s.head_arrays("spread")
-        m, labels = s.attrs["metrics"]["spread"], s.read("labels").astype(np.int64)
+        assert s.teacher().heads[:2] == ["probe", "spread"]
+        split, pooled = s.read("split"), s.read("teachers/siglip/pooled").astype(np.float32)
+        logits, h = s.read("teachers/siglip/logits/spread"), s.head_arrays("spread")
+        m, labels = s.teacher().metrics["spread"], s.read("labels").astype(np.int64)
     # the stored head is the one fit_spread makes from the stored embeddings
     from featurestore.heads import fit_spread
     train = np.flatnonzero(split >= 0)

@@ -68,48 +68,50 @@ def flip(path: Path, name: str, c: int) -> None:
         f.write(bytes([byte ^ 0xFF]))
 
 
-ARRAYS = ["images", "labels", "split", "sha256", "ids", "views/params", "teacher/pooled", "teacher/patches",
-          "teacher/logits/probe", "teacher/logits/zeroshot", "progress/done", "heads/probe/weight"]
+ARRAYS = ["images", "labels", "split", "sha256", "ids", "views/params", "teachers/siglip/pooled",
+          "teachers/siglip/patches", "teachers/siglip/logits/probe", "teachers/siglip/logits/zeroshot", "progress/done",
+          "teachers/siglip/heads/probe/weight"]
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 @pytest.mark.parametrize("name", ARRAYS)
 def test_a_flipped_byte_is_found_named_and_refused(tmp_path, stores, suffix, name, capsys):
     path = copy(stores[suffix], tmp_path)
-    c = 0 if name.startswith("heads/") else 2
+    c = 0 if "/heads/" in name else 2
     flip(path, name, c)
     assert run_cli("verify", path) == 1
     err = capsys.readouterr().err.splitlines()
-    if name.startswith("heads/") or name == "progress/done":
+    if "/heads/" in name or name == "progress/done":
         where = f"{name}: checksum mismatch"
     else:
         where = f"{name} chunk 2 (images 16..23): checksum mismatch"
     assert any(line == f"{path}: {where} (the bytes on disk were changed)" for line in err), err
     assert err[-1] == f"{path}: 1 problem(s)"
-    head = ["--head", "zeroshot"] if name == "teacher/logits/zeroshot" else []
+    head = ["--head", "zeroshot"] if name == "teachers/siglip/logits/zeroshot" else []
     assert tcli.main([str(a) for a in ("fit", "--store", path, "--out", tmp_path / "run", *FIT, *head,
                                        "--ram-budget-gb", "0")]) == 2
     err = failure(capsys.readouterr().err, "trainer fit")
     assert "failed its checksum" in err and f"verify --fix {path}" in err, err
-    assert name in err and (f"chunk {c}" in err or name.startswith("heads/") or name == "progress/done")
+    assert name in err and (f"chunk {c}" in err or "/heads/" in name or name == "progress/done")
 
 
 def test_a_deleted_shard_and_a_damaged_shard_index(tmp_path, stores, capsys):
     path = copy(stores[".zarr"], tmp_path)
-    chunk_file(path, "teacher/pooled", 3).unlink()
-    f = chunk_file(path, "teacher/patches", 5)
+    chunk_file(path, "teachers/siglip/pooled", 3).unlink()
+    f = chunk_file(path, "teachers/siglip/patches", 5)
     data = bytearray(f.read_bytes())
     data[-10] ^= 0xFF                                           # the shard index sits at the end
     f.write_bytes(bytes(data))
     assert run_cli("verify", path) == 1
     err = capsys.readouterr().err.splitlines()
-    assert f"{path}: teacher/pooled chunk 3 (images 24..31): missing (file deleted or never written)" in err
-    assert f"{path}: teacher/patches chunk 5 (images 40..47): checksum mismatch (the bytes on disk were changed)" in err
+    assert f"{path}: teachers/siglip/pooled chunk 3 (images 24..31): missing (file deleted or never written)" in err
+    assert (f"{path}: teachers/siglip/patches chunk 5 (images 40..47): checksum mismatch (the bytes on disk were "
+            "changed)") in err
     assert err[-1] == f"{path}: 2 problem(s)" and not any("Traceback" in line for line in err)
     assert tcli.main([str(a) for a in ("fit", "--store", path, "--out", tmp_path / "run", *FIT, "--ram-budget-gb",
                                        "0", "--w-patches", "0")]) == 2
     err = failure(capsys.readouterr().err, "trainer fit")
-    assert "teacher/pooled chunk 3 (images 24..31) is missing" in err
+    assert "teachers/siglip/pooled chunk 3 (images 24..31) is missing" in err
 
 
 def test_a_truncated_hdf5_file(tmp_path, stores, capsys):
@@ -127,11 +129,11 @@ def test_a_truncated_hdf5_file(tmp_path, stores, capsys):
 def test_verify_fix_then_the_same_build_restores_the_store(tmp_path, stores, demo_images, unlabeled_images, suffix,
                                                             capsys):
     path = copy(stores[suffix], tmp_path)
-    for name, c in (("images", 1), ("teacher/pooled", 3), ("labels", 0), ("teacher/logits/probe", 2),
-                    ("heads/probe/bias", 0)):
+    for name, c in (("images", 1), ("teachers/siglip/pooled", 3), ("labels", 0), ("teachers/siglip/logits/probe", 2),
+                    ("teachers/siglip/heads/probe/bias", 0)):
         flip(path, name, c)
     if suffix == ".zarr":
-        chunk_file(path, "teacher/patches", 6).unlink()
+        chunk_file(path, "teachers/siglip/patches", 6).unlink()
     assert run_cli("verify", path, "--fix") == 1
     err = capsys.readouterr().err
     assert "chunk(s) marked not done: [1, 3" in err and "index arrays" in err and "heads will be fitted again" in err
@@ -156,7 +158,7 @@ def test_a_full_disk_ends_in_one_line_and_resumes_to_the_same_store(tmp_path, st
         real = local._put
 
         def put(path, value, *a, **kw):
-            if "teacher/pooled/c/" in str(path):
+            if "teachers/siglip/pooled/c/" in str(path):
                 writes["n"] += 1
                 if writes["n"] > 4:
                     raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -166,7 +168,7 @@ def test_a_full_disk_ends_in_one_line_and_resumes_to_the_same_store(tmp_path, st
         real = StoreWriter.write
 
         def write(self, name, start, value):
-            if name == "teacher/pooled":
+            if name == "teachers/siglip/pooled":
                 writes["n"] += 1
                 if writes["n"] > 4:
                     raise OSError(errno.ENOSPC, "Can't write data (file write failed: errno = 28)")

@@ -7,15 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import (
-    LossWeights,
-    cosine_loss,
-    dist_loss,
-    kd_loss,
-    soft_cross_entropy,
-    teacher_confidence,
-    total_loss,
-)
+from trainer.losses import cosine_loss, dist_loss, kd_loss, soft_cross_entropy, teacher_confidence
+from trainer.terms import LossWeights, total_loss
 
 
 def test_kd_matches_hand_computation():

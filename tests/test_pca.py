@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import SMALL, run_cli
 
-from featurestore.pca import Moments, PatchBasis, fit_basis
+from featurestore.pca import Moments, fit_basis
 from featurestore.reader import StoreReader
-from featurestore.teacher_pass import PCA_KEYS, PCA_VIEWS_PER_IMAGE
+from featurestore.teacher_pass import PCA_VIEWS_PER_IMAGE, load_basis
 from featurestore.views import COL, MIX_NONE
 
 
@@ -38,22 +38,22 @@ def test_a_pca_store_holds_the_projection_of_the_full_width_patches(tmp_path, de
     assert run_cli("build", "--images", demo_images, "--out", small, *SMALL, "--patch-dim", "12",
                    "--pca-images", "20") == 0
     with StoreReader.open(full) as f, StoreReader.open(small) as s:
-        assert s.shape("teacher/patches")[-1] == 12 and s.attrs["patch_dim"] == 12
-        basis = PatchBasis(**{name: s.small(key) for name, key in PCA_KEYS.items()})
+        assert s.shape("teachers/siglip/patches")[-1] == 12 and s.teacher().patch_dim == 12
+        basis = load_basis(s)
         b = basis.basis.astype(np.float64)
         np.testing.assert_allclose(b @ b.T, np.eye(12), atol=1e-5)
-        want = basis.project(torch.from_numpy(f.read("teacher/patches").astype(np.float32))).numpy()
-        got = s.read("teacher/patches").astype(np.float32)
+        want = basis.project(torch.from_numpy(f.read("teachers/siglip/patches").astype(np.float32))).numpy()
+        got = s.read("teachers/siglip/patches").astype(np.float32)
         np.testing.assert_allclose(got, want, atol=0.02, rtol=0.02)        # fp16 storage on both sides
-        np.testing.assert_array_equal(s.read("teacher/pooled"), f.read("teacher/pooled"))
+        np.testing.assert_array_equal(s.read("teachers/siglip/pooled"), f.read("teachers/siglip/pooled"))
         # the basis was fitted on the unmixed views 0.. of the first 20 store images: on exactly those
         # tokens its reconstruction error is the variance it discards
         params = f.read("views/params", 0, 20)
-        tokens = np.concatenate([f.read("teacher/patches", i, i + 1)[0, np.flatnonzero(
+        tokens = np.concatenate([f.read("teachers/siglip/patches", i, i + 1)[0, np.flatnonzero(
             params[i, :, COL["mix_mode"]] == MIX_NONE)[:PCA_VIEWS_PER_IMAGE]].reshape(-1, 64) for i in range(20)])
         tokens = tokens.astype(np.float64)
         err = ((tokens - basis.reconstruct(basis.project(torch.from_numpy(tokens)).numpy())) ** 2).sum(1).mean()
         assert err == pytest.approx(basis.discarded_variance, rel=0.05)   # fp16-stored tokens vs float32 ones
-        assert s.attrs["patch_variance_kept"] == pytest.approx(basis.variance_kept)
+        assert s.teacher().attrs["patch_variance_kept"] == pytest.approx(basis.variance_kept)
     assert run_cli("inspect", small) == 0
-    assert "12 dims (PCA of 64; the basis keeps" in capsys.readouterr().out
+    assert "siglip: 2x2 grid, 12 dims (PCA of 64; the basis keeps" in capsys.readouterr().out

@@ -60,15 +60,15 @@ def test_a_fresh_bucket_path_killed_resumes_and_is_verified_trained_from_and_sli
     assert run_cli("build", *args) == 0                            # at once
     assert_same_store(small_store, url)                           # the same bits as the same build on a disk
     root = json.loads(s3["fs"].cat_file(url[5:] + "/zarr.json"))
-    assert "teacher/pooled" in root["consolidated_metadata"]["metadata"]   # opening reads one document
+    assert "teachers/siglip/pooled" in root["consolidated_metadata"]["metadata"]   # opening reads one document
     assert not s3["fs"].exists(url[5:] + ".lock")                 # the lease is gone with the build
     run = tmp_path / "run"
     assert tcli.main([str(a) for a in ("fit", "--store", url, "--out", run, *FIT, "--ram-budget-gb", "0")]) == 0
     assert (run / "student.pt").is_file()
     slim = f"{s3['bucket']}/slim.zarr"
-    assert run_cli("slim", url, slim, "--fields", "images,views/params,teacher/logits/probe") == 0   # verifies it
+    assert run_cli("slim", url, slim, "--fields", "images,views/params,teachers/siglip/logits/probe") == 0  # verified
     with StoreReader.open(slim) as s:
-        assert "teacher/pooled" in s.attrs["dropped"] and s.complete
+        assert "teachers/siglip/pooled" in s.attrs["dropped"] and s.complete
     capsys.readouterr()
     assert run_cli("build", *args) == 0
     assert "is already complete; nothing to do" in capsys.readouterr().err
@@ -117,11 +117,12 @@ def test_a_bucket_store_is_read_from_the_local_cache_once_fetched_and_a_damaged_
     cache = tmp_path / "cache"
     monkeypatch.setenv("KDSTORE_CACHE", str(cache))
     with StoreReader.open(small_store) as s:
-        want = {c: (s.read_chunk("images", c), s.read_view("teacher/logits/probe", c, 1)) for c in range(s.num_chunks)}
+        want = {c: (s.read_chunk("images", c), s.read_view("teachers/siglip/logits/probe", c, 1))
+                for c in range(s.num_chunks)}
     with StoreReader.open(url) as s:
         for c, (images, logits) in want.items():
             np.testing.assert_array_equal(s.read_chunk("images", c), images)
-            np.testing.assert_array_equal(s.read_view("teacher/logits/probe", c, 1), logits)
+            np.testing.assert_array_equal(s.read_view("teachers/siglip/logits/probe", c, 1), logits)
     shards = [p for p in cache.rglob("*") if p.is_file() and "images" in p.parts]
     assert shards                                                 # the image shards are now on the disk
     objects = {k: s3["fs"].cat_file(k) for k in s3["fs"].find(url[5:] + "/images/c")}

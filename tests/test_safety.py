@@ -163,16 +163,16 @@ def test_all_zero_teacher_targets_are_refused_by_verify_and_fit_alike(tmp_path, 
     store = tmp_path / "zero.zarr"
     shutil.copytree(small_store, store)
     with StoreWriter.open(store) as s:
-        s.write("teacher/pooled", 0, np.zeros(s.reader.shape("teacher/pooled"), np.float16))
+        s.write("teachers/siglip/pooled", 0, np.zeros(s.reader.shape("teachers/siglip/pooled"), np.float16))
         n = s.reader.num_chunks
     assert run_cli("verify", store) == 1
     err = capsys.readouterr().err.splitlines()
-    zero = [line for line in err if "teacher/pooled chunk" in line and "constant values" in line]
+    zero = [line for line in err if "teachers/siglip/pooled chunk" in line and "constant values" in line]
     assert len(zero) == n and err[-1] == f"{store}: {n} problem(s)"
     assert run_trainer("fit", "--store", store, "--out", tmp_path / "r", *FIT, "--epochs", "1",
                        "--ram-budget-gb", ram_gb) == 2
     line = last_line(capsys.readouterr().err)
-    assert "teacher/pooled holds constant values" in line and f"verify --fix {store}" in line
+    assert "teachers/siglip/pooled holds constant values" in line and f"verify --fix {store}" in line
     assert not (tmp_path / "r" / "student.pt").exists()
 
 
@@ -181,22 +181,23 @@ def test_an_hdf5_external_link_or_virtual_dataset_is_refused(tmp_path, demo_imag
     assert run_cli("build", "--images", demo_images, "--out", store, *SMALL) == 0
     other = tmp_path / "other.h5"
     with h5py.File(store, "r") as src, h5py.File(other, "w") as dst:
-        dst["pooled"] = np.random.default_rng(0).standard_normal(src["teacher/pooled"].shape).astype(np.float16)
+        dst["pooled"] = np.random.default_rng(0).standard_normal(src["teachers/siglip/pooled"].shape).astype(np.float16)
     for kind in ("external", "virtual"):
         bad = tmp_path / f"{kind}.h5"
         shutil.copyfile(store, bad)
         with h5py.File(bad, "r+") as f:
-            del f["teacher/pooled"]
+            del f["teachers/siglip/pooled"]
             if kind == "external":
-                f["teacher/pooled"] = h5py.ExternalLink(str(other), "/pooled")
+                f["teachers/siglip/pooled"] = h5py.ExternalLink(str(other), "/pooled")
             else:
-                shape = f["teacher/logits/probe"].shape[:2] + (64,)
+                shape = f["teachers/siglip/logits/probe"].shape[:2] + (64,)
                 layout = h5py.VirtualLayout(shape, np.float16)
                 layout[...] = h5py.VirtualSource(str(other), "pooled", shape)
-                f.create_virtual_dataset("teacher/pooled", layout)
+                f.create_virtual_dataset("teachers/siglip/pooled", layout)
         assert run_cli("verify", bad) == 1
         err = capsys.readouterr().err
-        named = "teacher/pooled, an external link to" if kind == "external" else "teacher/pooled, a virtual dataset"
+        named = ("teachers/siglip/pooled, an external link to" if kind == "external" else
+                 "teachers/siglip/pooled, a virtual dataset")
         assert named in err
         assert run_trainer("fit", "--store", bad, "--out", tmp_path / f"r-{kind}", *FIT, "--epochs", "1") == 2
         assert "refuses links and virtual datasets" in last_line(capsys.readouterr().err)
@@ -205,12 +206,12 @@ def test_an_hdf5_external_link_or_virtual_dataset_is_refused(tmp_path, demo_imag
 def test_a_symbolic_link_inside_a_zarr_store_is_named_by_verify(tmp_path, small_store, capsys):
     store = tmp_path / "s.zarr"
     shutil.copytree(small_store, store)
-    chunk = next(p for p in (store / "teacher" / "pooled" / "c").rglob("*") if p.is_file())
+    chunk = next(p for p in (store / "teachers" / "siglip" / "pooled" / "c").rglob("*") if p.is_file())
     shutil.copyfile(chunk, tmp_path / "elsewhere")
     chunk.unlink()
     chunk.symlink_to(tmp_path / "elsewhere")
     assert run_cli("verify", store) == 1
-    assert "teacher/pooled/c/" in (err := capsys.readouterr().err) and ", a symbolic link to " in err
+    assert "teachers/siglip/pooled/c/" in (err := capsys.readouterr().err) and ", a symbolic link to " in err
 
 
 def test_one_class_is_refused_by_build_and_by_fit(tmp_path, demo_images, small_store, capsys):

@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 
 from featurestore.reader import StoreReader
-from featurestore.schema import FORMAT_VERSION, StoreError
+from featurestore.schema import FORMAT_VERSION, StoreError, store_attrs
 from featurestore.views import PARAM_NAMES
 from featurestore.writer import StoreWriter
 
 
 def _attrs(n, k, chunk, grid, **kw):
-    return {"format_version": FORMAT_VERSION, "classes": [f"c{i}" for i in range(5)], "num_images": n,
-            "views_per_image": k, "image_size": 16, "chunk_size": chunk, "embed_dim": 12, "patch_grid": grid,
-            "patch_dim": 12, "heads": ["probe", "zeroshot"], "param_names": list(PARAM_NAMES),
-            "teacher": {"id": "x"}, "id_bytes": 20} | kw
+    teacher = {"teacher": {"id": "x"}, "embed_dim": 12, "patch_dim": 12, "heads": ["probe", "zeroshot"]}
+    return store_attrs(classes=[f"c{i}" for i in range(5)], num_images=n, views=k, image_size=16, chunk_size=chunk,
+                       patch_grid=grid, param_names=list(PARAM_NAMES), teachers={"siglip": teacher}, id_bytes=20) | kw
 
 
 def _seeded(name, shape, dtype, i):
@@ -69,8 +68,9 @@ def test_round_trip_across_chunks(tmp_path, suffix, compression, grid):
                     np.testing.assert_array_equal(r.read_view(f.name, c, v), full[a:b, v])
         rows = np.array([1, 4, 5, 17, 22])
         np.testing.assert_array_equal(r.read_rows("images", rows), written["images"][rows])
-        np.testing.assert_array_equal(r.read_rows("teacher/pooled", rows, view=2), written["teacher/pooled"][rows, 2])
-        assert ("teacher/patches" in r) == bool(grid)
+        np.testing.assert_array_equal(r.read_rows("teachers/siglip/pooled", rows, view=2),
+                                      written["teachers/siglip/pooled"][rows, 2])
+        assert ("teachers/siglip/patches" in r) == bool(grid)
 
 
 def test_one_view_of_one_chunk_is_one_stored_chunk(tmp_path):
@@ -80,7 +80,7 @@ def test_one_view_of_one_chunk_is_one_stored_chunk(tmp_path):
     import zarr
     StoreWriter.create(tmp_path / "s.zarr", _attrs(23, 3, 5, 2, image_size=40), "zstd").close()
     z = zarr.open_group(tmp_path / "s.zarr", mode="r")
-    arr = z["teacher/patches"]
+    arr = z["teachers/siglip/patches"]
     assert arr.shards == (5, 3, 2, 2, 12) and arr.chunks == (5, 1, 2, 2, 12)
     names = [type(c).__name__ for c in arr.metadata.codecs[0].codecs]
     assert names == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
@@ -92,9 +92,11 @@ def test_one_view_of_one_chunk_is_one_stored_chunk(tmp_path):
         assert "Crc32cCodec" in [type(c).__name__ for c in z[name].metadata.codecs], name
     StoreWriter.create(tmp_path / "s.h5", _attrs(23, 3, 5, 2), "lzf").close()
     with h5py.File(tmp_path / "s.h5", "r") as h:
-        assert h["teacher/patches"].chunks == (5, 1, 2, 2, 12) and h["views/params"].chunks == (5, 1, len(PARAM_NAMES))
-        for name in ("images", "labels", "split", "sha256", "ids", "views/params", "teacher/pooled", "teacher/patches",
-                     "teacher/logits/probe", "teacher/logits/zeroshot", "progress/done"):
+        assert h["teachers/siglip/patches"].chunks == (5, 1, 2, 2, 12)
+        assert h["views/params"].chunks == (5, 1, len(PARAM_NAMES))
+        for name in ("images", "labels", "split", "sha256", "ids", "views/params", "teachers/siglip/pooled",
+                     "teachers/siglip/patches", "teachers/siglip/logits/probe", "teachers/siglip/logits/zeroshot",
+                     "progress/done"):
             assert h[name].fletcher32, name
 
 
@@ -107,13 +109,13 @@ def test_hdf5_attributes_are_native_scalars(tmp_path):
         assert f.attrs["complete"] == np.True_ and f.attrs["format_version"] == FORMAT_VERSION
         assert json.loads(f.attrs["classes"]) == [f"c{i}" for i in range(5)]      # lists stay JSON
     with StoreReader.open(path) as s:
-        assert s.attrs["chunk_size"] == 2 and s.attrs["complete"] is True and s.attrs["teacher"] == {"id": "x"}
+        assert s.attrs["chunk_size"] == 2 and s.attrs["complete"] is True and s.teacher().info == {"id": "x"}
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 @pytest.mark.parametrize("version,message", [
     (99, "format_version 99"),
-    (1, r"format_version 1; this kdstore reads version 2: it was written by an older kdstore; rebuild it with "
+    (1, r"format_version 1; this kdstore reads versions 2, 3: it was written by an older kdstore; rebuild it with "
         r"`featurestore build`")])
 def test_other_format_versions_are_refused_with_what_to_do(tmp_path, suffix, version, message):
     path = tmp_path / f"s{suffix}"
@@ -138,8 +140,8 @@ def test_open_reports_missing_array(tmp_path):
     StoreWriter.create(path, _attrs(4, 1, 2, 0), "none").close()
     import h5py
     with h5py.File(path, "r+") as f:
-        del f["teacher/pooled"]
-    with pytest.raises(StoreError, match="teacher/pooled"):
+        del f["teachers/siglip/pooled"]
+    with pytest.raises(StoreError, match="teachers/siglip/pooled"):
         StoreReader.open(path)
 
 
@@ -181,7 +183,7 @@ def test_default_zarr_compression_is_zstd_and_lz4_for_images(tmp_path):
     images = s["images"].metadata.codecs[0].codecs
     assert [type(c).__name__ for c in images] == ["BytesCodec", "BloscCodec", "Crc32cCodec"]
     assert images[1].cname.value == "lz4"
-    assert [type(c).__name__ for c in s["teacher/patches"].metadata.codecs[0].codecs] == [
+    assert [type(c).__name__ for c in s["teachers/siglip/patches"].metadata.codecs[0].codecs] == [
         "BytesCodec", "ZstdCodec", "Crc32cCodec"]
 
 
@@ -195,21 +197,21 @@ def test_direct_reads_leave_damage_and_gaps_to_zarr(tmp_path):
     store = StoreWriter.create(path, _attrs(23, 3, 5, 2), "default")
     written = write_seeded(store)
     store.close()
-    pooled = zarr.open_array(path / "teacher/pooled", mode="r+", config={"write_empty_chunks": False})
+    pooled = zarr.open_array(path / "teachers/siglip/pooled", mode="r+", config={"write_empty_chunks": False})
     pooled[5:10, 1] = np.nan                                    # chunk 1, view 1: dropped from its shard
     key = lambda name, c: path / name / zarr.open_array(path / name).metadata.encode_chunk_key(   # noqa: E731
         (c,) + (0,) * (zarr.open_array(path / name).ndim - 1))
-    (key("teacher/patches", 2)).unlink()
+    (key("teachers/siglip/patches", 2)).unlink()
     f = key("images", 3)
     data = bytearray(f.read_bytes())
     data[20] ^= 0xFF
     f.write_bytes(bytes(data))
 
     r = StoreReader.open(path)
-    assert np.isnan(r.read_view("teacher/pooled", 1, 1)).all()
-    assert np.array_equal(r.read_view("teacher/pooled", 1, 2), written["teacher/pooled"][5:10, 2])
-    with pytest.raises(ChunkError, match=r"teacher/patches chunk 2 \(images 10..14\) is missing") as e:
-        r.read_view("teacher/patches", 2, 0)
+    assert np.isnan(r.read_view("teachers/siglip/pooled", 1, 1)).all()
+    assert np.array_equal(r.read_view("teachers/siglip/pooled", 1, 2), written["teachers/siglip/pooled"][5:10, 2])
+    with pytest.raises(ChunkError, match=r"teachers/siglip/patches chunk 2 \(images 10..14\) is missing") as e:
+        r.read_view("teachers/siglip/patches", 2, 0)
     assert e.value.kind == "missing"
     with pytest.raises(ChunkError, match=r"images chunk 3 \(images 15..19\) failed its checksum") as e:
         r.read_chunk("images", 3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SMALL, run_cli
+from conftest import LAYOUT, REPO, run_cli
 from PIL import Image
 from test_views import smooth_image
 
@@ -45,7 +45,7 @@ def test_preprocessing_comes_from_the_checkpoint(tiny_siglip_dir):
 @pytest.fixture(scope="module")
 def hf_store(tmp_path_factory, demo_images, tiny_siglip_dir):
     out = tmp_path_factory.mktemp("hf_store") / "s.zarr"
-    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL, "--teacher", tiny_siglip_dir,
+    assert run_cli("build", "--images", demo_images, "--out", out, *LAYOUT, "--teacher", tiny_siglip_dir,
                    "--prompt-template", "a photo of {name}") == 0
     return out
 
@@ -56,12 +56,12 @@ def test_zeroshot_logits_equal_siglip_logits_per_image(hf_store, demo_images, ti
     tok = AutoTokenizer.from_pretrained(tiny_siglip_dir)
     teacher = load_teacher(str(tiny_siglip_dir), device="cpu")
     with StoreReader.open(hf_store) as s:
-        prompts = [group[0] for group in s.attrs["prompts"]]          # one prompt per class here
+        prompts = [group[0] for group in s.teacher().attrs["prompts"]]          # one prompt per class here
         assert prompts[1] == "a photo of Warts Molluscum and other Viral Infections"
         ids, n = s.ids()[:6], 6
         params = torch.from_numpy(s.read("views/params", 0, n)).reshape(n * 3, -1)
-        stored_logits = s.read("teacher/logits/zeroshot", 0, n).reshape(n * 3, -1)
-        stored_pooled = s.read("teacher/pooled", 0, n).reshape(n * 3, -1)
+        stored_logits = s.read("teachers/siglip/logits/zeroshot", 0, n).reshape(n * 3, -1)
+        stored_pooled = s.read("teachers/siglip/pooled", 0, n).reshape(n * 3, -1)
         chunk_partner = params[:, views.COL["mix_partner"]].long()
     side = decode_side(teacher.pre.size, 64)                      # as the build decoded them
     sources = [torch.from_numpy(decode(str(demo_images / i), max_side=side).rgb).permute(2, 0, 1).contiguous()
@@ -96,13 +96,14 @@ def test_prompt_files_average_normalised_text_embeddings(tmp_path, demo_images, 
         f"'{names[0]}': [a red itchy rash, dry scaly skin]\n"
         "Melanoma: [a dark irregular mole, an asymmetric pigmented lesion, a black spot]\n")
     out = tmp_path / "p.zarr"
-    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL, "--teacher", tiny_siglip_dir,
+    assert run_cli("build", "--images", demo_images, "--out", out, *LAYOUT, "--teacher", tiny_siglip_dir,
                    "--prompts", tmp_path / "prompts.yaml") == 0
     model = SiglipModel.from_pretrained(tiny_siglip_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_siglip_dir)
     with StoreReader.open(out) as s:
-        prompts, heads = s.attrs["prompts"], s.head_arrays("zeroshot")
-        pooled, logits = s.read("teacher/pooled", 0, 4)[:, 0], s.read("teacher/logits/zeroshot", 0, 4)[:, 0]
+        prompts, heads = s.teacher().attrs["prompts"], s.head_arrays("zeroshot")
+        pooled = s.read("teachers/siglip/pooled", 0, 4)[:, 0]
+        logits = s.read("teachers/siglip/logits/zeroshot", 0, 4)[:, 0]
     assert prompts[0] == ["a red itchy rash", "dry scaly skin"] and len(prompts[2]) == 3
     assert prompts[1] == ["Warts Molluscum and other Viral Infections"]
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_prompt_files_average_normalised_text_embeddings(tmp_path, demo_images, 
     ref = cos * model.logit_scale.exp() + model.logit_bias
     np.testing.assert_allclose(logits, ref.detach().numpy(), atol=2e-3)
     (tmp_path / "bad.yaml").write_text("Dragons: [a dragon]\n")
-    assert run_cli("build", "--images", demo_images, "--out", tmp_path / "q.zarr", *SMALL, "--teacher",
+    assert run_cli("build", "--images", demo_images, "--out", tmp_path / "q.zarr", *LAYOUT, "--teacher",
                    tiny_siglip_dir, "--prompts", tmp_path / "bad.yaml") == 2
 
 
@@ -151,10 +152,10 @@ def test_reference_config_ships_prompts_for_the_ten_classes():
 
 def test_vision_only_checkpoint_gives_probe_head_alone(tmp_path, demo_images, tiny_vision_dir):
     out = tmp_path / "v.zarr"
-    assert run_cli("build", "--images", demo_images, "--out", out, *SMALL, "--teacher", tiny_vision_dir) == 0
+    assert run_cli("build", "--images", demo_images, "--out", out, *LAYOUT, "--teacher", tiny_vision_dir) == 0
     with StoreReader.open(out) as s:
-        assert s.heads() == ["probe"] and "teacher/logits/zeroshot" not in s
-        assert s.attrs["teacher"]["has_text"] is False
+        assert s.heads() == ["probe"] and "teachers/siglip/logits/zeroshot" not in s
+        assert s.teacher().info["has_text"] is False
 
 
 def test_random_medsiglip_448_has_the_published_shape():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, run_cli
+from conftest import LAYOUT, run_cli
 
 from featurestore.reader import StoreReader
 from featurestore.scan import decode_side
@@ -18,8 +18,9 @@ def _oracle_inputs(store, demo_images, teacher, n=6):
     with StoreReader.open(store) as s:
         ids = s.ids()[:n]
         params = torch.from_numpy(s.read("views/params", 0, n)[:, 0])
-        pooled = s.read("teacher/pooled", 0, n)[:, 0]
-        logits = {h: s.read(f"teacher/logits/{h}", 0, n)[:, 0] for h in s.heads()}
+        t = s.teacher()
+        pooled = s.read(t.pooled, 0, n)[:, 0]
+        logits = {h: s.read(t.logits(h), 0, n)[:, 0] for h in s.heads()}
     side = decode_side(teacher.pre.size, 64)
     sources = [torch.from_numpy(decode(str(demo_images / i), max_side=side).rgb).permute(2, 0, 1).contiguous()
                for i in ids]
@@ -35,15 +36,15 @@ def test_a_store_builds_from_a_saved_checkpoint_of_another_family(tmp_path, demo
     from featurestore.teachers import load_teacher
     folder = request.getfixturevalue(f"tiny_{family}_dir")
     store = tmp_path / "s.zarr"
-    assert run_cli("build", "--images", demo_images, "--out", store, *SMALL, "--teacher", folder) == 0
+    assert run_cli("build", "--images", demo_images, "--out", store, *LAYOUT, "--teacher", folder) == 0
     assert run_cli("verify", store) == 0
     teacher = load_teacher(str(folder), device="cpu")
     assert (teacher.pre.size, teacher.info.family) == (56, family)
     pix, pooled, logits = _oracle_inputs(store, demo_images, teacher)
     with StoreReader.open(store) as s:
-        assert s.attrs["teacher"]["family"] == family
+        assert s.teacher().info["family"] == family and s.teacher().name == family
         assert s.heads() == (["probe", "zeroshot"] if family == "clip" else ["probe"])
-        patches = s.read("teacher/patches", 0, 6)[:, 0]                    # (6, 2, 2, D')
+        patches = s.read(s.teacher().patches, 0, 6)[:, 0]                  # (6, 2, 2, D')
     with torch.no_grad():
         if family == "dinov2":
             out = Dinov2Model.from_pretrained(folder).eval()(pixel_values=pix)
@@ -57,7 +58,7 @@ def test_a_store_builds_from_a_saved_checkpoint_of_another_family(tmp_path, demo
     np.testing.assert_allclose(patches, grid.numpy(), atol=3e-3)
     if family == "clip":                                               # CLIP's own logits_per_image
         with StoreReader.open(store) as s:
-            prompts = [g[0] for g in s.attrs["prompts"]]
+            prompts = [g[0] for g in s.teacher().attrs["prompts"]]
         from transformers import AutoTokenizer
         text = AutoTokenizer.from_pretrained(folder)(prompts, padding=True, truncation=True, max_length=16,
                                                      return_tensors="pt")
@@ -84,9 +85,9 @@ def test_any_vision_backbone_loads_through_automodel(tmp_path, demo_images):
         pooled, patches = t.encode(torch.rand(2, 3, side, side), patch_grid=2)
         assert pooled.shape == (2, 32) and patches.shape == (2, 2, 2, 32)
     store = tmp_path / "vit.zarr"
-    assert run_cli("build", "--images", demo_images, "--out", store, *SMALL, "--teacher", vit) == 0
+    assert run_cli("build", "--images", demo_images, "--out", store, *LAYOUT, "--teacher", vit) == 0
     with StoreReader.open(store) as s:
-        assert s.attrs["teacher"]["family"] == "auto" and s.heads() == ["probe"]
+        assert s.teacher().info["family"] == "auto" and s.heads() == ["probe"]
 
 
 def test_a_family_is_found_by_model_type_and_a_new_one_registers_in_one_place():

@@ -64,14 +64,14 @@ def _loader(store, ram_gb=8.0, **kw):
 def test_batches_render_exactly_the_views_the_teacher_scored(learn_store):
     data, loader = _loader(learn_store)
     with StoreReader.open(learn_store) as s:
-        images, params, logits = s.read("images"), s.read("views/params"), s.read("teacher/logits/probe")
-        pooled, patches, labels = s.read("teacher/pooled"), s.read("teacher/patches"), s.read("labels")
+        images, params, logits = s.read("images"), s.read("views/params"), s.read("teachers/siglip/logits/probe")
+        pooled, patches, labels = s.read("teachers/siglip/pooled"), s.read("teachers/siglip/patches"), s.read("labels")
     mixed_seen = unlabelled_seen = 0
     for batch in list(loader.epoch(2))[:8]:
         i, k = batch.index.numpy(), batch.view.numpy()
         np.testing.assert_array_equal(batch.logits.numpy(), logits[i, k])
-        np.testing.assert_array_equal(batch.pooled.numpy(), pooled[i, k].astype(np.float32))
-        np.testing.assert_array_equal(batch.patches.numpy(), patches[i, k].astype(np.float32))
+        np.testing.assert_array_equal(batch.pooled["siglip"].numpy(), pooled[i, k].astype(np.float32))
+        np.testing.assert_array_equal(batch.patches["siglip"].numpy(), patches[i, k].astype(np.float32))
         np.testing.assert_array_equal(batch.labels.numpy(), labels[i])
         for b in range(len(i)):                           # render each view again, independently
             p = params[i[b], k[b]]
@@ -178,8 +178,8 @@ def test_an_epoch_reads_each_chunk_once_and_one_view_of_it(learn_store, monkeypa
         used = sorted(set(used) - set(first))
         _, plain = _loader(learn_store, ram_gb=0.0, buffer_chunks=3)
         for a, b in zip(batches, plain.epoch(4, ahead=False), strict=True):
-            assert torch.equal(a.pixels, b.pixels) and torch.equal(a.patches, b.patches)
-    for name in ("teacher/logits/probe", "teacher/pooled", "teacher/patches"):
+            assert torch.equal(a.pixels, b.pixels) and torch.equal(a.patches["siglip"], b.patches["siglip"])
+    for name in ("teachers/siglip/logits/probe", "teachers/siglip/pooled", "teachers/siglip/patches"):
         got = sorted((c, k) for n, c, k in reads if n == name)
         assert got == [(c, int(plan.chunk_view[c])) for c in used], name
     image_reads = sorted(r[1] for r in reads if r[0] == "images")
@@ -430,8 +430,8 @@ def test_bad_inputs_fail_clearly(tmp_path, learn_store, trained_run, capsys, mon
     import zarr
     zarr.open_group(old, mode="r+").attrs["format_version"] = 1
     assert run_trainer("fit", "--store", old, "--out", tmp_path / "r3", *FAST) == 2
-    assert "format_version 1; this kdstore reads version 2" in capsys.readouterr().err
-    zarr.open_group(old, mode="r+").attrs.update({"format_version": 2, "complete": False})
+    assert "format_version 1; this kdstore reads versions 2, 3" in capsys.readouterr().err
+    zarr.open_group(old, mode="r+").attrs.update({"format_version": 3, "complete": False})
     assert run_trainer("fit", "--store", old, "--out", tmp_path / "r4", *FAST) == 2
     assert "is not complete" in capsys.readouterr().err
     # eval folder whose classes differ from the model's
@@ -476,14 +476,14 @@ def test_non_finite_targets_stop_the_run_and_mark_it_failed(tmp_path, learn_stor
     shutil.copytree(learn_store, bad)
     with StoreWriter.open(bad) as s:
         a, b = s.reader.chunk_range(2)
-        block = s.reader.read("teacher/logits/probe", a, b)
+        block = s.reader.read("teachers/siglip/logits/probe", a, b)
         block[3, :, 1] = np.nan                                            # every view of store image a + 3
-        s.write("teacher/logits/probe", a, block)
+        s.write("teachers/siglip/logits/probe", a, block)
     out = tmp_path / "r"
     args = ["--store", bad, "--out", out, *FAST, "--epochs", "2", "--ram-budget-gb", "0"]
     assert run_trainer("fit", *args) == 2
     err = capsys.readouterr().err
-    assert f"teacher/logits/probe holds non-finite values for store images [{a + 3}]" in err
+    assert f"teachers/siglip/logits/probe holds non-finite values for store images [{a + 3}]" in err
     assert (out / "FAILED").is_file() and not (out / "student.pt").exists()
     assert run_trainer("fit", *args, "--resume") == 2
     assert "failed and cannot be resumed" in capsys.readouterr().err

@@ -113,7 +113,7 @@ def test_plan_predicts_the_store_that_the_same_flags_build(tmp_path, demo_images
     actual = _disk(out)
     assert abs(p["store_bytes"] - actual) / actual < 0.05, (p["store_bytes"], actual)
     with StoreReader.open(out) as s:
-        for name in ("images", "teacher/pooled", "teacher/patches"):
+        for name in ("images", "teachers/siglip/pooled", "teachers/siglip/patches"):
             assert abs(p["fields"][name] - s.stored_bytes(name)) / s.stored_bytes(name) < 0.05, name
         per_view = sum(s.stored_bytes(f.name) for f in s.fields() if f.per_view) / (80 * 6)
     assert abs(p["bytes_per_view"] - per_view) / per_view < 0.05
@@ -148,17 +148,17 @@ def test_plan_counts_the_flops_torch_counts(tiny_siglip_dir):
 
 def test_slim_keeps_what_it_is_told_verifies_and_trains(tmp_path, small_store, capsys):
     dst = tmp_path / "slim.zarr"
-    keep = "images,views/params,teacher/pooled,teacher/logits/probe"
+    keep = "images,views/params,teachers/siglip/pooled,teachers/siglip/logits/probe"
     assert run_cli("slim", small_store, dst, "--fields", keep) == 0
     assert "verified" in capsys.readouterr().err
     with StoreReader.open(small_store) as s, StoreReader.open(dst) as d:
         assert {f.name for f in d.fields()} == set(keep.split(",")) | {"labels", "split", "ids", "sha256"}
-        assert sorted(d.attrs["dropped"]) == ["teacher/logits/zeroshot", "teacher/patches"]
+        assert sorted(d.attrs["dropped"]) == ["teachers/siglip/logits/zeroshot", "teachers/siglip/patches"]
         assert d.heads() == ["probe"] and d.small_keys() == s.small_keys()
         for f in d.fields():
             if f.name != "ids":
                 np.testing.assert_array_equal(d.read(f.name), s.read(f.name))
-        dropped = s.stored_bytes("teacher/patches") + s.stored_bytes("teacher/logits/zeroshot")
+        dropped = s.stored_bytes("teachers/siglip/patches") + s.stored_bytes("teachers/siglip/logits/zeroshot")
         full, slim = sum(s.stored_bytes(f.name) for f in s.fields()), sum(d.stored_bytes(f.name) for f in d.fields())
         assert full - slim == pytest.approx(dropped, rel=0.01)
     assert _disk(dst) < _disk(small_store) - 0.9 * dropped
@@ -168,16 +168,16 @@ def test_slim_keeps_what_it_is_told_verifies_and_trains(tmp_path, small_store, c
     assert (run / "student.pt").is_file()
     assert tcli.main([str(a) for a in ("fit", "--store", dst, "--out", tmp_path / "r2", *FIT,
                                        "--w-patches", "0.5")]) == 2
-    assert "stores no patch grid" in capsys.readouterr().err
+    assert "holds no teachers/siglip/patches (slimmed away)" in capsys.readouterr().err
     assert run_cli("slim", small_store, tmp_path / "x.zarr", "--fields", "images,teacher/nope") == 2
     assert "has no arrays ['teacher/nope']" in capsys.readouterr().err
 
 
 def test_slim_to_hdf5_for_a_single_file(tmp_path, small_store):
     dst = tmp_path / "slim.h5"
-    assert run_cli("slim", small_store, dst, "--fields", "images,views/params,teacher/logits/probe") == 0
+    assert run_cli("slim", small_store, dst, "--fields", "images,views/params,teachers/siglip/logits/probe") == 0
     with StoreReader.open(dst) as d:
-        assert d.backend.kind == "hdf5" and "teacher/pooled" in d.attrs["dropped"]
+        assert d.backend.kind == "hdf5" and "teachers/siglip/pooled" in d.attrs["dropped"]
 
 
 def test_python_api_build_inspect_verify_slim(tmp_path, demo_images):
@@ -189,7 +189,7 @@ def test_python_api_build_inspect_verify_slim(tmp_path, demo_images):
     assert featurestore.inspect(str(tmp_path / "api.zarr"))["num_images"] == 60
     assert featurestore.verify(str(tmp_path / "api.zarr")) == []
     slim = featurestore.slim(str(tmp_path / "api.zarr"), str(tmp_path / "api-slim.zarr"), ["images", "views/params"])
-    assert "teacher/pooled" in slim.attrs["dropped"]
+    assert "teachers/siglip/pooled" in slim.attrs["dropped"]
     from featurestore.options import ConfigError
     with pytest.raises(ConfigError, match="unknown keyword 'patchgrid'.*did you mean 'patch_grid'"):
         featurestore.build(images=str(demo_images), out=str(tmp_path / "x.zarr"), patchgrid=2)

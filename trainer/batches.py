@@ -32,9 +32,9 @@ class Batch:
     pixels: torch.Tensor | None       # (B, 3, R, R) float, normalised
     labels: torch.Tensor              # (B,) int64, the image's own label, -1 if it has none
     targets: torch.Tensor             # (B, C) float: label distribution after mixing (zeros if unlabelled)
-    logits: torch.Tensor | None       # (B, C) teacher logits of the rendered view
-    pooled: torch.Tensor | None       # (B, D)
-    patches: torch.Tensor | None      # (B, g, g, d)
+    logits: torch.Tensor | None       # (B, C) teacher logits of the rendered view (the mean, over several)
+    pooled: dict[str, torch.Tensor] | None    # teacher -> (B, D)
+    patches: dict[str, torch.Tensor] | None   # teacher -> (B, g, g, d)
     index: torch.Tensor               # (B,) store image index
     view: torch.Tensor                # (B,) store view index
     _pool: BufferPool | None = field(default=None, repr=False)
@@ -72,14 +72,24 @@ def parts(data: StoreData, idx: np.ndarray, vw: np.ndarray, held: dict[int, Chun
     labels = torch.from_numpy(data.labels[idx])
     targets = mixed_targets(labels, data.labels, partner, params[:, views.COL["mix_lambda"]], len(data.classes))
 
-    def gather(key: str) -> torch.Tensor | None:
-        name = data.names.get(key)
-        if name is None:
-            return None
-        rows = np.stack([held[int(i) // cs].targets[name][int(i) % cs] for i in idx])
-        return torch.from_numpy(rows.astype(np.float32)).to(device)
-    batch = Batch(None, labels.to(device), targets.to(device), gather("logits"), gather("pooled"),
-                  gather("patches"), torch.from_numpy(idx), torch.from_numpy(vw))
+    def gather(key: str) -> np.ndarray:
+        name = data.names[key]
+        rows = np.stack([held[int(i) // cs].targets[name][int(i) % cs] for i in idx]).astype(np.float32)
+        if key in data.stats:                                   # standardised per dimension, as the build measured
+            mean, std = data.stats[key]
+            rows = (rows - mean) / std
+        return rows
+
+    def by_teacher(kind: str) -> dict[str, torch.Tensor] | None:
+        keys = [k for k in data.names if k.startswith(kind + ":")]
+        return {k.split(":", 1)[1]: torch.from_numpy(gather(k)).to(device) for k in keys} or None
+    kd = [k for k in data.names if k.startswith("logits:")]
+    logits = None
+    if kd:                                                      # (B, C): one teacher's, or the teachers' mean
+        logits = torch.from_numpy(gather(kd[0]) if len(kd) == 1 else
+                                  np.mean([gather(k) for k in kd], 0, dtype=np.float32)).to(device)
+    batch = Batch(None, labels.to(device), targets.to(device), logits, by_teacher("pooled"), by_teacher("patches"),
+                  torch.from_numpy(idx), torch.from_numpy(vw))
     return batch, job
 
 

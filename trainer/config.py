@@ -9,11 +9,12 @@ from typing import Any
 from featurestore.config import MAX_WORKERS, check_store_url
 from featurestore.options import STORAGE_HELP, ConfigError, in_range, json_options, opt, to_dict
 from trainer.exporter import GRADER_SIZE, TTA
-from trainer.losses import LossWeights
 from trainer.students import available
+from trainer.terms import LossWeights
 
 HEADS = ["probe", "spread", "zeroshot"]
 SAMPLING = ["uniform", "balanced"]
+STANDARDIZE = ["auto", "on", "off"]
 CALIBRATE = ["none", "bias"]
 MAX_TRAIN_SIDE = 1024
 PRECISIONS = ["auto", "no", "bf16", "fp16"]
@@ -60,6 +61,12 @@ class FitConfig:
     eval_size: int = opt(GRADER_SIZE, "side the held-out images are resized to when they are scored, every epoch "
                          "and on the exported file, as the grader resizes its files", flag="--eval-size")
     head: str = opt("probe", "teacher head whose logits KD follows", flag="--head", choices=HEADS)
+    kd_teacher: str = opt("first", "the teacher whose head KD follows, in a store of several: a teacher's name, "
+                          "first, or mean (the average of every teacher's logits of that head)",
+                          flag="--kd-teacher")
+    standardize: str = opt("auto", "feature targets standardised per dimension by the statistics the build stored "
+                           "for each teacher, so that teachers of different scales weigh alike (auto: where the "
+                           "store holds several teachers)", flag="--standardize-targets", choices=STANDARDIZE)
     seed: int = opt(0, "seed of the student's weights and of the data order", flag="--seed")
     loss: LossWeights = opt(default_factory=LossWeights)
     optim: OptimConfig = opt(default_factory=OptimConfig)
@@ -113,7 +120,8 @@ class FitConfig:
         in_range("buffer_chunks", self.buffer_chunks, 1, 1024)
         in_range("image_size", self.image_size, 32, MAX_TRAIN_SIDE, "the training resolution (the grader feeds 224)")
         in_range("eval_size", self.eval_size, 32, MAX_TRAIN_SIDE, "the grader resizes its files to 224")
-        for name, allowed in (("sampling", SAMPLING), ("tta", TTA), ("calibrate", CALIBRATE)):
+        for name, allowed in (("sampling", SAMPLING), ("tta", TTA), ("calibrate", CALIBRATE),
+                              ("standardize", STANDARDIZE)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be {'|'.join(allowed)}, got {getattr(self, name)!r}")
         in_range("log_every", self.log_every, 1)

@@ -28,32 +28,46 @@ class Chunk:
 
 
 class StoreData:
-    def __init__(self, path: str, head: str | None, need_pooled: bool, need_patches: bool,
-                 ram_budget_gb: float = 2.0, storage_options: dict | None = None):
+    """head: the teacher head KD reads (None: no logit term); kd_teacher: whose head (a name, "first" or
+    "mean": every teacher's logits of that head, averaged); need_pooled / need_patches: which teachers'
+    feature targets to read: True (every teacher), False, or a term's weight (a number: every teacher; a
+    mapping name -> weight: those above 0). standardize: auto | on | off (see FitConfig)."""
+
+    def __init__(self, path: str, head: str | None, need_pooled, need_patches, ram_budget_gb: float = 2.0,
+                 storage_options: dict | None = None, kd_teacher: str = "first", standardize: str = "off"):
         self.store = StoreReader.open(path, storage_options, reader="trainer fit")
         try:
-            self._open(path, head, need_pooled, need_patches, ram_budget_gb)
+            self._open(path, head, need_pooled, need_patches, ram_budget_gb, kd_teacher, standardize)
         except BaseException:
             self.store.close()
             raise
 
-    def _open(self, path: str, head: str | None, need_pooled: bool, need_patches: bool, ram_budget_gb: float) -> None:
+    def _open(self, path: str, head: str | None, need_pooled, need_patches, ram_budget_gb: float, kd_teacher: str,
+              standardize: str) -> None:
         s = self.store
         if not s.complete:
             raise StoreError(f"{path} is not complete ({int(s.done().sum())}/{s.num_chunks} chunks done, or its "
                              "heads not fitted); finish it with the same `featurestore build` command first")
-        if head is not None and head not in s.heads():
-            raise StoreError(f"{path} has no {head!r} head; it has {s.heads()}")
         present = {f.name for f in s.fields()}
         for name in ("images", "views/params"):
             if name not in present:
                 raise StoreError(f"{path} holds no {name} (slimmed away); the trainer renders every view from "
                                  "images and view params: slim again keeping them")
-        if need_patches and "teacher/patches" not in present:
-            raise StoreError(f"{path} stores no patch grid; rebuild with --patch-grid or set the patch loss weight "
-                             "to 0")
-        if need_pooled and "teacher/pooled" not in present:
-            raise StoreError(f"{path} holds no teacher/pooled (slimmed away); set the pooled loss weight to 0")
+        self.teachers = [t.name for t in s.teachers]
+        kd = [] if head is None else (self.teachers if kd_teacher == "mean" else
+                                      [self.teachers[0] if kd_teacher == "first" else s.teacher(kd_teacher).name])
+        for name in kd:
+            if head not in s.heads(name):
+                raise StoreError(f"{path} has no {head!r} head for teacher {name}; it has {s.heads(name)}")
+        self.names: dict[str, str] = {f"logits:{t}": s.teacher(t).logits(head) for t in kd}
+        for key, need in (("pooled", need_pooled), ("patches", need_patches)):
+            for t in chosen(need, self.teachers, path):
+                array = getattr(s.teacher(t), key)
+                if array not in present:
+                    raise StoreError(f"{path} holds no {array} (" + ("no patch grid stored: rebuild with --patch-grid"
+                                     if key == "patches" and not s.attrs["patch_grid"] else "slimmed away")
+                                     + f"); set the {key} loss weight of {t} to 0")
+                self.names[f"{key}:{t}"] = array
         problems = index_problems(s)                              # what verify refuses, fit refuses
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -68,10 +82,8 @@ class StoreData:
         self.labels = s.read("labels").astype(np.int64)
         self.split = s.read("split")
         self.params = s.read("views/params")                                        # (N, K, P) float32
-        self.names = {key: name for key, name in (("logits", f"teacher/logits/{head}" if head else None),
-                                                   ("pooled", "teacher/pooled" if need_pooled else None),
-                                                   ("patches", "teacher/patches" if need_patches else None)) if name}
         self.shapes = {key: s.shape(name)[2:] for key, name in self.names.items()}
+        self.stats = self._stats(standardize)
         self.in_memory = self.bytes_needed() <= ram_budget_gb * 1e9
         self.remote = not is_local(path)
         self.ram: dict[str, np.ndarray] | None = None
@@ -80,6 +92,29 @@ class StoreData:
             for name in self.names.values():
                 self.ram[name] = s.read(name)
                 check_targets(s, name, self.ram[name], 0)
+
+    def targets_of(self, kind: str) -> dict[str, tuple]:
+        """{teacher: target shape} of one kind of target (logits, pooled, patches) the run reads."""
+        return {key.split(":", 1)[1]: shape for key, shape in self.shapes.items() if key.startswith(kind + ":")}
+
+    def _stats(self, standardize: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{target key: (mean, std)} of the feature targets to standardise (the build's statistics)."""
+        if standardize == "off" or (standardize == "auto" and len(self.teachers) < 2):
+            return {}
+        out = {}
+        for key in self.names:
+            kind, name = key.split(":", 1)
+            if kind == "logits":
+                continue
+            t = self.store.teacher(name)
+            mean_key, std_key = t.stats_key(f"{kind}_mean"), t.stats_key(f"{kind}_std")
+            if mean_key is None or mean_key not in self.store.small_keys():
+                if standardize == "on":
+                    raise StoreError(f"{self.store.path} keeps no statistics of {name}'s {kind} (built by an older "
+                                     "kdstore); train with --standardize-targets off, or rebuild the store")
+                continue
+            out[key] = (self.store.small(mean_key).astype(np.float32), self.store.small(std_key).astype(np.float32))
+        return out
 
     def close(self) -> None:
         """Done reading: the store's reader lock is released."""
@@ -115,6 +150,17 @@ class StoreData:
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Images of selected (sorted) indices, reading only what holds them: (B, S, S, 3)."""
         return self.ram["images"][idx] if self.ram is not None else self.store.read_rows("images", idx)
+
+
+def chosen(need, teachers: list[str], path: str) -> list[str]:
+    """The teachers a feature term with this weight (True/False, a number, or name -> weight) reads."""
+    if isinstance(need, dict):
+        unknown = sorted(set(need) - set(teachers))
+        if unknown:
+            raise StoreError(f"{path} has no teacher {unknown[0]!r} (loss weights name it); it has "
+                             f"{', '.join(teachers)}")
+        return [t for t in teachers if need.get(t, 0) > 0]
+    return list(teachers) if need else []
 
 
 def check_targets(store: StoreReader, name: str, x: np.ndarray, start: int, view: int | None = None) -> None:

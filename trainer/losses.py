@@ -1,17 +1,14 @@
-"""Distillation losses. Every term is averaged over the samples it applies to (never over numel):
+"""Distillation losses, the functions the loss terms (trainer/terms/) are made of, and the projection
+heads of the feature terms. Every term is averaged over the samples it applies to (never over numel):
 the cross-entropy over the labelled samples of the batch, every teacher term over all samples.
 
 s: student logits (B, C); t: teacher logits (B, C), raw as stored; q: target distribution (B, C).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from featurestore.options import ConfigError, in_range, opt
 
 
 def soft_cross_entropy(s: torch.Tensor, q: torch.Tensor, label_smoothing: float = 0.0,
@@ -103,65 +100,3 @@ class PatchProjector(nn.Module):
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(fmap, self.grid)                            # (B, F, g, g)
         return self.proj(x).permute(0, 2, 3, 1)                               # (B, g, g, d)
-
-
-GATES = ["none", "correct", "confidence"]
-
-
-@dataclass
-class LossWeights:
-    ce: float = opt(1.0, "weight of cross-entropy on the labels", flag="--w-ce")
-    kd: float = opt(1.0, "weight of Hinton KD on the teacher logits", flag="--w-kd")
-    dist: float = opt(0.0, "weight of the DIST loss", flag="--w-dist")
-    pooled: float = opt(0.5, "weight of the pooled-embedding cosine loss", flag="--w-pooled")
-    patches: float = opt(0.0, "weight of the patch-grid cosine loss", flag="--w-patches")
-    temperature: float = opt(2.0, "KD/DIST temperature T", flag="--temperature")
-    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy term", flag="--label-smoothing")
-    logit_adjust: float = opt(0.0, "tau of the logit-adjusted cross-entropy (Menon et al. 2021): the labels' loss "
-                              "is taken on logits + tau log(class prior), the prior from the store's labelled "
-                              "training images, so the small classes are not crowded out; the student's own "
-                              "logits are exported (0: plain cross-entropy)", flag="--logit-adjust")
-    kd_gate: str = opt("confidence", "which views KD trusts: all (none); labelled ones only where the teacher's top "
-                       "class is the label (correct); each weighted by the teacher's probability of the view's "
-                       "label, or of its own top class when unlabelled (confidence)", flag="--kd-gate",
-                       choices=GATES)
-
-    def validate(self) -> None:
-        for term in ("ce", "kd", "dist", "pooled", "patches"):
-            in_range(f"loss.{term}", getattr(self, term), 0, 1000, "a loss weight")
-        if not 0 < self.temperature <= 100:
-            raise ConfigError(f"loss.temperature must be in (0, 100], got {self.temperature}")
-        in_range("loss.logit_adjust", self.logit_adjust, 0, 10)
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.kd_gate not in GATES:
-            raise ConfigError(f"loss.kd_gate must be none|correct|confidence, got {self.kd_gate!r}")
-
-
-def total_loss(w: LossWeights, logits, targets, labelled, teacher_logits, pooled_pred=None, pooled_t=None,
-               patches_pred=None, patches_t=None, log_prior=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the enabled terms; returns the total and each term (detached, on the device: reading
-    one on the host waits for the device, so the caller reads them only when it logs).
-
-    labelled (B,) bool: which samples carry a label (the cross-entropy sees only those). log_prior (C,):
-    log class prior for the logit-adjusted cross-entropy (Menon et al. 2021, "Long-tail learning via
-    logit adjustment"): CE(s + tau log pi, y), when w.logit_adjust = tau > 0."""
-    parts: dict[str, torch.Tensor] = {}
-    if w.ce:
-        adjusted = logits + w.logit_adjust * log_prior if w.logit_adjust and log_prior is not None else logits
-        parts["ce"] = soft_cross_entropy(adjusted, targets, w.label_smoothing, labelled)
-    if w.kd:
-        keep = weight = None
-        if w.kd_gate == "correct":            # unlabelled views always; labelled ones where the teacher is right
-            keep = ~labelled | (teacher_logits.argmax(-1) == targets.argmax(-1))
-        elif w.kd_gate == "confidence":
-            weight = teacher_confidence(teacher_logits, targets, labelled)
-        parts["kd"] = kd_loss(logits, teacher_logits, w.temperature, keep, weight)
-    if w.dist:
-        parts["dist"] = dist_loss(logits, teacher_logits, w.temperature)
-    if w.pooled:
-        parts["pooled"] = cosine_loss(pooled_pred, pooled_t)
-    if w.patches:
-        parts["patches"] = cosine_loss(patches_pred, patches_t)
-    total = sum(getattr(w, k) * v for k, v in parts.items())
-    return total, {k: v.detach() for k, v in parts.items()}

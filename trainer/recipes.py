@@ -1,9 +1,9 @@
 """Named training recipes for `trainer sweep`: a plain dict from name to the loss terms it turns on.
 
 A recipe keeps the base config's weight for each term it uses (flags or YAML; the built-in defaults
-otherwise) and turns the other terms off; a term it needs that the base leaves at 0 gets a standard
-weight (KD 1, pooled 0.5, patches 0.5). `base` is the base config as given. ':labelled' after a name
-ignores the store's unlabelled images.
+otherwise) and turns every other teacher term of the loss-term table (trainer/terms/) off; a term it
+needs that the base leaves at 0 gets the term's standard weight (KD 1, pooled 0.5, patches 0.5). `base`
+is the base config as given. ':labelled' after a name ignores the store's unlabelled images.
 """
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from featurestore.options import ConfigError
+from trainer import terms
 from trainer.config import FitConfig
-
-TEACHER_TERMS = ("kd", "dist", "pooled", "patches")
-STANDARD = {"kd": 1.0, "pooled": 0.5, "patches": 0.5}
 
 
 @dataclass(frozen=True)
@@ -41,9 +39,10 @@ def apply(spec: str, base: FitConfig, has_patches: bool) -> FitConfig:
         raise ConfigError(f"unknown recipe {spec!r}; choose from {sorted(RECIPES)}, optionally with ':labelled'")
     r, w = RECIPES[name], base.loss
     if r.terms is not None:
-        weights = {t: (getattr(w, t) or STANDARD.get(t, 0.0)) if t in r.terms else 0.0 for t in TEACHER_TERMS}
+        weights = {t.name: (getattr(w, t.name) or t.standard) if t.name in r.terms else 0.0
+                   for t in terms.ordered() if t.teacher}
         if not has_patches:
-            weights["patches"] = 0.0
+            weights = {k: 0.0 if terms.TERMS[k].needs == "patches" else v for k, v in weights.items()}
         w = dataclasses.replace(w, ce=(w.ce or 1.0) if r.ce else 0.0, **weights)
-    teacher = any(getattr(w, t) for t in TEACHER_TERMS)          # unlabelled images need a teacher term
+    teacher = bool(terms.teacher_terms(w))                          # unlabelled images need a teacher term
     return dataclasses.replace(base, loss=w, unlabeled=base.unlabeled and modifier != "labelled" and teacher)

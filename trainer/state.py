@@ -21,9 +21,10 @@ from trainer.students import create_student, spec_of
 
 
 class DistillModel(nn.Module):
-    """Student plus training-only projection heads; forward returns everything the losses need."""
+    """Student plus training-only projection heads, one per teacher and feature target; forward returns
+    everything the losses need: logits, {teacher: pooled prediction}, {teacher: patch prediction}."""
 
-    def __init__(self, student: nn.Module, pooled: PooledProjector | None, patches: PatchProjector | None):
+    def __init__(self, student: nn.Module, pooled: nn.ModuleDict | None, patches: nn.ModuleDict | None):
         super().__init__()
         self.student, self.pooled_proj, self.patch_proj = student, pooled, patches
 
@@ -31,20 +32,23 @@ class DistillModel(nn.Module):
         fmap = self.student.forward_features(x)                         # (B, F, h, w)
         v = self.student.pool(fmap)                                     # (B, F)
         logits = self.student.head(v)                                   # (B, C)
-        p = self.pooled_proj(v) if self.pooled_proj is not None else None          # (B, D)
-        q = self.patch_proj(fmap) if self.patch_proj is not None else None         # (B, g, g, d)
-        return logits, p, q
+        p = {t: proj(v) for t, proj in self.pooled_proj.items()} if self.pooled_proj is not None else None  # (B, D)
+        q = {t: proj(fmap) for t, proj in self.patch_proj.items()} if self.patch_proj is not None else None
+        return logits, p, q                                             # q: teacher -> (B, g, g, d)
 
 
 def build_model(cfg: FitConfig, num_classes: int, target_shapes: dict[str, tuple[int, ...]]) -> DistillModel:
-    """The student (seeded) and a projection head per feature target: pooled (D,), patches (g, g, d)."""
+    """The student (seeded) and a projection head per teacher and feature target. target_shapes:
+    "pooled:<teacher>" -> (D,), "patches:<teacher>" -> (g, g, d) (what StoreData.shapes holds)."""
     torch.manual_seed(cfg.seed)
     width = spec_of(cfg.student).features
     student = create_student(cfg.student, num_classes, cfg.pretrained)
-    pooled = PooledProjector(width, target_shapes["pooled"][-1]) if "pooled" in target_shapes else None
-    patches = (PatchProjector(width, target_shapes["patches"][-1], target_shapes["patches"][0])
-               if "patches" in target_shapes else None)
-    return DistillModel(student, pooled, patches)
+
+    def heads(kind: str, make) -> nn.ModuleDict | None:
+        shapes = {k.split(":", 1)[1]: v for k, v in target_shapes.items() if k.startswith(kind + ":")}
+        return nn.ModuleDict({t: make(shape) for t, shape in shapes.items()}) if shapes else None
+    return DistillModel(student, heads("pooled", lambda s: PooledProjector(width, s[-1])),
+                        heads("patches", lambda s: PatchProjector(width, s[-1], s[0])))
 
 
 class EMA:

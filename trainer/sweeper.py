@@ -44,8 +44,8 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
     from trainer.run_folder import claim
     claim(out, SWEEP_MARKER, "sweep", made_before=("sweep.json", "runs"))
     with StoreReader.open(base.store, base.storage_options) as s:
-        has_patches = "teacher/patches" in {f.name for f in s.fields()}
-        teacher = s.attrs.get("metrics", {}).get("probe", {}).get("val_macro_f1")
+        has_patches = any(f.teacher and f.name.endswith("/patches") for f in s.fields())
+        teacher = s.teacher().metrics.get("probe", {}).get("val_macro_f1")
         split = s.read("split")
     specs = {name: recipes_mod.apply(name, base, has_patches) for name in recipes}     # checks every name first
     base = equal_steps(base, specs.values(), split)

@@ -29,15 +29,15 @@ from featurestore.options import ConfigError, to_dict
 from featurestore.provenance import record
 from featurestore.ranks import check_launch
 from featurestore.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED
-from trainer import checkpoints, run_folder
+from trainer import checkpoints, run_folder, terms
 from trainer.calibration import class_prior
 from trainer.config import FitConfig
 from trainer.data import NonFiniteError, StoreData
 from trainer.loader import Loader, LoaderConfig
-from trainer.losses import total_loss
 from trainer.run_folder import BEST, LAST
 from trainer.state import TrainState, best_dict, build_model
 from trainer.students import create_student, size_mb, spec_of
+from trainer.terms import total_loss
 
 
 def fit(cfg: FitConfig, resume: bool = False, progress: bool = True, batches=Loader,
@@ -239,9 +239,8 @@ def training_images(cfg: FitConfig, split: np.ndarray) -> tuple[np.ndarray, np.n
     """(train, validation) store indices, from the store's split: labelled folds, plus unlabelled
     images when a teacher term can use them, plus held-out images with train_on_all (then no
     validation)."""
-    w = cfg.loss
     use = split >= 0
-    if cfg.unlabeled and (w.kd or w.dist or w.pooled or w.patches):
+    if cfg.unlabeled and terms.teacher_terms(cfg.loss):
         use |= split == SPLIT_UNLABELED
     held = split == SPLIT_HELD_OUT
     if cfg.train_on_all:
@@ -250,9 +249,27 @@ def training_images(cfg: FitConfig, split: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def open_data(cfg: FitConfig) -> StoreData:
-    w = cfg.loss
-    return StoreData(cfg.store, cfg.head if (w.kd or w.dist) else None, w.pooled > 0, w.patches > 0, cfg.ram_budget_gb,
-                     cfg.storage_options)
+    """The store's data the run's terms need: the KD head's logits where a term reads logits, and each
+    feature target of the teachers whose weight for it is above 0."""
+    w, used = cfg.loss, [t for t in terms.ordered() if terms.uses(cfg.loss, t.name)]
+    need = {kind: _merged([getattr(w, t.name) for t in used if t.needs == kind]) for kind in ("pooled", "patches")}
+    return StoreData(cfg.store, cfg.head if any(t.needs == "logits" for t in used) else None, need["pooled"],
+                     need["patches"], cfg.ram_budget_gb, cfg.storage_options, cfg.kd_teacher, cfg.standardize)
+
+
+def _merged(weights: list) -> float | dict[str, float]:
+    """The weights of the terms that read one kind of target, as one: a teacher is read if any weighs it."""
+    if not weights:
+        return 0.0
+    if all(not isinstance(v, dict) for v in weights):
+        return max(weights)
+    out: dict[str, float] = {}
+    for v in weights:
+        for name, x in (v.items() if isinstance(v, dict) else [("*", v)]):
+            out[name] = max(out.get(name, 0.0), x)
+    if "*" in out:                                 # a plain number covers every teacher
+        return out["*"] or max(out.values())
+    return out
 
 
 def _accelerator(cpu: bool, mixed_precision: str):
@@ -332,14 +349,14 @@ def finish(cfg: FitConfig, data: StoreData, out: Path, val_idx: np.ndarray, choo
         else:
             calibration = {"applied": False, "why": why}
     sidecar = {"classes": data.classes, "input_size": [3, cfg.image_size, cfg.image_size],
-               "student": cfg.student, "store": str(cfg.store), "teacher": data.store.attrs["teacher"]["id"],
-               "teacher_weights": data.store.attrs["teacher"]["weights"],
+               "student": cfg.student, "store": str(cfg.store), "teacher": data.store.teacher().info["id"],
+               "teacher_weights": data.store.teacher().info["weights"],
                "store_digest": data.store.attrs.get("digest"), "epoch": best["epoch"] + 1}
     path = exporter.export_torchscript(student, out / "student.pt", sidecar, cfg.max_mb, spec.mean, spec.std,
                                        cfg.tta == "flip", bias)
     if cfg.onnx:
         exporter.export_onnx(grader_module(cfg, student, c, bias), out / "student.onnx")
-    probe = data.store.attrs.get("metrics", {}).get("probe", {})
+    probe = data.store.teacher().metrics.get("probe", {})
     summary = {"student": cfg.student, "size_mb": path.stat().st_size / 1e6, "params_mb": size_mb(student),
                "student_sha256": exporter.file_sha256(path), "store_digest": data.store.attrs.get("digest"),
                "best_epoch": best["epoch"] + 1, "selection": why if not choose else "best held-out epoch",
@@ -370,5 +387,7 @@ def _history(out: Path) -> list[dict]:
 
 def _store_summary(data: StoreData) -> dict:
     a = data.store.attrs
-    return {"path": data.store.path, "teacher": a["teacher"]["id"], "weights": a["teacher"]["weights"],
+    info = data.store.teacher().info
+    return {"path": data.store.path, "teacher": info["id"], "weights": info["weights"],
+            "teachers": [t.name for t in data.store.teachers],
             "created": a["created"], "digest": a.get("digest"), "num_images": data.n, "views_per_image": data.k}

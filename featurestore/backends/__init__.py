@@ -19,7 +19,6 @@ from pathlib import Path
 
 from featurestore.backends.base import (
     HDF5_SUFFIXES,
-    SMALL_GROUPS,
     Backend,
     first_line,
     is_local,
@@ -29,7 +28,7 @@ from featurestore.backends.hdf5 import Hdf5Backend, hdf5_codec
 from featurestore.backends.remote import CACHE_ENV, CACHE_GB_ENV, RemoteZarr, filesystem, fresh_listings, read_cache
 from featurestore.backends.zarr_local import ZarrBackend, zarr_codec
 
-__all__ = ["CACHE_ENV", "CACHE_GB_ENV", "HDF5_SUFFIXES", "SMALL_GROUPS", "Backend", "Hdf5Backend", "RemoteZarr",
+__all__ = ["CACHE_ENV", "CACHE_GB_ENV", "HDF5_SUFFIXES", "Backend", "Hdf5Backend", "RemoteZarr",
            "ZarrBackend", "backend_class", "filesystem", "first_line", "fresh_listings", "hdf5_codec", "is_local",
            "local_path", "open_backend", "read_cache", "zarr_codec"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.backends.base import SMALL_GROUPS, first_line, foreign_entries, is_local, local_path
+from featurestore.backends.base import first_line, foreign_entries, is_local, local_path
 from featurestore.schema import Field, Layout, StoreError, layouts
 from featurestore.shards import ShardReader
 
@@ -102,15 +102,6 @@ class Hdf5Backend:
 
     def payload_bytes(self, key: str) -> int:
         return self.stored_bytes(key)
-
-    def small_keys(self) -> list[str]:
-        import h5py
-        out: list[str] = []
-        for top in SMALL_GROUPS:
-            if top in self.root:
-                self.root[top].visititems(lambda n, o, t=top: out.append(f"{t}/{n}") if isinstance(o, h5py.Dataset)
-                                          else None)
-        return sorted(out)
 
     def direct(self, key: str) -> ShardReader | None:
         return None

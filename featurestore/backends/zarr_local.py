@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.backends.base import SMALL_GROUPS, foreign_entries, local_path, zarr_manifest
+from featurestore.backends.base import foreign_entries, local_path, zarr_manifest
 from featurestore.schema import Field, Layout, StoreError
 from featurestore.shards import LocalFiles, ShardReader
 
@@ -126,14 +126,6 @@ class ZarrBackend:
         """Bytes of the array's chunks alone, without its metadata document."""
         files = (Path(local_path(self.path)) / key).rglob("*")
         return sum(p.stat().st_size for p in files if p.is_file() and p.name != "zarr.json")
-
-    def small_keys(self) -> list[str]:
-        import zarr
-        out: list[str] = []
-        for top in SMALL_GROUPS:
-            if self.has(top):
-                out += [f"{top}/{n}" for n, o in self.root[top].members(max_depth=None) if isinstance(o, zarr.Array)]
-        return sorted(out)
 
     def direct(self, key: str) -> ShardReader | None:
         """Direct reads of whole inner chunks; shard indexes are kept only while nothing is written."""
