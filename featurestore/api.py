@@ -86,8 +86,8 @@ def demo_data(out: str, per_class: int = 40, seed: int = 0, flat: bool = False,
     return write_demo_data(out, per_class, seed, flat=flat, counts=counts)
 
 
-def demo_teacher(out: str, images: int = 3000, steps: int = 300, seed: int = 1000) -> str:
+def demo_teacher(out: str, images: int = 3000, steps: int = 300, seed: int = 1000, family: str = "siglip") -> str:
     """`featurestore demo-teacher`; returns one line saying what was saved."""
     from featurestore.demo_teacher import train_demo_teacher
     log.enable()
-    return train_demo_teacher(out, images, steps, seed)
+    return train_demo_teacher(out, images, steps, seed, family)

@@ -90,16 +90,20 @@ def parser() -> argparse.ArgumentParser:
                    "dermatitis, 4.2x) at a mean of --per-class images; or ten comma-separated counts (default: "
                    "--per-class of each)")
 
-    t = sub.add_parser("demo-teacher", parents=[common], help="train a small SigLIP vision teacher on synthetic "
-                       "demo images and save it like a hub checkpoint", description="Trains a small "
-                       "SiglipVisionModel on a large synthetic corpus (its own seed, disjoint from demo-data's) "
-                       "on the CPU for a fixed number of seeded steps (the same weights on any machine), then "
-                       "saves it with save_pretrained plus a preprocessor config.")
+    t = sub.add_parser("demo-teacher", parents=[common], help="train a small SigLIP (or DINOv2) vision teacher "
+                       "on synthetic demo images and save it like a hub checkpoint", description="Trains a small "
+                       "SiglipVisionModel (or Dinov2Model) on a large synthetic corpus (its own seed, disjoint "
+                       "from demo-data's) on the CPU for a fixed number of seeded steps (the same weights on any "
+                       "machine), then saves it with save_pretrained plus a preprocessor config.")
     t.add_argument("out", help="directory for the checkpoint")
     t.add_argument("--images", type=whole(10, 1_000_000), default=3000,
                    help="synthetic training images (default: 3000)")
     t.add_argument("--steps", type=whole(1, 1_000_000), default=300, help="optimizer steps of 64 views (default: 300)")
     t.add_argument("--seed", type=whole(0), default=1000, help="seed of the corpus and the weights (default: 1000)")
+    t.add_argument("--family", choices=("siglip", "dinov2"), default="siglip",
+                   help="the teacher's architecture: siglip (SiglipVisionModel: attention-pool embedding, mean and "
+                   "std 0.5) or dinov2 (Dinov2Model: CLS token, ImageNet mean and std), to build a store of two "
+                   "teachers of different families (default: siglip)")
     return p
 
 
@@ -143,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
                                                        if args.class_counts else ""))
         return 0
     if args.command == "demo-teacher":
-        print(api.demo_teacher(args.out, args.images, args.steps, args.seed))
+        print(api.demo_teacher(args.out, args.images, args.steps, args.seed, args.family))
         return 0
     if args.command == "inspect":
         from featurestore.report import format_summary

@@ -98,7 +98,8 @@ def test_add_teacher_resumes_refuses_a_held_lock_other_images_and_a_taken_name(s
     # a second run finds nothing to do
     assert run_cli("add-teacher", store, "--images", demo_images, *LAYOUT, "--teacher", second) == 0
     with build_lock_held(store):
-        assert run_cli("add-teacher", store, "--images", demo_images, *LAYOUT, "--teacher", f"clip={tiny_clip_dir}") == 2
+        assert run_cli("add-teacher", store, "--images", demo_images, *LAYOUT, "--teacher",
+                       f"clip={tiny_clip_dir}") == 2
     other = tmp_path / "other"
     shutil.copytree(demo_images, other)
     next(p for p in other.rglob("*.png")).unlink()

@@ -217,3 +217,27 @@ def test_direct_reads_leave_damage_and_gaps_to_zarr(tmp_path):
         r.read_chunk("images", 3)
     assert e.value.kind == "checksum"
     assert np.array_equal(r.read_chunk("images", 4), written["images"][20:23])
+
+
+def test_a_backend_is_one_registered_class_that_claims_its_paths(tmp_path):
+    from featurestore import backends
+    assert backends.backend_class("a.h5") is backends.Hdf5Backend
+    assert backends.backend_class("s3://bucket/a.zarr") is backends.RemoteZarr
+    assert backends.backend_class(tmp_path / "a.zarr") is backends.ZarrBackend
+
+    class Mine(backends.ZarrBackend):
+        priority = 30
+
+        @classmethod
+        def claims(cls, path: str) -> bool:
+            return path.endswith(".mine")
+    try:
+        backends.register_backend(Mine)
+        assert backends.backend_class(tmp_path / "a.mine") is Mine
+        assert backends.backend_class(tmp_path / "a.zarr") is backends.ZarrBackend
+        path = tmp_path / "s.mine"
+        with StoreWriter.create(path, _attrs(8, 2, 4, 0), "default") as w:
+            assert type(w.backend) is Mine
+    finally:
+        backends.BACKENDS.remove(Mine)
+    assert backends.backend_class(tmp_path / "a.mine") is backends.ZarrBackend

@@ -103,3 +103,56 @@ def test_a_family_is_found_by_model_type_and_a_new_one_registers_in_one_place():
         assert teachers.family_of(type("C", (), {"model_type": "my_model"})()) is Mine
     finally:
         teachers.FAMILIES.pop("my_model")
+
+
+def test_demo_teacher_of_another_family_loads_as_that_family(tmp_path):
+    from featurestore.demo_teacher import train_demo_teacher
+    from featurestore.teachers import load_teacher
+    out = tmp_path / "dino"
+    assert "dinov2 demo teacher" in train_demo_teacher(out, images=40, steps=2, family="dinov2")
+    t = load_teacher(str(out), device="cpu")
+    assert (t.info.family, t.pre.size, t.info.num_patches) == ("dinov2", 64, 64)
+    assert t.pre.mean == pytest.approx([0.485, 0.456, 0.406])
+    with pytest.raises(SystemExit) as e:
+        run_cli("demo-teacher", tmp_path / "x", "--family", "sam")
+    assert e.value.code == 2 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ["test_vit", "test_resnet"])
+def test_a_store_builds_from_a_timm_folder_and_holds_timms_own_outputs(tmp_path, demo_images, arch):
+    import timm
+    from timm.models import save_for_hf
+
+    from featurestore.teachers import load_teacher
+    torch.manual_seed(5)
+    model = timm.create_model(arch, pretrained=False).eval()
+    folder = tmp_path / arch
+    save_for_hf(model, str(folder), safe_serialization=True)
+    store = tmp_path / "s.zarr"
+    assert run_cli("build", "--images", demo_images, "--out", store, *LAYOUT, "--teacher", f"timm:{folder}") == 0
+    assert run_cli("verify", store) == 0
+    teacher = load_teacher(f"timm:{folder}", device="cpu")
+    assert (teacher.info.family, teacher.pre.size) == ("timm", 160)
+    pix, pooled, _ = _oracle_inputs(store, demo_images, teacher)
+    with StoreReader.open(store) as s:
+        assert s.teacher().name == "timm" and s.heads() == ["probe"]
+        patches = s.read(s.teacher().patches, 0, 6)[:, 0]
+    with torch.no_grad():
+        feats = model.forward_features(pix)
+        want = model.forward_head(feats, pre_logits=True)
+    np.testing.assert_allclose(pooled, want.numpy(), atol=3e-3, rtol=2e-3)
+    if feats.dim() == 3:                                               # a ViT: the tokens after the CLS token
+        side = 10
+        feats = feats[:, model.num_prefix_tokens:].transpose(1, 2).reshape(6, -1, side, side)
+    grid = torch.nn.functional.adaptive_avg_pool2d(feats, 2).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(patches, grid.numpy(), atol=3e-3, rtol=2e-3)
+
+
+def test_a_timm_folder_with_pickled_weights_or_an_unknown_name_is_refused(tmp_path, demo_images):
+    import timm
+    from timm.models import save_for_hf
+    folder = tmp_path / "pickled"
+    save_for_hf(timm.create_model("test_vit", pretrained=False), str(folder), safe_serialization=False)
+    for spec in (f"timm:{folder}", "timm:no_such_net_v9", "timm:"):
+        assert run_cli("build", "--images", demo_images, "--out", tmp_path / "s.zarr", *LAYOUT, "--teacher", spec) == 2
+    assert not (tmp_path / "s.zarr").exists()

@@ -25,6 +25,7 @@ def local_path(path: str | Path) -> str:
 
 class Backend(Protocol):
     kind: str                  # zarr | hdf5
+    priority: int              # backends are asked in descending priority which claims a path
     checksum: str              # the per-chunk checksum this backend writes
     one_writer: bool           # one process writes it (HDF5: one file); else each rank writes its own chunks
     path: str
@@ -50,6 +51,19 @@ class Backend(Protocol):
     def foreign_links(self) -> list[str]: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+    @classmethod
+    def claims(cls, path: str) -> bool: ...
+
+
+BACKENDS: list[type] = []                   # every backend, in descending priority: register_backend
+
+
+def register_backend(cls: type) -> type:
+    """Make a class a backend: `open_backend` gives it every path its `claims(path)` accepts, unless one of
+    higher `priority` claims the path first."""
+    BACKENDS.append(cls)
+    BACKENDS.sort(key=lambda c: -c.priority)
+    return cls
 
 
 def foreign_entries(entries: list[str], attrs: dict | None, expected) -> str | None:

@@ -8,15 +8,28 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.backends.base import first_line, foreign_entries, is_local, local_path
+from featurestore.backends.base import (
+    HDF5_SUFFIXES,
+    first_line,
+    foreign_entries,
+    is_local,
+    local_path,
+    register_backend,
+)
 from featurestore.schema import Field, Layout, StoreError, layouts
 from featurestore.shards import ShardReader
 
 _JSON_ATTRS = "json_attributes"              # names of the attributes stored as JSON text
 
 
+@register_backend
 class Hdf5Backend:
     kind, checksum, one_writer = "hdf5", "fletcher32", True
+    priority = 20
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        return str(path).lower().endswith(HDF5_SUFFIXES)
 
     def __init__(self, path: str, mode: str, options: dict | None = None):
         import h5py

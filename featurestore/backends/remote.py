@@ -9,15 +9,21 @@ import json
 import os
 from pathlib import Path
 
-from featurestore.backends.base import first_line, foreign_entries, zarr_manifest
+from featurestore.backends.base import first_line, foreign_entries, is_local, register_backend, zarr_manifest
 from featurestore.backends.zarr_local import ZarrBackend
 from featurestore.schema import StoreError
 from featurestore.shards import CachedFiles, FsspecFiles
 
 
+@register_backend
 class RemoteZarr(ZarrBackend):
     """A Zarr store at an fsspec URL. zarr's FsspecStore serves zarr (asynchronously); a synchronous
     filesystem of the same URL serves listings and the direct reads' byte ranges."""
+    priority = 10
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        return not is_local(path)
 
     def __init__(self, path: str, mode: str, options: dict | None = None):
         self.options = fresh_listings(options)

@@ -12,13 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.backends.base import foreign_entries, local_path, zarr_manifest
+from featurestore.backends.base import foreign_entries, is_local, local_path, register_backend, zarr_manifest
 from featurestore.schema import Field, Layout, StoreError
 from featurestore.shards import LocalFiles, ShardReader
 
 
+@register_backend
 class ZarrBackend:
     kind, checksum, one_writer = "zarr", "crc32c", False
+    priority = 0
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        return is_local(path)
 
     def __init__(self, path: str, mode: str, options: dict | None = None):
         import zarr

@@ -9,13 +9,16 @@ resize method come from the checkpoint's own preprocessor config.
     clip     CLIPModel, CLIPVisionModel                                                    clip.py
     dinov2   Dinov2Model, Dinov2WithRegistersModel                                         dinov2.py
     auto     any other transformers vision backbone with a hidden size (ViT, ConvNeXt, ...)  auto.py
+    timm     `timm:<name>`, `timm:hf-hub:<repo>`, `timm:<folder>`: any timm backbone          timm_backbones.py
 
-A new family is one module with a `Teacher` subclass, added to `FAMILIES` with `register`.
+A new family is one module here with a `Teacher` subclass under `@register` (base.py): every module of
+this package is imported, so nothing else lists it.
 """
 from __future__ import annotations
 
-import copy
+import importlib
 import os
+import pkgutil
 from pathlib import Path
 
 import torch
@@ -25,37 +28,31 @@ from featurestore.errors import KdstoreError
 from featurestore.teachers.auto import AutoTeacher
 from featurestore.teachers.base import (
     COMPILE_BACKEND,
+    FAMILIES,
     Preprocess,
     Teacher,
     TeacherError,
     TeacherInfo,
     attention_kernels,
+    eager,
     one_thread,
+    register,
     zeroshot_logits,
 )
 from featurestore.teachers.clip import ClipTeacher
 from featurestore.teachers.dinov2 import Dinov2Teacher
 from featurestore.teachers.siglip import RANDOM_ARCHS, SiglipTeacher, char_tokenizer, random_config, random_teacher
+from featurestore.teachers.timm_backbones import TimmTeacher, is_timm
 
-FAMILIES: dict[str, type[Teacher]] = {}              # model_type -> family
-
-
-def register(cls: type[Teacher]) -> type[Teacher]:
-    """Make a family a teacher: every model_type it names loads through it."""
-    for model_type in cls.model_types:
-        FAMILIES[model_type] = cls
-    return cls
-
-
-for _family in (SiglipTeacher, ClipTeacher, Dinov2Teacher):
-    register(_family)
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "bicubic", 4: "bilinear", 5: "bicubic"}
 
 __all__ = ["COMPILE_BACKEND", "FAMILIES", "RANDOM_ARCHS", "AutoTeacher", "ClipTeacher", "Dinov2Teacher",
            "Preprocess", "SiglipTeacher", "Teacher", "TeacherError", "TeacherInfo", "attention_kernels",
            "char_tokenizer", "check_patch_grid", "describe", "eager", "flops_per_view", "load_teacher", "one_thread",
-           "random_config", "register", "zeroshot_logits"]
+           "random_config", "register", "TimmTeacher", "zeroshot_logits"]
 
 
 def family_of(config) -> type[Teacher]:
@@ -66,6 +63,9 @@ def describe(spec: str, revision: str | None = None) -> tuple[type[Teacher], obj
     """(family, config) of a teacher spec, from config.json alone (no weights)."""
     if spec.startswith("random:"):
         return SiglipTeacher, random_config(spec.split(":", 1)[1])
+    if is_timm(spec):
+        from featurestore.teachers import timm_backbones
+        return TimmTeacher, timm_backbones.describe(spec)
     from transformers import AutoConfig
     config = _hub_call(spec, lambda: untrusted.hf_load(AutoConfig, spec, revision))
     return family_of(config), config
@@ -84,21 +84,10 @@ def flops_per_view(family: type[Teacher], config) -> float:
     """FLOPs of one view through the vision tower, counted by torch's FlopCounterMode on the meta device,
     with attention written out as matrix products (eager), so that every product is counted."""
     from torch.utils.flop_counter import FlopCounterMode
-    cls, tower = family.tower_class(config)
-    tower = eager(tower)
-    with torch.device("meta"):
-        model = cls.from_config(tower) if hasattr(cls, "from_config") else cls(tower)
-    size = int(getattr(family.vision_config(config), "image_size", 224))
+    model, x = family.meta_forward(config)
     with FlopCounterMode(display=False) as counter:
-        model(pixel_values=torch.zeros(1, 3, size, size, device="meta"))
+        model(pixel_values=x)
     return float(counter.get_total_flops())
-
-
-def eager(config):
-    """A copy of a config whose attention is written out as matrix products."""
-    config = copy.deepcopy(config)
-    config._attn_implementation = "eager"
-    return config
 
 
 def load_teacher(spec: str, revision: str | None = None, device: str = "auto", dtype: str = "auto") -> Teacher:
@@ -109,6 +98,10 @@ def load_teacher(spec: str, revision: str | None = None, device: str = "auto", d
         config = random_config(arch)
         model, pre, tokenizer = random_teacher(arch)
         family, rev, weights = SiglipTeacher, None, "random"
+    elif is_timm(spec):
+        from featurestore.teachers import timm_backbones
+        config, model, pre = timm_backbones.load(spec, dt)
+        family, rev, weights, tokenizer = TimmTeacher, None, "pretrained", None
     else:
         family, config, model, pre, tokenizer, rev = _pretrained(spec, revision, dt)
         weights = "pretrained"
@@ -122,7 +115,7 @@ def load_teacher(spec: str, revision: str | None = None, device: str = "auto", d
         has_text=family.text_capable(config) and tokenizer is not None,
         extra={"layers": getattr(vcfg, "num_hidden_layers", None), "patch_size": getattr(vcfg, "patch_size", None),
                "model_type": getattr(config, "model_type", None),
-               "attn_implementation": getattr(model.config, "_attn_implementation", None)})
+               "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)})
     teacher = family(model, pre, info, tokenizer, dev, dt, config)
     if family is AutoTeacher:
         _read_out_check(teacher)

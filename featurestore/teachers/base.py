@@ -15,6 +15,7 @@ out; `featurestore.teachers` finds it by the checkpoint's model_type.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -57,6 +58,24 @@ class TeacherInfo:
     extra: dict = field(default_factory=dict)
 
 
+FAMILIES: dict[str, type] = {}              # model_type -> family
+
+
+def register(cls: type) -> type:
+    """Make a family a teacher: every model_type it names loads through it (a class decorator; the
+    package imports every module in featurestore/teachers/, so a family is one file)."""
+    for model_type in cls.model_types:
+        FAMILIES[model_type] = cls
+    return cls
+
+
+def eager(config):
+    """A copy of a config whose attention is written out as matrix products."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"
+    return config
+
+
 class Teacher:
     """Runs a vision tower on rendered views; a text tower once for zero-shot prompts (where it has one).
 
@@ -86,6 +105,17 @@ class Teacher:
     def tower_class(cls, config):
         """The transformers class of the vision tower alone, and its config (FLOPs are counted on it)."""
         raise NotImplementedError
+
+    @classmethod
+    def meta_forward(cls, config):
+        """The vision tower on the meta device, attention written out as matrix products, and one view's
+        input: what FLOPs are counted on."""
+        model_cls, tower = cls.tower_class(config)
+        tower = eager(tower)
+        with torch.device("meta"):
+            model = model_cls.from_config(tower) if hasattr(model_cls, "from_config") else model_cls(tower)
+        size = int(getattr(cls.vision_config(config), "image_size", 224))
+        return model, torch.zeros(1, 3, size, size, device="meta")
 
     @classmethod
     def vision_config(cls, config):

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from featurestore.teachers.base import Teacher, class_embeddings, one_thread
+from featurestore.teachers.base import Teacher, class_embeddings, one_thread, register
 
 
+@register
 class ClipTeacher(Teacher):
     family = "clip"
     model_types = ("clip", "clip_vision_model")

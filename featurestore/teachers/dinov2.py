@@ -3,9 +3,10 @@
 text tower: the store's heads are the probe (and spread)."""
 from __future__ import annotations
 
-from featurestore.teachers.base import Teacher
+from featurestore.teachers.base import Teacher, register
 
 
+@register
 class Dinov2Teacher(Teacher):
     family = "dinov2"
     model_types = ("dinov2", "dinov2_with_registers")

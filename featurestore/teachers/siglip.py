@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from featurestore.teachers.base import Preprocess, Teacher, TeacherError, class_embeddings, one_thread
+from featurestore.teachers.base import Preprocess, Teacher, TeacherError, class_embeddings, one_thread, register
 
 RANDOM_ARCHS = {
     # vision and text towers share width; sizes follow the published configs
@@ -15,6 +15,7 @@ RANDOM_ARCHS = {
 }
 
 
+@register
 class SiglipTeacher(Teacher):
     family = "siglip"
     model_types = ("siglip", "siglip_vision_model")
