@@ -19,8 +19,8 @@ import torch
 from torchvision import datasets, transforms
 
 from benchmarks.common import build_store, copy_gbps
-from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
+from featurestore.pipeline.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from trainer.data import StoreData
 from trainer.loader import Loader, LoaderConfig
 from trainer.students import IMAGENET_MEAN, IMAGENET_STD

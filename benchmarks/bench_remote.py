@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import build_store
-from featurestore.backends import CACHE_ENV
-from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.demo import write_demo_data
+from featurestore.pipeline.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
+from featurestore.store.backends import CACHE_ENV
 from trainer.data import StoreData
 from trainer.plan import plan_epoch
 from trainer.stream import ChunkStream

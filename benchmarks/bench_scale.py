@@ -74,7 +74,7 @@ def run(profile: dict) -> dict:
             build = _measure([py, "-m", "featurestore", "build", "--images", str(images), "--out", str(store),
                               "--teacher", str(teacher), "--views", "32", "--patch-grid", "8", "--image-size", "256",
                               "--chunk-size", "64", "--workers", str(profile["workers"]), "--no-zeroshot"])
-            from featurestore.reader import StoreReader
+            from featurestore.store.reader import StoreReader
             with StoreReader.open(store) as s:
                 fields = {f.name: s.stored_bytes(f.name) for f in s.fields()}
             row = {"n": n, "store_bytes": _disk(store), "fields": fields, "build": build}

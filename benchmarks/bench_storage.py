@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.backends import hdf5_codec, zarr_codec
 from featurestore.demo import write_demo_data
-from featurestore.schema import FORMAT_VERSION, TeacherLayout, fields, sizes, store_attrs
-from featurestore.sources import decode, squash
+from featurestore.pipeline.sources import decode, squash
+from featurestore.store.backends import hdf5_codec, zarr_codec
+from featurestore.store.schema import FORMAT_VERSION, TeacherLayout, fields, sizes, store_attrs
+from featurestore.store.writer import StoreWriter
 from featurestore.views import PARAM_NAMES
-from featurestore.writer import StoreWriter
 
 D, C, K, CHUNK = 1152, 10, 8, 32
 TEACHER = TeacherLayout("bench", {"teacher": {"id": "bench"}, "embed_dim": D, "heads": ["probe"]}, FORMAT_VERSION)

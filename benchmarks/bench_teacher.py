@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import build_store, matmul_tflops
-from featurestore.config import BuildConfig, ProbeConfig, StoreLayout, TeacherConfig, ViewPolicy
+from featurestore.common.devices import pick_device
 from featurestore.demo import write_demo_data
-from featurestore.devices import pick_device
+from featurestore.pipeline.config import BuildConfig, ProbeConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.teachers import SiglipTeacher, attention_kernels, flops_per_view, load_teacher, random_config
 
 

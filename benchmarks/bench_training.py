@@ -12,12 +12,12 @@ import torch
 
 from benchmarks.common import build_store
 from featurestore import views
-from featurestore.batch_render import render_batch
-from featurestore.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
+from featurestore.common.devices import caps_of, mixed_precision, pick_device
 from featurestore.demo import write_demo_data
-from featurestore.devices import caps_of, mixed_precision, pick_device
+from featurestore.pipeline.config import BuildConfig, StoreLayout, TeacherConfig, ViewPolicy
 from featurestore.teachers import load_teacher
 from featurestore.views import COL
+from featurestore.views.batch_render import render_batch
 from trainer.data import StoreData
 from trainer.loader import Loader, LoaderConfig
 from trainer.students import IMAGENET_MEAN, IMAGENET_STD, create_student

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from featurestore.options import to_dict
+from featurestore.common.options import to_dict
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -96,8 +96,8 @@ def build_store(cfg) -> dict:
     build's own clock: views, pass_s, total_s, load_s, compile_s, heads_s, stages (seconds by stage of
     the pass), batch and compiled."""
     if cfg.workers == 0:
-        from featurestore.builder import build
-        from featurestore.log import enable
+        from featurestore.common.log import enable
+        from featurestore.pipeline.builder import build
         enable()
         t = build(cfg)
         return {"views": int(t["views"]), "pass_s": float(t.get("pass_s", 0.0)), "total_s": float(t["total_s"]),

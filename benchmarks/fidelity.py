@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, build_store, machine, md_table
-from featurestore.config import BuildConfig
-from featurestore.errors import KdstoreError
-from featurestore.options import ConfigError, from_dict, merge
-from featurestore.reader import StoreReader
-from featurestore.untrusted import load_yaml
+from featurestore.common.errors import KdstoreError
+from featurestore.common.options import ConfigError, from_dict, merge
+from featurestore.common.untrusted import load_yaml
+from featurestore.pipeline.config import BuildConfig
+from featurestore.store.reader import StoreReader
 from trainer import recipes
 from trainer.config import FitConfig
 from trainer.plan import steps_per_epoch
@@ -164,7 +164,7 @@ def _inputs(args: argparse.Namespace, work: Path) -> dict:
                 (work / f"{name}.complete").touch()
         teacher = args.teacher or str(work / "teacher")
         if args.teacher is None and not (work / "teacher" / "config.json").is_file():
-            from featurestore.demo_teacher import train_demo_teacher
+            from featurestore.demo.teacher import train_demo_teacher
             train_demo_teacher(work / "teacher", steps=DEMO_TEACHER_STEPS)
         images, unlabeled, fresh = str(work / "labelled"), str(work / "unlabelled"), str(work / "fresh")
     else:
@@ -200,7 +200,7 @@ def _head_scores(data: dict, stores: dict[int, str], work: Path) -> dict:
     fits K views of each labelled image, at most probe.max_rows rows)."""
     from sklearn.metrics import f1_score
 
-    from featurestore.heads import apply_linear
+    from featurestore.pipeline.heads import apply_linear
     out = work / "eval_k1.zarr"
     if not (work / "eval_k1.complete").is_file():
         cfg = from_dict(BuildConfig, merge(load_yaml(data["config"]), {

@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, build_store, machine, md_table
-from featurestore.config import BuildConfig
+from featurestore.common.errors import KdstoreError
+from featurestore.common.options import from_dict, merge
+from featurestore.common.untrusted import load_yaml
 from featurestore.demo import REFERENCE_CLASSES, REFERENCE_COUNTS, class_counts, write_demo_data
-from featurestore.errors import KdstoreError
-from featurestore.options import from_dict, merge
-from featurestore.untrusted import load_yaml
+from featurestore.pipeline.config import BuildConfig
 from trainer import recipes
 from trainer.config import FitConfig
 from trainer.plan import steps_per_epoch
@@ -88,7 +88,7 @@ def _data(work: Path, per_class: int) -> dict:
             (work / f"{name}.complete").touch()
         made[name] = counts
     if not (work / "teacher" / "config.json").is_file():
-        from featurestore.demo_teacher import train_demo_teacher
+        from featurestore.demo.teacher import train_demo_teacher
         train_demo_teacher(work / "teacher", steps=DEMO_TEACHER_STEPS)
     return made
 
@@ -150,7 +150,7 @@ def run_imbalance(args: argparse.Namespace) -> dict:
     if args.image_size:
         d = merge(d, {"image_size": args.image_size})
     base = from_dict(FitConfig, merge(d, {"store": stores["default"], "out": "-", "unlabeled": False}))
-    from featurestore.reader import StoreReader
+    from featurestore.store.reader import StoreReader
     with StoreReader.open(stores["default"]) as s:
         split, probe = s.read("split"), s.teacher().metrics["probe"]
     steps = steps_per_epoch(int((split >= 0).sum()), base.optim.batch_size) * args.epochs

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from featurestore import views
-from featurestore.config import BuildConfig
-from featurestore.heads import Probes, zeroshot_from_pooled
-from featurestore.options import from_dict
-from featurestore.scan import decode_side
-from featurestore.sources import decode, discover
-from featurestore.teacher_pass import load_basis
+from featurestore.common.options import from_dict
+from featurestore.pipeline.config import BuildConfig
+from featurestore.pipeline.heads import Probes, zeroshot_from_pooled
+from featurestore.pipeline.scan import decode_side
+from featurestore.pipeline.sources import decode, discover
+from featurestore.pipeline.teacher_pass import load_basis
 from featurestore.teachers import Teacher, load_teacher
 from trainer.batches import Batch, mixed_targets
 from trainer.loader import Loader

@@ -40,11 +40,11 @@ import numpy as np
 import yaml
 
 from benchmarks.common import RESULTS, machine, md_table
-from featurestore.config import BuildConfig
+from featurestore.common.errors import KdstoreError
+from featurestore.common.options import from_dict, merge, to_dict
+from featurestore.common.untrusted import load_yaml
 from featurestore.demo import write_demo_data
-from featurestore.errors import KdstoreError
-from featurestore.options import from_dict, merge, to_dict
-from featurestore.untrusted import load_yaml
+from featurestore.pipeline.config import BuildConfig
 from trainer import recipes
 from trainer.config import FitConfig
 from trainer.plan import steps_per_epoch
@@ -135,7 +135,7 @@ def _stores(work: Path, args) -> dict:
 
 
 def _bytes_per_view(path: Path) -> dict:
-    from featurestore.reader import StoreReader
+    from featurestore.store.reader import StoreReader
     with StoreReader.open(str(path)) as s:
         views = s.num_images * s.views_per_image
         out = {t.name: sum(s.stored_bytes(f.name) for f in s.fields() if f.teacher == t.name) / views
@@ -146,7 +146,7 @@ def _bytes_per_view(path: Path) -> dict:
 
 
 def _same_arrays(a: Path, b: Path) -> bool:
-    from featurestore.reader import StoreReader
+    from featurestore.store.reader import StoreReader
     with StoreReader.open(str(a)) as x, StoreReader.open(str(b)) as y:
         names = [f.name for f in x.fields()]
         if names != [f.name for f in y.fields()] or x.small_keys() != y.small_keys():
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
     if not d.get("loss", {}).get("patches"):
         d = merge(d, {"loss": {"patches": 0.5}})          # the patch grid is stored: its term on, for every recipe
     base = from_dict(FitConfig, merge(d, {"store": str(work / "siglip.zarr"), "out": "-", "unlabeled": False}))
-    from featurestore.reader import StoreReader
+    from featurestore.store.reader import StoreReader
     with StoreReader.open(str(work / "siglip.zarr")) as s:
         split = s.read("split")
     steps = steps_per_epoch(int((split >= 0).sum()), base.optim.batch_size) * args.epochs

@@ -14,17 +14,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from featurestore import log
-from featurestore.config import BuildConfig
-from featurestore.errors import not_in_a_reimported_script
-from featurestore.options import load_config
-from featurestore.reader import StoreReader
+from featurestore.common import log
+from featurestore.common.errors import not_in_a_reimported_script
+from featurestore.common.options import load_config
+from featurestore.pipeline.config import BuildConfig
+from featurestore.store.reader import StoreReader
 
 
 def build(*, config: str | None = None, overwrite: bool = False, **kwargs) -> StoreReader:
     """`featurestore build`; returns the finished store, open for reading."""
     not_in_a_reimported_script("featurestore.build")
-    from featurestore.builder import build as run_build
+    from featurestore.pipeline.builder import build as run_build
     log.enable()
     cfg = load_config(BuildConfig, config, kwargs)
     run_build(cfg, overwrite=overwrite)
@@ -36,8 +36,8 @@ def add_teacher(store: str, *, config: str | None = None, **kwargs) -> StoreRead
     The views, layout and probe are the store's own; the teacher settings, images (default: the ones the
     store was built from), device and workers are the keywords'."""
     not_in_a_reimported_script("featurestore.add_teacher")
-    from featurestore.builder import add_teacher as run_add
-    from featurestore.options import from_dict, merge, to_dict
+    from featurestore.common.options import from_dict, merge, to_dict
+    from featurestore.pipeline.builder import add_teacher as run_add
     log.enable()
     given = load_config(BuildConfig, config, kwargs)
     with StoreReader.open(store, given.storage_options) as s:
@@ -53,14 +53,14 @@ def add_teacher(store: str, *, config: str | None = None, **kwargs) -> StoreRead
 
 def plan(*, config: str | None = None, sample_images: int = 8, **kwargs) -> dict:
     """`featurestore plan`: the same keywords as build (out is not needed); returns the plan."""
-    from featurestore.planner import plan as run_plan
+    from featurestore.pipeline.planner import plan as run_plan
     log.enable()
     return run_plan(load_config(BuildConfig, config, kwargs), sample_images)
 
 
 def slim(src: str, dst: str, fields: list[str] | str, storage_options: dict | None = None) -> StoreReader:
     """`featurestore slim`; returns the verified copy, open for reading."""
-    from featurestore.slimming import slim as run_slim
+    from featurestore.store.slimming import slim as run_slim
     log.enable()
     run_slim(src, dst, fields.split(",") if isinstance(fields, str) else list(fields), storage_options)
     return StoreReader.open(dst, storage_options)
@@ -68,14 +68,14 @@ def slim(src: str, dst: str, fields: list[str] | str, storage_options: dict | No
 
 def inspect(store: str, storage_options: dict | None = None) -> dict:
     """`featurestore inspect --json`."""
-    from featurestore.report import summarize
+    from featurestore.store.report import summarize
     with StoreReader.open(store, storage_options) as s:
         return summarize(s)
 
 
 def verify(store: str, fix: bool = False, storage_options: dict | None = None, digest: str | None = None) -> list[str]:
     """`featurestore verify [--fix] [--digest HEX]`: one line per problem (empty: the store is whole)."""
-    from featurestore.integrity import check
+    from featurestore.store.integrity import check
     return [p.line() for p in check(store, fix, storage_options, digest)[0].problems]
 
 
@@ -88,6 +88,6 @@ def demo_data(out: str, per_class: int = 40, seed: int = 0, flat: bool = False,
 
 def demo_teacher(out: str, images: int = 3000, steps: int = 300, seed: int = 1000, family: str = "siglip") -> str:
     """`featurestore demo-teacher`; returns one line saying what was saved."""
-    from featurestore.demo_teacher import train_demo_teacher
+    from featurestore.demo.teacher import train_demo_teacher
     log.enable()
     return train_demo_teacher(out, images, steps, seed, family)

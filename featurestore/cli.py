@@ -6,11 +6,19 @@ import argparse
 import json
 import sys
 
-from featurestore import api, log
-from featurestore.config import BuildConfig
-from featurestore.errors import run_command
-from featurestore.log import logger
-from featurestore.options import add_options, command_parser, json_options, storage_options_flag, values_of, whole
+from featurestore import api
+from featurestore.common import log
+from featurestore.common.errors import run_command
+from featurestore.common.log import logger
+from featurestore.common.options import (
+    add_options,
+    command_parser,
+    json_options,
+    storage_options_flag,
+    values_of,
+    whole,
+)
+from featurestore.pipeline.config import BuildConfig
 
 EPILOG = """examples:
   featurestore demo-data data/demo
@@ -132,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
         api.add_teacher(args.store, config=args.config, **values).close()
         return 0
     if args.command == "plan":
-        from featurestore.planner import format_plan
+        from featurestore.pipeline.planner import format_plan
         p = api.plan(config=args.config, sample_images=args.sample_images, **values_of(args, BuildConfig))
         print(json.dumps(p, indent=2) if args.json else format_plan(p))
         return 0
@@ -150,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
         print(api.demo_teacher(args.out, args.images, args.steps, args.seed, args.family))
         return 0
     if args.command == "inspect":
-        from featurestore.report import format_summary
+        from featurestore.store.report import format_summary
         s = api.inspect(args.store, json_options(args.storage_options))
         print(json.dumps(s, indent=2) if args.json else format_summary(s))
         return 0
@@ -158,8 +166,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _verify(path: str, fix: bool, options: dict, published: str | None) -> int:
-    from featurestore.integrity import check
-    from featurestore.schema import StoreError
+    from featurestore.store.integrity import check
+    from featurestore.store.schema import StoreError
     try:
         found, actions = check(path, fix, options, published)
     except StoreError as e:

@@ -42,7 +42,7 @@ def run_cli(*args: str) -> int:
 def build_lock_held(store: Path):
     """Another process holding `store`'s build lock for as long as the block runs; yields its pid."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from featurestore.lock import FileLock\n"
+        "import sys, time; from featurestore.common.lock import FileLock\n"
         "with FileLock(sys.argv[1], 'build'):\n print('locked', flush=True); time.sleep(60)"), str(store)],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -23,8 +23,8 @@ import zarr
 from conftest import LAYOUT, REPO, SMALL, made_once, run_cli, run_module
 
 from featurestore.demo import write_demo_data
-from featurestore.reader import StoreReader
-from featurestore.writer import StoreWriter
+from featurestore.store.reader import StoreReader
+from featurestore.store.writer import StoreWriter
 from trainer import cli as tcli
 
 FIT = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu"]
@@ -90,7 +90,7 @@ def test_1_every_transformers_load_keeps_remote_code_off():
             calls.append((path.relative_to(REPO).as_posix(), m.group("args")))
     assert calls, "no from_pretrained call found"
     assert all("trust_remote_code=False" in args for _, args in calls), calls
-    assert {p for p, _ in calls} == {"featurestore/untrusted.py"}
+    assert {p for p, _ in calls} == {"featurestore/common/untrusted.py"}
 
 
 def pickled_teacher(tiny_vision_dir: Path, folder: Path, marker: Path) -> Path:
@@ -435,7 +435,7 @@ def test_13_the_demo_teacher_is_the_same_bits_on_one_busy_core_and_on_two(tmp_pa
 
 # ---- 14. leases: an expiry is capped, a damaged lease is named --------------------------------------
 def test_14_a_lease_claiming_a_far_expiry_or_damaged_is_capped_and_named(s3, demo_images, capsys, monkeypatch):
-    from featurestore import lock
+    from featurestore.common import lock
     monkeypatch.setattr(lock, "LEASE_SECONDS", 2.0)
     for body, words in ((json.dumps({"pid": 4242, "host": "gpu-box-7", "token": "t", "expires": 1e12}),
                          "process 4242 on gpu-box-7 holds the lease"), ("not json", "is damaged")):
@@ -545,7 +545,7 @@ def test_eval_workers_are_bounded(run, demo_images, capsys):
 
 # ---- the store digest -------------------------------------------------------------------------------
 def test_the_digest_is_recorded_printed_and_changes_with_any_chunk(tmp_path, small_store, capsys):
-    from featurestore.integrity import examine
+    from featurestore.store.integrity import examine
     with StoreReader.open(small_store) as s:
         recorded, names = s.attrs["digest"], [f.name for f in s.fields()] + s.small_keys()
         assert examine(s).digest == recorded

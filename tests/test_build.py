@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, SLOW, SMALL, run_cli
 
 from benchmarks.common import DONE_LINE, STAGES_LINE
-from featurestore.reader import StoreReader
+from featurestore.store.reader import StoreReader
 
 
 def assert_same_store(a: Path, b: Path) -> None:
@@ -123,7 +123,7 @@ def test_lock_is_taken_first_names_its_holder_and_goes_away(tmp_path, demo_image
 
 def test_the_lock_is_not_inherited_by_forked_workers(tmp_path):
     """POSIX record locks belong to the process: a child forked while the build holds it does not hold it."""
-    from featurestore.lock import FileLock
+    from featurestore.common.lock import FileLock
     out = str(tmp_path / "s.zarr")
     with FileLock(out, "build"):
         pid = os.fork()

@@ -14,7 +14,7 @@ from benchmarks import fidelity
 from benchmarks.online import OnlineTeacher, fresh_params
 from featurestore import views
 from featurestore.demo import write_demo_data
-from featurestore.reader import StoreReader
+from featurestore.store.reader import StoreReader
 
 C = views.COL
 

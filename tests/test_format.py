@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from featurestore.config import stored_identity
-from featurestore.reader import StoreReader
+from featurestore.pipeline.config import stored_identity
+from featurestore.store.reader import StoreReader
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v2"
 FLAGS = ["--teacher", "random:tiny", "--views", "3", "--image-size", "32", "--chunk-size", "4", "--patch-grid", "2",

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import SMALL, run_cli
 
-from featurestore.config import BuildConfig, batch_arg
-from featurestore.options import ConfigError, load_config
-from featurestore.teacher_pass import finite_outputs, pick_batch
+from featurestore.common.options import ConfigError, load_config
+from featurestore.pipeline.config import BuildConfig, batch_arg
+from featurestore.pipeline.teacher_pass import finite_outputs, pick_batch
 from featurestore.teachers import TeacherError, load_teacher
 from featurestore.teachers import base as teacher_mod
 
@@ -85,7 +85,7 @@ def test_outputs_beyond_float16_fail_the_build_naming_the_chunk(tmp_path, demo_i
 def test_chunks_copied_to_the_device_once_render_the_same_bits(small_store):
     """A GPU loader copies each chunk's images to the device when it reads the chunk, and gathers a
     batch's sources there: the pixels are those of the per-batch transfer, bit for bit."""
-    from featurestore.devices import Caps
+    from featurestore.common.devices import Caps
     from trainer.batches import InlineRenderer, parts
     from trainer.data import StoreData
     from trainer.loader import Loader, LoaderConfig

@@ -7,8 +7,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
-from featurestore.heads import apply_linear, cross_fit_probe, fit_linear, l2_normalize
-from featurestore.reader import StoreReader
+from featurestore.pipeline.heads import apply_linear, cross_fit_probe, fit_linear, l2_normalize
+from featurestore.store.reader import StoreReader
 
 
 def test_cross_fitting_does_not_leak_on_memorisable_noise():
@@ -82,7 +82,7 @@ def test_a_class_weighted_probe_matches_sklearn_and_favours_the_small_class():
 
 def test_tiny_dataset_one_image_per_class():
     """Folds stay balanced across classes, and probes that saw few classes still score everything."""
-    from featurestore.index import assign
+    from featurestore.pipeline.index import assign
     labels = np.arange(10)
     split, _ = assign(labels, folds=5, val_fraction=0.1, seed=0)
     assert (split >= 0).all() and np.bincount(split, minlength=5).tolist() == [2] * 5
@@ -96,7 +96,7 @@ def test_tiny_dataset_one_image_per_class():
 def test_unlabelled_images_never_reach_the_fit_or_the_metrics():
     """Adding unlabelled rows (label -1, split -2) with any embeddings changes neither the probes nor
     the metrics; they are scored by the probe fitted on all folds."""
-    from featurestore.index import assign
+    from featurestore.pipeline.index import assign
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(4), 12)
     split, _ = assign(labels, folds=3, val_fraction=0.2, seed=0)
@@ -132,7 +132,7 @@ def _elongated_classes(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 
 def test_the_spread_head_learns_from_unlabelled_images_where_they_trace_the_classes():
-    from featurestore.heads import fit_probes, fit_spread
+    from featurestore.pipeline.heads import fit_probes, fit_spread
     probe, spread = [], []
     for seed in range(4):
         x, y, labels, split = _elongated_classes(seed)
@@ -148,7 +148,7 @@ def test_the_spread_head_learns_from_unlabelled_images_where_they_trace_the_clas
 
 def test_the_spread_head_is_cross_fitted():
     """The head that scores fold f never saw fold f's labels: changing them leaves it as it was."""
-    from featurestore.heads import fit_spread
+    from featurestore.pipeline.heads import fit_spread
     x, _, labels, split = _elongated_classes(1)
     train = np.flatnonzero(split >= 0)
     rows = l2_normalize(x[train])
@@ -169,7 +169,7 @@ def test_a_build_with_the_spread_head_stores_it_and_a_student_can_follow_it(tmp_
                                                                           capsys):
     from conftest import SMALL, run_cli
 
-    from featurestore.options import ConfigError
+    from featurestore.common.options import ConfigError
     from trainer.cli import main as trainer_main
     out = tmp_path / "spread.zarr"
     assert run_cli("build", "--images", demo_images, "--out", tmp_path / "x.zarr", *SMALL, "--heads",
@@ -183,7 +183,7 @@ def test_a_build_with_the_spread_head_stores_it_and_a_student_can_follow_it(tmp_
         logits, h = s.read("teachers/siglip/logits/spread"), s.head_arrays("spread")
         m, labels = s.teacher().metrics["spread"], s.read("labels").astype(np.int64)
     # the stored head is the one fit_spread makes from the stored embeddings
-    from featurestore.heads import fit_spread
+    from featurestore.pipeline.heads import fit_spread
     train = np.flatnonzero(split >= 0)
     k = pooled.shape[1]
     again, added = fit_spread(l2_normalize(pooled[train].reshape(-1, pooled.shape[-1])), np.repeat(labels[train], k),
@@ -201,7 +201,7 @@ def test_a_build_with_the_spread_head_stores_it_and_a_student_can_follow_it(tmp_
                          "--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16",
                          "--steps", "2"]) == 0
     try:
-        from featurestore.config import ProbeConfig
+        from featurestore.pipeline.config import ProbeConfig
         ProbeConfig(heads=["probe", "bogus"]).validate()
     except ConfigError as e:
         assert "probe,spread" in str(e)

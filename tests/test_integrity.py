@@ -12,8 +12,8 @@ import pytest
 from conftest import SMALL, run_cli
 from test_build import assert_same_store
 
-from featurestore.reader import StoreReader
-from featurestore.writer import StoreWriter
+from featurestore.store.reader import StoreReader
+from featurestore.store.writer import StoreWriter
 from trainer import cli as tcli
 
 FIT = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu", "--epochs", "1",

@@ -14,8 +14,8 @@ import torch
 import yaml
 from conftest import LAYOUT, build_lock_held, run_cli
 
-from featurestore.reader import StoreReader
-from featurestore.writer import StoreWriter
+from featurestore.store.reader import StoreReader
+from featurestore.store.writer import StoreWriter
 from trainer import cli as tcli
 
 FAST = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu", "--epochs", "1",

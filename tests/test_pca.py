@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import SMALL, run_cli
 
-from featurestore.pca import Moments, fit_basis
-from featurestore.reader import StoreReader
-from featurestore.teacher_pass import PCA_VIEWS_PER_IMAGE, load_basis
+from featurestore.pipeline.pca import Moments, fit_basis
+from featurestore.pipeline.teacher_pass import PCA_VIEWS_PER_IMAGE, load_basis
+from featurestore.store.reader import StoreReader
 from featurestore.views import COL, MIX_NONE
 
 

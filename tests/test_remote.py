@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, SMALL, run_cli, run_module
 from test_build import assert_same_store
 
-from featurestore.reader import StoreReader
+from featurestore.store.reader import StoreReader
 from trainer import cli as tcli
 
 FIT = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu", "--epochs", "1"]

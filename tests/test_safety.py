@@ -22,8 +22,8 @@ import torch
 from conftest import REPO, SLOW, SMALL, build_lock_held, run_cli
 
 from featurestore.demo import write_demo_data
-from featurestore.reader import StoreReader
-from featurestore.writer import StoreWriter
+from featurestore.store.reader import StoreReader
+from featurestore.store.writer import StoreWriter
 from trainer import cli as tcli
 
 FIT = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu"]

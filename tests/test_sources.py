@@ -10,10 +10,10 @@ from conftest import SMALL, run_cli
 from PIL import Image
 from test_views import smooth_image
 
-from featurestore.config import BuildConfig
-from featurestore.options import ConfigError, from_dict
-from featurestore.reader import StoreReader
-from featurestore.sources import DatasetError, decode, discover, squash
+from featurestore.common.options import ConfigError, from_dict
+from featurestore.pipeline.config import BuildConfig
+from featurestore.pipeline.sources import DatasetError, decode, discover, squash
+from featurestore.store.reader import StoreReader
 
 
 def _jpeg_bytes(arr, **kw) -> bytes:

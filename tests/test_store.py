@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from featurestore.reader import StoreReader
-from featurestore.schema import FORMAT_VERSION, StoreError, store_attrs
+from featurestore.store.reader import StoreReader
+from featurestore.store.schema import FORMAT_VERSION, StoreError, store_attrs
+from featurestore.store.writer import StoreWriter
 from featurestore.views import PARAM_NAMES
-from featurestore.writer import StoreWriter
 
 
 def _attrs(n, k, chunk, grid, **kw):
@@ -192,7 +192,7 @@ def test_direct_reads_leave_damage_and_gaps_to_zarr(tmp_path):
     a deleted shard is missing (both named), a view never written reads as NaN (the fill)."""
     import zarr
 
-    from featurestore.reader import ChunkError
+    from featurestore.store.reader import ChunkError
     path = tmp_path / "s.zarr"
     store = StoreWriter.create(path, _attrs(23, 3, 5, 2), "default")
     written = write_seeded(store)
@@ -220,7 +220,7 @@ def test_direct_reads_leave_damage_and_gaps_to_zarr(tmp_path):
 
 
 def test_a_backend_is_one_registered_class_that_claims_its_paths(tmp_path):
-    from featurestore import backends
+    from featurestore.store import backends
     assert backends.backend_class("a.h5") is backends.Hdf5Backend
     assert backends.backend_class("s3://bucket/a.zarr") is backends.RemoteZarr
     assert backends.backend_class(tmp_path / "a.zarr") is backends.ZarrBackend

@@ -9,9 +9,9 @@ from PIL import Image
 from test_views import smooth_image
 
 from featurestore import views
-from featurestore.reader import StoreReader
-from featurestore.scan import decode_side
-from featurestore.sources import decode
+from featurestore.pipeline.scan import decode_side
+from featurestore.pipeline.sources import decode
+from featurestore.store.reader import StoreReader
 from featurestore.teachers import TeacherError, _access_message, load_teacher, random_config
 
 
@@ -124,7 +124,7 @@ def test_prompt_files_average_normalised_text_embeddings(tmp_path, demo_images, 
 
 def test_class_names_are_cleaned_for_prompts():
     from featurestore.demo import REFERENCE_CLASSES
-    from featurestore.sources import class_display_name
+    from featurestore.pipeline.sources import class_display_name
     assert [class_display_name(c) for c in REFERENCE_CLASSES] == [
         "Eczema", "Melanoma", "Atopic Dermatitis", "Basal Cell Carcinoma (BCC)", "Melanocytic Nevi (NV)",
         "Benign Keratosis-like Lesions (BKL)", "Psoriasis pictures Lichen Planus and related diseases",
@@ -138,11 +138,11 @@ def test_class_names_are_cleaned_for_prompts():
 
 
 def test_reference_config_ships_prompts_for_the_ten_classes():
-    from featurestore.config import BuildConfig
+    from featurestore.common.options import from_dict
+    from featurestore.common.untrusted import load_yaml
     from featurestore.demo import REFERENCE_CLASSES
-    from featurestore.options import from_dict
-    from featurestore.sources import class_display_name
-    from featurestore.untrusted import load_yaml
+    from featurestore.pipeline.config import BuildConfig
+    from featurestore.pipeline.sources import class_display_name
     cfg = from_dict(BuildConfig, load_yaml(REPO / "configs" / "medsiglip-448.yaml") | {"images": "x", "out": "y"})
     cfg.validate()
     cleaned = {class_display_name(c) for c in REFERENCE_CLASSES}

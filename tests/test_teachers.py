@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import LAYOUT, run_cli
 
-from featurestore.reader import StoreReader
-from featurestore.scan import decode_side
-from featurestore.sources import decode
+from featurestore.pipeline.scan import decode_side
+from featurestore.pipeline.sources import decode
+from featurestore.store.reader import StoreReader
 
 
 def _oracle_inputs(store, demo_images, teacher, n=6):
@@ -106,7 +106,7 @@ def test_a_family_is_found_by_model_type_and_a_new_one_registers_in_one_place():
 
 
 def test_demo_teacher_of_another_family_loads_as_that_family(tmp_path):
-    from featurestore.demo_teacher import train_demo_teacher
+    from featurestore.demo.teacher import train_demo_teacher
     from featurestore.teachers import load_teacher
     out = tmp_path / "dino"
     assert "dinov2 demo teacher" in train_demo_teacher(out, images=40, steps=2, family="dinov2")

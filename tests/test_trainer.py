@@ -17,8 +17,8 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from featurestore import views
 from featurestore.demo import write_demo_data
-from featurestore.reader import StoreReader
-from featurestore.writer import StoreWriter
+from featurestore.store.reader import StoreReader
+from featurestore.store.writer import StoreWriter
 from trainer import cli as tcli
 from trainer.data import StoreData
 from trainer.loader import Loader, LoaderConfig
@@ -241,7 +241,7 @@ def test_render_worker_failures_stop_the_epoch_with_their_error():
 
 def test_worker_processes_fall_back_to_threads_without_shared_memory(learn_store, monkeypatch, capsys):
     import trainer.loader as tl
-    from featurestore import log
+    from featurestore.common import log
     log.enable()
     monkeypatch.setattr(tl, "_shared_memory_fits", lambda nbytes: False)
     _, loader = _loader(learn_store, workers=2)
@@ -566,7 +566,7 @@ def test_python_api_matches_the_cli(tmp_path, learn_store):
     run = trainer.fit(store=str(learn_store), out=str(tmp_path / "api"), student="shufflenet_v2_x0_5", image_size=64,
                       batch_size=16, cpu=True, epochs=1, progress=False)
     assert run.student.is_file() and 0 <= run.summary["val_macro_f1"] <= 1
-    from featurestore.options import ConfigError
+    from featurestore.common.options import ConfigError
     with pytest.raises(ConfigError, match="unknown keyword 'epoch'.*did you mean 'epochs'"):
         trainer.fit(store=str(learn_store), out=str(tmp_path / "x"), epoch=3)
 
@@ -581,8 +581,8 @@ def test_trainer_fit_never_loads_a_teacher(small_store, tmp_path):
             "           '--student', 'shufflenet_v2_x0_5', '--image-size', '32', '--batch-size', '16',\n"
             "           '--steps', '3'])\n"
             "import trainer.evaluate, trainer.exporter, trainer.sweeper\n"
-            "loaded = [m for m in ('transformers', 'featurestore.teachers', 'featurestore.builder', 'benchmarks',\n"
-            "                    'sklearn')\n"
+            "loaded = [m for m in ('transformers', 'featurestore.teachers', 'featurestore.pipeline.builder',\n"
+            "                    'benchmarks', 'sklearn')\n"
             "          if m in sys.modules]\n"
             "print('RC', rc, 'LOADED', loaded)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from featurestore import batch_render, views
-from featurestore.config import ViewPolicy
-from featurestore.resize import resize
-from featurestore.sources import squash
-from featurestore.views import COL, MIX_CUTMIX, MIX_MIXUP
+from featurestore import views
+from featurestore.pipeline.config import ViewPolicy
+from featurestore.pipeline.sources import squash
+from featurestore.views import COL, MIX_CUTMIX, MIX_MIXUP, batch_render
+from featurestore.views.resize import resize
 
 
 def policy(**kw):
@@ -290,6 +290,6 @@ def test_resize_is_torchvisions_resize_bit_for_bit():
 def test_building_a_store_does_not_import_torchvision():
     import subprocess
     import sys
-    code = "import sys, featurestore.builder; print('torchvision' in sys.modules)"
+    code = "import sys, featurestore.pipeline.builder; print('torchvision' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stdout + r.stderr

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import SMALL, run_cli
 
-from featurestore import devices
-from featurestore.devices import Caps
-from featurestore.reader import StoreReader
+from featurestore.common import devices
+from featurestore.common.devices import Caps
+from featurestore.store.reader import StoreReader
 from trainer import cli as tcli
 
 FIT = ["--student", "shufflenet_v2_x0_5", "--image-size", "32", "--batch-size", "16", "--cpu", "--epochs", "1"]
@@ -190,7 +190,7 @@ def test_python_api_build_inspect_verify_slim(tmp_path, demo_images):
     assert featurestore.verify(str(tmp_path / "api.zarr")) == []
     slim = featurestore.slim(str(tmp_path / "api.zarr"), str(tmp_path / "api-slim.zarr"), ["images", "views/params"])
     assert "teachers/siglip/pooled" in slim.attrs["dropped"]
-    from featurestore.options import ConfigError
+    from featurestore.common.options import ConfigError
     with pytest.raises(ConfigError, match="unknown keyword 'patchgrid'.*did you mean 'patch_grid'"):
         featurestore.build(images=str(demo_images), out=str(tmp_path / "x.zarr"), patchgrid=2)
 
@@ -226,7 +226,7 @@ def test_the_demo_teacher_is_the_same_on_a_free_and_a_busy_machine(tmp_path):
     import subprocess
     import sys
 
-    from featurestore.demo_teacher import train_demo_teacher
+    from featurestore.demo.teacher import train_demo_teacher
     train_demo_teacher(tmp_path / "free", images=100, steps=5, seed=3)
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])]     # and the suite's other worker
     try:

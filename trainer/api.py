@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from featurestore import log
-from featurestore.errors import not_in_a_reimported_script
-from featurestore.options import load_config
+from featurestore.common import log
+from featurestore.common.errors import not_in_a_reimported_script
+from featurestore.common.options import load_config
 from trainer.config import FitConfig
 from trainer.recipes import DEFAULT_RECIPES
 from trainer.tables import summary_of
@@ -58,7 +58,7 @@ def export(*, run: str | None = None, format: str = "torchscript", max_mb: float
            ensemble: list[str] | None = None, out: str | None = None) -> Path:
     """`trainer export`: a finished run's student again, as TorchScript or ONNX; or `ensemble` (runs) as one
     TorchScript file at `out`."""
-    from featurestore.options import ConfigError
+    from featurestore.common.options import ConfigError
     from trainer.exporter import export_ensemble, export_run
     if ensemble:
         if run or not out or format != "torchscript":

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from featurestore import views
-from featurestore.batch_render import render_batch
-from featurestore.devices import Caps
+from featurestore.common.devices import Caps
+from featurestore.views.batch_render import render_batch
 from trainer.buffers import BufferPool
 from trainer.data import Chunk, StoreData
 from trainer.render_pool import RenderPool

@@ -2,7 +2,7 @@
 
 Checkpoints travel (a run folder shared with a classmate, a `best.pt` from a forum), and a pickle can
 carry code that runs when it is read. Every checkpoint kdstore reads is loaded by
-`featurestore.untrusted.load_checkpoint` (`torch.load(weights_only=True)`): tensors, numbers, strings
+`featurestore.common.untrusted.load_checkpoint` (`torch.load(weights_only=True)`): tensors, numbers, strings
 and plain containers only; a file that needs anything else is refused in one line naming it. kdstore
 writes nothing else into them.
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from featurestore.untrusted import load_checkpoint
+from featurestore.common.untrusted import load_checkpoint
 
 TMP_SUFFIX = ".tmp"
 

@@ -9,10 +9,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from featurestore import log
-from featurestore.config import MAX_WORKERS
-from featurestore.errors import run_command
-from featurestore.options import add_options, command_parser, load_config, positive, values_of, whole
+from featurestore.common import log
+from featurestore.common.errors import run_command
+from featurestore.common.options import add_options, command_parser, load_config, positive, values_of, whole
+from featurestore.pipeline.config import MAX_WORKERS
 from trainer import api
 from trainer.config import FitConfig
 from trainer.recipes import RECIPES

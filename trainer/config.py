@@ -1,13 +1,13 @@
 """Typed run configuration (YAML under configs/, flags override, unknown keys are errors); each field
-declares its flag and help once (featurestore/options.py makes the command line and the API)."""
+declares its flag and help once (featurestore/common/options.py makes the command line and the API)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from featurestore.config import MAX_WORKERS, check_store_url
-from featurestore.options import STORAGE_HELP, ConfigError, in_range, json_options, opt, to_dict
+from featurestore.common.options import STORAGE_HELP, ConfigError, in_range, json_options, opt, to_dict
+from featurestore.pipeline.config import MAX_WORKERS, check_store_url
 from trainer.exporter import GRADER_SIZE, TTA
 from trainer.students import available
 from trainer.terms import LossWeights

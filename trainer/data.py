@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from featurestore.backends import is_local
-from featurestore.integrity import index_problems
-from featurestore.reader import StoreReader
-from featurestore.schema import StoreError, bad_target_rows
+from featurestore.store.backends import is_local
+from featurestore.store.integrity import index_problems
+from featurestore.store.reader import StoreReader
+from featurestore.store.schema import StoreError, bad_target_rows
 
 
 class NonFiniteError(StoreError):

@@ -18,11 +18,11 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from featurestore.children import worker_init
-from featurestore.errors import KdstoreError
-from featurestore.log import logger
-from featurestore.sources import image_files
-from featurestore.untrusted import read_json
+from featurestore.common.children import worker_init
+from featurestore.common.errors import KdstoreError
+from featurestore.common.log import logger
+from featurestore.common.untrusted import read_json
+from featurestore.pipeline.sources import image_files
 from trainer.exporter import GRADER_SIZE, file_sha256, sidecar_check
 from trainer.metrics import classification
 from trainer.students import IMAGENET_MEAN, IMAGENET_STD
@@ -178,7 +178,7 @@ def held_out_batches(data, indices: np.ndarray, size: int = GRADER_SIZE, batch_s
     """(x, y) batches of stored images as the grader feeds its files: each squashed S x S image resized
     (antialiased bilinear, to whole levels, as torchvision's Resize on the file) to size x size, scaled
     to [0, 1] and normalised with ImageNet's mean/std. data: the run's StoreData."""
-    from featurestore.resize import resize
+    from featurestore.views.resize import resize
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     idx = np.sort(np.asarray(indices))
     for a in range(0, len(idx), batch_size):

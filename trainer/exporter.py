@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featurestore.errors import KdstoreError
-from featurestore.options import ConfigError
-from featurestore.untrusted import load_yaml, read_json
+from featurestore.common.errors import KdstoreError
+from featurestore.common.options import ConfigError
+from featurestore.common.untrusted import load_yaml, read_json
 from trainer.checkpoints import load as load_checkpoint
 from trainer.checkpoints import write_bytes_atomic, write_text_atomic
 from trainer.run_folder import BEST
@@ -173,7 +173,7 @@ class FixedInput(nn.Module):
 
     def __init__(self, inner: ForTheGrader, side: int = GRADER_SIZE):
         super().__init__()
-        from featurestore.batch_render import resample_weights
+        from featurestore.views.batch_render import resample_weights
         self.inner = inner
         one = torch.zeros(1, dtype=torch.long)
         self.register_buffer("rows", resample_weights(one, one + side, side, inner.size)[0])   # (size, side)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from featurestore import views
-from featurestore.devices import Caps, caps_of
-from featurestore.log import logger
+from featurestore.common.devices import Caps, caps_of
+from featurestore.common.log import logger
 from trainer.batches import Batch, InlineRenderer, ProcessRenderer, ThreadRenderer, parts
 from trainer.buffers import BufferPool
 from trainer.data import Chunk, StoreData

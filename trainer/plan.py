@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featurestore.options import ConfigError
+from featurestore.common.options import ConfigError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from featurestore.options import ConfigError
+from featurestore.common.options import ConfigError
 from trainer import terms
 from trainer.config import FitConfig
 

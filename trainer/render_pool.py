@@ -23,8 +23,8 @@ import torch
 import torch.multiprocessing as mp
 
 from featurestore import views
-from featurestore.children import end_with
-from featurestore.errors import KdstoreError
+from featurestore.common.children import end_with
+from featurestore.common.errors import KdstoreError
 
 
 class RenderWorkerError(KdstoreError, RuntimeError):

@@ -14,8 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
-from featurestore.errors import KdstoreError
-from featurestore.options import ConfigError
+from featurestore.common.errors import KdstoreError
+from featurestore.common.options import ConfigError
 from trainer import checkpoints
 
 FAILED = "FAILED"
@@ -41,7 +41,7 @@ def claim(out: Path, marker: str, what: str, made_before: tuple[str, ...] = ()) 
                               "a new --out (kdstore never overwrites what it did not write)")
     out.mkdir(parents=True, exist_ok=True)
     if not (out / marker).is_file():
-        from featurestore.provenance import now, record
+        from featurestore.common.provenance import now, record
         checkpoints.write_text_atomic(json.dumps({"made_by": f"kdstore {what}", "created": now()} | record()) + "\n",
                                       out / marker)
 

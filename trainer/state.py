@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from featurestore.options import ConfigError, config_diff
+from featurestore.common.options import ConfigError, config_diff
 from trainer.config import FitConfig
 from trainer.losses import PatchProjector, PooledProjector
 from trainer.students import create_student, spec_of

@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from featurestore.errors import KdstoreError
+from featurestore.common.errors import KdstoreError
 
 
 class StudentError(KdstoreError, ValueError):

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from featurestore.options import ConfigError
-from featurestore.reader import StoreReader
-from featurestore.untrusted import read_json
+from featurestore.common.options import ConfigError
+from featurestore.common.untrusted import read_json
+from featurestore.store.reader import StoreReader
 from trainer import recipes as recipes_mod
 from trainer.config import FitConfig
 from trainer.tables import md_table

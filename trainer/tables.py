@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featurestore.options import ConfigError
-from featurestore.untrusted import read_json
+from featurestore.common.options import ConfigError
+from featurestore.common.untrusted import read_json
 
 
 def md_table(header: list[str], rows: list) -> str:

@@ -21,14 +21,14 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from featurestore import devices
-from featurestore.errors import KdstoreError
-from featurestore.lock import FileLock
-from featurestore.log import logger
-from featurestore.options import ConfigError, to_dict
-from featurestore.provenance import record
-from featurestore.ranks import check_launch
-from featurestore.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED
+from featurestore.common import devices
+from featurestore.common.errors import KdstoreError
+from featurestore.common.lock import FileLock
+from featurestore.common.log import logger
+from featurestore.common.options import ConfigError, to_dict
+from featurestore.common.provenance import record
+from featurestore.common.ranks import check_launch
+from featurestore.store.schema import SPLIT_HELD_OUT, SPLIT_UNLABELED
 from trainer import checkpoints, run_folder, terms
 from trainer.calibration import class_prior
 from trainer.config import FitConfig

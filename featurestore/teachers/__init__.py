@@ -2,7 +2,7 @@
 
 `--teacher` takes a hub id, a local directory in Hugging Face format, or `random:<arch>` (a SigLIP of the
 named size with seeded random weights, for demos, tests and throughput benchmarks). Every load goes
-through featurestore/untrusted.py: no remote code, safetensors weights only. Input size, mean/std and
+through featurestore/common/untrusted.py: no remote code, safetensors weights only. Input size, mean/std and
 resize method come from the checkpoint's own preprocessor config.
 
     siglip   SiglipModel, SiglipVisionModel (MedSigLIP, SigLIP 2 at fixed resolution)   siglip.py
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from featurestore import devices, untrusted
-from featurestore.errors import KdstoreError
+from featurestore.common import devices, untrusted
+from featurestore.common.errors import KdstoreError
 from featurestore.teachers.auto import AutoTeacher
 from featurestore.teachers.base import (
     COMPILE_BACKEND,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from featurestore import views
-from featurestore.errors import KdstoreError
+from featurestore.common.errors import KdstoreError
 
 COMPILE_BACKEND = "inductor"
 

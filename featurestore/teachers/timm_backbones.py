@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from featurestore import untrusted
+from featurestore.common import untrusted
 from featurestore.teachers.base import Preprocess, Teacher, TeacherError, register
 
 PREFIX = "timm:"

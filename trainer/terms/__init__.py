@@ -84,7 +84,7 @@ GATES = ["none", "correct", "confidence"]
 
 def teacher_weights(text: str) -> float | dict[str, float]:
     """--w-pooled 0.5 (every teacher) or siglip=0.5,dino=0.3 (per teacher; others 0)."""
-    from featurestore.options import ConfigError
+    from featurestore.common.options import ConfigError
     text = str(text).strip()
     try:
         if "=" not in text:
@@ -95,14 +95,14 @@ def teacher_weights(text: str) -> float | dict[str, float]:
 
 
 def _weight_field(t: Term):
-    from featurestore.options import opt
+    from featurestore.common.options import opt
     if t.per_teacher:
         return t.name, float | dict[str, float], opt(t.default, t.help, flag=f"--w-{t.name}", parse=teacher_weights)
     return t.name, float, opt(t.default, t.help, flag=f"--w-{t.name}")
 
 
 def _shared_fields():
-    from featurestore.options import opt
+    from featurestore.common.options import opt
     return [
         ("temperature", float, opt(2.0, "KD/DIST temperature T", flag="--temperature")),
         ("label_smoothing", float, opt(0.1, "label smoothing of the cross-entropy term", flag="--label-smoothing")),
@@ -136,7 +136,7 @@ def teacher_terms(w) -> list[str]:
 
 
 def _validate(self) -> None:
-    from featurestore.options import ConfigError, in_range
+    from featurestore.common.options import ConfigError, in_range
     for t in ordered():
         value = getattr(self, t.name)
         for v in (value.values() if isinstance(value, dict) else [value]):
