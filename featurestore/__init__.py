@@ -1,10 +1,10 @@
 """featurestore: run a vision teacher once over augmented views and store its outputs.
 
-Python API (same names and defaults as the CLI): build, plan, slim, inspect, verify, demo_data,
-demo_teacher.
+Python API (same names and defaults as the CLI): build, add_teacher, plan, slim, inspect, show, verify,
+demo_data, demo_teacher.
 """
 
-__all__ = ["build", "plan", "slim", "inspect", "verify", "demo_data", "demo_teacher"]
+__all__ = ["build", "add_teacher", "plan", "slim", "inspect", "show", "verify", "demo_data", "demo_teacher"]
 
 
 def __getattr__(name: str):

@@ -73,6 +73,13 @@ def inspect(store: str, storage_options: dict | None = None) -> dict:
         return summarize(s)
 
 
+def show(store: str, images: list[int], out: str, teacher: str | None = None, head: str | None = None,
+         size: int = 128, top: int = 3, max_views: int = 16, storage_options: dict | None = None) -> dict:
+    """`featurestore show`: the picture of what the teacher saw, written to `out`; returns what it shows."""
+    from featurestore.views.show import show as run_show
+    return run_show(store, list(images), out, teacher, head, size, top, max_views, storage_options)
+
+
 def verify(store: str, fix: bool = False, storage_options: dict | None = None, digest: str | None = None) -> list[str]:
     """`featurestore verify [--fix] [--digest HEX]`: one line per problem (empty: the store is whole)."""
     from featurestore.store.integrity import check

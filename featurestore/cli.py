@@ -1,5 +1,5 @@
-"""featurestore build | plan | slim | inspect | verify | demo-data | demo-teacher: the command line over
-the Python API (api.py), with the flags declared by the config dataclasses."""
+"""featurestore build | add-teacher | plan | slim | inspect | show | verify | demo-data | demo-teacher: the
+command line over the Python API (api.py), with the flags declared by the config dataclasses."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,7 @@ EPILOG = """examples:
   featurestore slim stores/derm.zarr stores/derm-laptop.zarr \
       --fields images,views/params,teachers/siglip/pooled,teachers/siglip/logits/probe
   featurestore inspect stores/derm.zarr [--json]
+  featurestore show stores/derm.zarr --images 0,5,9 --out views.png
   featurestore verify stores/derm.zarr [--fix]
 multi-process (each rank owns whole shards; Zarr stores only):
   accelerate launch --num_processes 2 -m featurestore build ...     # GPU box, one GPU per rank
@@ -80,6 +81,23 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print one JSON object")
     storage_options_flag(i)
 
+    w = sub.add_parser("show", parents=[common], help="a picture of what the teacher saw: each image's crop boxes, "
+                       "its rendered views and the teacher's top classes", description="Draws, for each image "
+                       "named, the stored image with every view's crop box (view k in colour k), the views as the "
+                       "trainer renders them (crops, flips, rotations, colour, mixing) and under each the teacher's "
+                       "top classes with their probabilities. Writes a PNG.")
+    w.add_argument("store")
+    w.add_argument("--images", required=True, type=index_list, help="comma-separated store indices (0 .. N-1, as "
+                   "`inspect` counts them), e.g. 0,5,9")
+    w.add_argument("--out", required=True, help="the PNG to write")
+    w.add_argument("--teacher", help="whose logits to show, in a store of several (default: the first)")
+    w.add_argument("--head", help="which head's logits: probe, zeroshot, spread (default: probe)")
+    w.add_argument("--size", type=whole(16, 1024), default=128, help="side of each drawn view in pixels (default: 128)")
+    w.add_argument("--top", type=whole(1, 10), default=3, help="classes listed under each view (default: 3)")
+    w.add_argument("--max-views", type=whole(1, 1024), default=16, help="views drawn per image, the first ones "
+                   "(default: 16)")
+    storage_options_flag(w)
+
     v = sub.add_parser("verify", parents=[common], help="read every chunk of every array; one line per problem "
                        "(exit 1 if any)")
     v.add_argument("store")
@@ -113,6 +131,16 @@ def parser() -> argparse.ArgumentParser:
                    "std 0.5) or dinov2 (Dinov2Model: CLS token, ImageNet mean and std), to build a store of two "
                    "teachers of different families (default: siglip)")
     return p
+
+
+def index_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"store indices are comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"store indices are comma-separated whole numbers from 0, got {text!r}")
+    return values
 
 
 def hex_digest(text: str) -> str:
@@ -161,6 +189,12 @@ def _run(args: argparse.Namespace) -> int:
         from featurestore.store.report import format_summary
         s = api.inspect(args.store, json_options(args.storage_options))
         print(json.dumps(s, indent=2) if args.json else format_summary(s))
+        return 0
+    if args.command == "show":
+        r = api.show(args.store, args.images, args.out, teacher=args.teacher, head=args.head, size=args.size,
+                     top=args.top, max_views=args.max_views, storage_options=json_options(args.storage_options))
+        print(f"wrote {args.out}: {len(r['images'])} image(s), {len(r['views'])} view(s) each, {r['teacher']}'s "
+              f"{r['head']} head ({r['size'][0]} x {r['size'][1]} px)")
         return 0
     return _verify(args.store, args.fix, json_options(args.storage_options), args.digest)
 
