@@ -21,8 +21,8 @@ env: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv
-	$(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode $(TORCH) -e '.[teacher,dev]' \
-		|| $(PY) -m pip install --quiet $(TORCH) -e '.[teacher,dev]'
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode $(TORCH) -e '.[teacher,dev,track]' \
+		|| $(PY) -m pip install --quiet $(TORCH) -e '.[teacher,dev,track]'
 	touch $(STAMP)
 
 # A teacher that knows the classes, few labels, many unlabelled images, a store; then three students

@@ -11,6 +11,8 @@ from featurestore.pipeline.config import MAX_WORKERS, check_store_url
 from trainer.exporter import GRADER_SIZE, TTA
 from trainer.students import available
 from trainer.terms import LossWeights
+from trainer.trackers import NAMES as LOGGERS
+from trainer.trackers import parse_loggers
 
 HEADS = ["probe", "spread", "zeroshot"]
 SAMPLING = ["uniform", "balanced"]
@@ -103,6 +105,16 @@ class FitConfig:
                          "macro-F1 on the held-out images, where a bias fitted on half of them raises macro-F1 on "
                          "the other half", flag="--calibrate", choices=CALIBRATE)
 
+    logger: list[str] = opt(help=f"experiment trackers to log the run to, comma-separated: {', '.join(LOGGERS)} "
+                            "(metrics.jsonl is always written; the libraries: pip install 'kdstore[track]')",
+                            flag="--logger", parse=parse_loggers, default_factory=list)
+    tracker_project: str = opt("kdstore", "the trackers' project (MLflow experiment, W&B project)",
+                               flag="--tracker-project")
+    run_name: str | None = opt(None, "the run's name in the trackers (default: the run folder's name)",
+                               flag="--run-name")
+    run_tags: dict[str, str] = opt(help="tags the trackers give the run (YAML; a sweep tags each run with its "
+                                   "recipe)", default_factory=dict)
+
     def validate(self) -> None:
         if not self.store or not self.out:
             raise ConfigError("give --store (a featurestore store) and --out (the run directory)")
@@ -125,6 +137,8 @@ class FitConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be {'|'.join(allowed)}, got {getattr(self, name)!r}")
         in_range("log_every", self.log_every, 1)
+        from trainer.trackers import check
+        check(self.logger)
         in_range("seed", self.seed, 0)
         if not self.max_mb > 0:
             raise ConfigError(f"max_mb must be > 0, got {self.max_mb}")
@@ -136,7 +150,7 @@ class FitConfig:
         """Settings a resumed run must share with the interrupted one."""
         d = to_dict(self)
         for key in ("out", "cpu", "device", "ram_budget_gb", "onnx", "max_mb", "loader_workers", "log_every",
-                    "compile_mode"):
+                    "compile_mode", "logger", "tracker_project", "run_name", "run_tags"):
             d.pop(key)
         return d
 

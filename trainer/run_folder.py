@@ -22,7 +22,8 @@ FAILED = "FAILED"
 MARKER = ".kdstore-run"               # written by `trainer fit` before anything else: the folder is a run's
 LAST = Path("checkpoints") / "last.pt"
 BEST = Path("checkpoints") / "best.pt"
-STARTED = {"config.yaml", "metrics.jsonl", "checkpoints", FAILED}     # what a run writes before its first epoch ends
+STARTED = {"config.yaml", "metrics.jsonl", "checkpoints", FAILED,   # what a run writes before its first epoch ends
+           "metrics.csv", "tensorboard", "wandb", "trackers.json"}
 
 
 class TrainingError(KdstoreError, RuntimeError):

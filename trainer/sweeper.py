@@ -56,7 +56,9 @@ def sweep(base: FitConfig, recipes: list[str], seeds: int = 3, search: int = 0,
     rows = []
     for name, cfg in specs.items():
         runs = [fit_or_reuse(dataclasses.replace(cfg, seed=base.seed + j,
-                                         out=str(out / "runs" / f"{_slug(name)}-s{base.seed + j}")),
+                                         out=str(out / "runs" / f"{_slug(name)}-s{base.seed + j}"),
+                                         run_name=f"{out.name}/{_slug(name)}-s{base.seed + j}",
+                                         run_tags=cfg.run_tags | {"recipe": name, "sweep": out.name}),
                      eval_images) for j in range(seeds)]
         f1 = [r["val_macro_f1"] for r in runs]
         row = {"name": name, "val_macro_f1_mean": statistics.fmean(f1),

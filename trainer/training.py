@@ -38,6 +38,7 @@ from trainer.run_folder import BEST, LAST
 from trainer.state import TrainState, best_dict, build_model
 from trainer.students import create_student, size_mb, spec_of
 from trainer.terms import total_loss
+from trainer.trackers import Trackers, tags_of
 
 
 def fit(cfg: FitConfig, resume: bool = False, progress: bool = True, batches=Loader,
@@ -125,6 +126,8 @@ def _train(cfg: FitConfig, data: StoreData, out: Path, resume: bool, progress: b
     elif accelerator.is_main_process:
         checkpoints.write_text_atomic(yaml.safe_dump(to_dict(cfg) | {"store_attrs": _store_summary(data)} | record(),
                                                      sort_keys=False), out / "config.yaml")
+    track = (Trackers.open(cfg.logger, out, cfg.run_name or out.name, to_dict(cfg), tags_of(cfg), resume)
+             if accelerator.is_main_process else Trackers.none())
     train_model, state.optimizer, state.scheduler = accelerator.prepare(model, state.optimizer, state.scheduler)
     if cfg.compile:
         train_model = torch.compile(train_model, mode=cfg.compile_mode)
@@ -139,7 +142,7 @@ def _train(cfg: FitConfig, data: StoreData, out: Path, resume: bool, progress: b
         while state.epochs_done < cfg.optim.epochs:
             t0 = time.perf_counter()
             row = train_epoch(cfg, accelerator, train_model, state, loader, out, progress,
-                              min(steps, total - state.epochs_done * steps), log_prior)
+                              min(steps, total - state.epochs_done * steps), log_prior, track)
             val = validate(cfg, state.eval_student, data, val_idx, device) if len(val_idx) else None
             row |= {"val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"]} if val else {}
             elapsed = time.perf_counter() - t0
@@ -147,13 +150,17 @@ def _train(cfg: FitConfig, data: StoreData, out: Path, resume: bool, progress: b
             if device.type == "cuda":
                 row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
             end_epoch(cfg, state, row, val if choose else None, out, accelerator.is_main_process)
+            track.log({k: v for k, v in row.items() if k != "epoch"}, state.epochs_done * steps, row["epoch"])
     except NonFiniteError as e:
+        track.finish({"failed": 1}, [], [])
         run_folder.fail(out, str(e))
     finally:
         loader.close()                               # render threads or worker processes
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         summary = finish(cfg, data, out, val_idx, choose, why)
+        track.finish(summary, [out / n for n in ("curves.png", "confusion.png", "per_class_f1.png")],
+                     [out / "summary.json", out / "student.json"])
         teacher = summary.get("teacher_probe_val_macro_f1")
         if "val_macro_f1" in summary:
             logger.info(f"held-out macro-F1 of the exported {out / 'student.pt'}, scored as the grader scores "
@@ -165,7 +172,8 @@ def _train(cfg: FitConfig, data: StoreData, out: Path, resume: bool, progress: b
 
 
 def train_epoch(cfg: FitConfig, accelerator, train_model: nn.Module, state: TrainState, loader: Loader, out: Path,
-                progress: bool, steps: int, log_prior: torch.Tensor | None = None) -> dict:
+                progress: bool, steps: int, log_prior: torch.Tensor | None = None,
+                track: Trackers | None = None) -> dict:
     """One epoch of `steps` optimizer steps (the plan's first ones: all of them but in the last epoch of
     a run of --steps); returns its row of means per sample (train_<part>), lr, samples."""
     epoch, w = state.epochs_done, cfg.loss
@@ -202,6 +210,9 @@ def train_epoch(cfg: FitConfig, accelerator, train_model: nn.Module, state: Trai
                 run_folder.fail(out, f"non-finite loss at epoch {epoch + 1}, steps {first + 1}..{step + 1} ("
                                 f"{ {k: float(v) for k, v in parts.items()} }); check the store with "
                                 f"`featurestore verify {cfg.store}`")
+            if track is not None:
+                track.log({"step/loss": value / (step + 1 - first), "step/lr": state.scheduler.get_last_lr()[0]},
+                          epoch * len(loader) + step + 1)
             bar.set_postfix(loss=f"{value / (step + 1 - first):.3f}",
                             samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
             bar.update(step + 1 - first)
