@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
                        "under the teacher probe's.")
     r.add_argument("run", nargs="+", help="finished run directories")
     r.add_argument("--eval", help="JSON written by `trainer eval --save` (one run; default: RUN/eval.json)")
+    r.add_argument("--html", help="also write one self-contained HTML page of the runs side by side (scores, the "
+                   "settings that differ, F1 per class, curves and confusion matrices; sortable, no network)")
+    r.add_argument("--title", default="kdstore runs", help="the HTML page's title (default: kdstore runs)")
     return p
 
 
@@ -134,6 +137,9 @@ def _run(args: argparse.Namespace) -> int:
         print(report_table(Path(args.run[0]), args.eval))
     else:
         print(compare_table([Path(r) for r in args.run]))
+    if args.html:
+        from trainer.html_report import write
+        print(f"wrote {write([Path(r) for r in args.run], args.html, args.title)}")
     return 0
 
 
