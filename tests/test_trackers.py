@@ -7,6 +7,7 @@ import csv
 import glob
 import json
 import struct
+from pathlib import Path
 
 import pytest
 from conftest import SMALL, made_once, run_cli
@@ -48,7 +49,7 @@ def _history(run):
 
 def test_csv_holds_every_epoch_row_and_the_final_score(tracked):
     run, _, _ = tracked
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
     history = _history(run)
     for h in history:
         epoch_rows = {r["name"]: float(r["value"]) for r in rows if r["epoch"] == str(h["epoch"])}
@@ -96,7 +97,7 @@ def test_mlflow_run_in_a_sqlite_database_reads_back_with_search_runs(tracked):
 def _wandb_records(run_dir):
     """The records of an offline W&B run file (LevelDB-style log blocks of protobuf Records)."""
     from wandb.proto import wandb_internal_pb2 as pb
-    data = open(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))[0], "rb").read()
+    data = Path(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))[0]).read_bytes()
     block, pos, buf, out = 32768, 7, b"", []
     while pos + 7 <= len(data):
         left = block - pos % block
