@@ -43,7 +43,8 @@ demo: demo-data
 		$(PY) -m trainer eval --model $$run/student.pt --images $(DEMO)/fresh --save $$run/eval.json > /dev/null || exit 1; \
 	done
 	$(PY) -m trainer export --run $(DEMO)/distilled+unlabelled --format onnx
-	$(PY) -m trainer report $(RUNS)
+	$(PY) -m featurestore show $(DEMO)/store.zarr --images 0,1,2,3 --max-views 8 --out $(DEMO)/views.png
+	$(PY) -m trainer report $(RUNS) --html $(DEMO)/report.html --title "kdstore demo"
 
 demo-data: env
 	rm -rf $(DEMO)
