@@ -13,16 +13,6 @@ class AutoTeacher(Teacher):
     family = "auto"
 
     @classmethod
-    def model_class(cls, config):
-        from transformers import AutoModel
-        return AutoModel
-
-    @classmethod
-    def tower_class(cls, config):
-        from transformers import AutoModel
-        return AutoModel, config
-
-    @classmethod
     def grid_side(cls, config) -> int:
         v = cls.vision_config(config)
         if hasattr(v, "patch_size") and hasattr(v, "image_size"):

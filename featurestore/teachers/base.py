@@ -98,13 +98,15 @@ class Teacher:
     # ---- what a family says (class level: known from config.json, before any weight is loaded) -------
     @classmethod
     def model_class(cls, config):
-        """The transformers class that holds the checkpoint's weights."""
-        raise NotImplementedError
+        """The transformers class that holds the checkpoint's weights (AutoModel unless a family says)."""
+        from transformers import AutoModel
+        return AutoModel
 
     @classmethod
     def tower_class(cls, config):
         """The transformers class of the vision tower alone, and its config (FLOPs are counted on it)."""
-        raise NotImplementedError
+        from transformers import AutoModel
+        return AutoModel, config
 
     @classmethod
     def meta_forward(cls, config):

@@ -11,16 +11,6 @@ class Dinov2Teacher(Teacher):
     family = "dinov2"
     model_types = ("dinov2", "dinov2_with_registers")
 
-    @classmethod
-    def model_class(cls, config):
-        from transformers import AutoModel
-        return AutoModel
-
-    @classmethod
-    def tower_class(cls, config):
-        from transformers import AutoModel
-        return AutoModel, config
-
     def read_out(self, out, n: int):
         prefix = 1 + int(getattr(self.config, "num_register_tokens", 0) or 0)
         return out.pooler_output[:n], out.last_hidden_state[:n, prefix:]
