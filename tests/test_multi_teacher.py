@@ -166,3 +166,26 @@ def test_standardised_targets_are_the_stores_statistics(stores):
         assert off.stats == {} and set(off.names) == {"logits:siglip", "pooled:siglip", "pooled:dino"}
     finally:
         off.close()
+
+
+def test_inspect_plan_and_slim_speak_per_teacher(stores, tmp_path, demo_images, capsys):
+    from featurestore import api
+    joint, _, second = stores
+    s = api.inspect(str(joint))
+    assert [t["name"] for t in s["teachers"]] == ["siglip", "dino"]
+    assert [t["family"] for t in s["teachers"]] == ["siglip", "dinov2"]
+    assert all(t["bytes_per_view"] > 0 and t["probe"]["cv_macro_f1"] is not None for t in s["teachers"])
+    plan = api.plan(images=str(demo_images), teacher=["siglip=random:tiny", second], views=2, patch_grid=2,
+                    sample_images=2)
+    assert set(plan["bytes_per_view_by_teacher"]) == {"siglip", "dino"}
+    assert {"teachers/siglip/pooled", "teachers/dino/patches"} <= set(plan["fields"])
+    slim = tmp_path / "dino-only.zarr"                       # one teacher's arrays kept: it trains from them alone
+    assert run_cli("slim", joint, slim, "--fields",
+                   "images,views/params,teachers/dino/pooled,teachers/dino/logits/probe") == 0
+    with StoreReader.open(slim) as r:
+        kept = {f.name for f in r.fields()}
+    assert {"teachers/dino/pooled", "teachers/dino/logits/probe"} <= kept and not any("siglip" in k for k in kept)
+    assert run_trainer("fit", "--store", slim, "--out", tmp_path / "run", *FAST, "--kd-teacher", "dino",
+                       "--w-pooled", "dino=1") == 0
+    assert run_trainer("fit", "--store", slim, "--out", tmp_path / "run2", *FAST, "--w-pooled", "siglip=1") == 2
+    assert "slimmed away" in capsys.readouterr().err

@@ -58,7 +58,13 @@ class StoreData:
                                       [self.teachers[0] if kd_teacher == "first" else s.teacher(kd_teacher).name])
         for name in kd:
             if head not in s.heads(name):
-                raise StoreError(f"{path} has no {head!r} head for teacher {name}; it has {s.heads(name)}")
+                logits = s.teacher(name).logits(head)
+                why = " (slimmed away)" if logits in s.attrs.get("dropped", ()) else ""
+                others = [t for t in self.teachers if head in s.heads(t)]
+                raise StoreError(f"{path} has no {head!r} logits of teacher {name}{why}; it has "
+                                 f"{s.heads(name) or 'none'}"
+                                 + (f"; follow another teacher's (--kd-teacher {others[0]})" if others else "")
+                                 + " or train without KD (--w-kd 0)")
         self.names: dict[str, str] = {f"logits:{t}": s.teacher(t).logits(head) for t in kd}
         for key, need in (("pooled", need_pooled), ("patches", need_patches)):
             for t in chosen(need, self.teachers, path):
