@@ -69,10 +69,12 @@ def copy_gbps(mb: int = 256) -> float:
     return src.nbytes / t / 1e9
 
 
-def write_results(name: str, payload: dict, table: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, payload: dict, table: str, json_path: str | None = None) -> tuple[Path, Path]:
+    """benchmarks/results/<name>-<machine>-<date>.json (or json_path) and the markdown table beside it."""
     slug = re.sub(r"[^a-z0-9]+", "-", payload["machine"].lower()).strip("-")[:60]
-    stem = RESULTS / f"{name}-{slug}-{datetime.date.today().isoformat()}"
+    stem = Path(json_path).with_suffix("") if json_path else \
+        RESULTS / f"{name}-{slug}-{datetime.date.today().isoformat()}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     stem.with_suffix(".md").write_text(table + "\n")
     return stem.with_suffix(".json"), stem.with_suffix(".md")

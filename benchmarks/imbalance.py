@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, build_store, machine, md_table
+from benchmarks.common import build_store, machine, md_table, write_results
 from featurestore.common.errors import KdstoreError
 from featurestore.common.options import from_dict, merge
 from featurestore.common.untrusted import load_yaml
@@ -205,12 +204,7 @@ def _summarise(rows: list[dict], steps: int) -> dict:
 
 
 def _write(args: argparse.Namespace, out: dict) -> None:
-    s = out["settings"]
-    slug = re.sub(r"[^a-z0-9]+", "-", s["machine"].lower()).strip("-")[:60]
-    path = Path(args.json) if args.json else RESULTS / f"imbalance-{slug}-{s['date']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    path.with_suffix(".md").write_text(table(out) + "\n")
+    write_results("imbalance", out | {"machine": out["settings"]["machine"]}, table(out), args.json)
 
 
 def table(out: dict) -> str:

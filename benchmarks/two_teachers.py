@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import shutil
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.common import RESULTS, machine, md_table
+from benchmarks.common import machine, md_table, write_results
 from featurestore.common.errors import KdstoreError
 from featurestore.common.options import from_dict, merge, to_dict
 from featurestore.common.untrusted import load_yaml
@@ -209,12 +208,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _write(args: argparse.Namespace, out: dict) -> None:
-    s = out["settings"]
-    slug = re.sub(r"[^a-z0-9]+", "-", s["machine"].lower()).strip("-")[:60]
-    path = Path(args.json) if args.json else RESULTS / f"two-teachers-{slug}-{s['date']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    path.with_suffix(".md").write_text(table(out) + "\n")
+    write_results("two-teachers", out | {"machine": out["settings"]["machine"]}, table(out), args.json)
 
 
 def table(out: dict) -> str:

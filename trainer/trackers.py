@@ -21,7 +21,6 @@ and left out; the training goes on. The libraries are optional: `pip install 'kd
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -136,7 +135,6 @@ class Wandb:
     def __init__(self, out: Path, run_name: str, params: dict, tags: dict, ids: dict, resume: bool):
         import wandb
         self.wandb = wandb
-        (out / "wandb").parent.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=tags.get("project", "kdstore"), name=run_name, dir=str(out), config=params,
                               tags=[f"{k}:{v}" for k, v in tags.items() if k != "project"],
                               id=ids.get("wandb") if resume else None, resume="allow" if resume else None,
@@ -219,4 +217,4 @@ def tags_of(cfg) -> dict[str, str]:
     """The tags every tracker gets: the store, the student, the seed, the tracker project, and the sweep's
     recipe where the run is one of a sweep."""
     out = {"project": cfg.tracker_project, "student": cfg.student, "seed": str(cfg.seed), "store": str(cfg.store)}
-    return out | {k: str(v) for k, v in dataclasses.asdict(cfg).get("run_tags", {}).items()}
+    return out | {k: str(v) for k, v in cfg.run_tags.items()}
